@@ -1,0 +1,2148 @@
+/*
+moe.cpp: a Mixture-of-Experts character-level Transformer in one C++17 file.
+
+It trains a GPT-style model (makemore's Transformer) in which every
+feed-forward block is a Mixture of Experts: a router picks the top K of E
+small MLPs for each token, the token's output is the gate-weighted sum of the
+chosen experts, and a load-balancing loss keeps the router from sending
+everything to one expert. Forward, backward, AdamW, checkpoints and sampling
+are all written out by hand, with the standard library and nothing else.
+
+Build and run (the defaults train on names.txt for a few minutes):
+
+    g++ -std=c++17 -O3 -march=native -pthread moe.cpp -o moe && ./moe
+
+Change the model by redefining a constant at build time, e.g. eight experts
+of which each token uses one:
+
+    g++ -std=c++17 -O3 -march=native -pthread -DMOE_N_EXPERTS=8 -DMOE_TOP_K=1 moe.cpp -o moe
+
+-DMOE_INFERENCE_ONLY=1 compiles out the backward pass and the optimizer: that
+binary loads a checkpoint and samples or evaluates. ./moe --help lists flags.
+
+The file reads top to bottom; each idea is explained where it first appears.
+
+  1. Configuration          compile-time model constants
+  2. Helpers                errors, random numbers, a small thread pool
+  3. Matrix multiply        the one kernel that does nearly all the work
+  4. Parameters             one buffer carved into named tensors; init
+  5. Layers                 forward/backward pairs: embedding, layernorm,
+                            linear, attention, GELU, and the MoE parts:
+                            router, top-k gate, load-balancing loss, experts;
+                            cross-entropy
+  6. The model              the layers wired together; saved activations
+  7. AdamW                  the optimizer
+  8. Data                   line mode (names) and text mode (a byte stream)
+  9. Checkpoints            safetensors files PyTorch can load
+ 10. Evaluation, sampling
+ 11. Command line and main
+
+Shapes in comments: B batch, T time (positions), C channels (N_EMBD),
+H heads, hs head size, V vocabulary, E experts, K experts chosen per token,
+F expert hidden width (4C), N positions that carry a target, S routing slots.
+*/
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>  // fsync: make a checkpoint durable before renaming it into place
+#endif
+
+// ----------------------------------------------------------------------------
+// 1. Configuration
+//
+// The model's shape is fixed at compile time, so the compiler sees every loop
+// bound. Each constant can be overridden with -DMOE_NAME=value (CMake exposes
+// them as cache variables). What a run does (data, steps, seed...) is a flag.
+
+#ifndef MOE_N_LAYER
+#define MOE_N_LAYER 4  // Transformer blocks
+#endif
+#ifndef MOE_N_HEAD
+#define MOE_N_HEAD 4  // attention heads
+#endif
+#ifndef MOE_N_EMBD
+#define MOE_N_EMBD 64  // channels C
+#endif
+#ifndef MOE_N_EXPERTS
+#define MOE_N_EXPERTS 4  // experts E per MoE layer; 1 gives the dense baseline
+#endif
+#ifndef MOE_TOP_K
+#define MOE_TOP_K 2  // experts K each token uses
+#endif
+#ifndef MOE_BLOCK_SIZE
+#define MOE_BLOCK_SIZE 32  // longest context; the size of the position table
+#endif
+#ifndef MOE_NORM_TOPK  // renormalise the K chosen probabilities to sum to 1?
+#define MOE_NORM_TOPK (MOE_TOP_K > 1)
+#endif
+#ifndef MOE_INFERENCE_ONLY  // 1: no backward, no optimizer, no training
+#define MOE_INFERENCE_ONLY 0
+#endif
+#ifndef MOE_DOUBLE  // 1: compute in double (the gradient-check tests use it)
+#define MOE_DOUBLE 0
+#endif
+
+constexpr int N_LAYER = MOE_N_LAYER;
+constexpr int N_HEAD = MOE_N_HEAD;
+constexpr int C = MOE_N_EMBD;
+constexpr int HS = C / N_HEAD;  // head size
+constexpr int E = MOE_N_EXPERTS;
+constexpr int K = MOE_TOP_K;
+constexpr int F = 4 * C;  // expert hidden width, as in GPT's MLP
+constexpr int BLOCK_SIZE = MOE_BLOCK_SIZE;
+constexpr bool NORM_TOPK = MOE_NORM_TOPK;
+constexpr bool INFERENCE_ONLY = MOE_INFERENCE_ONLY;
+constexpr float AUX_COEF = 0.01f;  // default weight of the load-balancing loss
+constexpr int MAX_VOCAB = 257;     // 256 byte values + the start/end marker
+static_assert(N_LAYER >= 1 && N_HEAD >= 1 && C >= 1 && BLOCK_SIZE >= 2, "sizes must be positive");
+static_assert(C % N_HEAD == 0, "MOE_N_EMBD must be a multiple of MOE_N_HEAD");
+static_assert(E >= 1 && K >= 1 && K <= E, "need 1 <= MOE_TOP_K <= MOE_N_EXPERTS");
+
+#if MOE_DOUBLE
+using real = double;
+#else
+using real = float;
+#endif
+
+// ----------------------------------------------------------------------------
+// 2. Helpers
+
+// Every error is a message for the user: what went wrong and how to fix it.
+// It is thrown, so files are closed and temporaries removed on the way out,
+// and main() prints it and exits non-zero.
+[[noreturn]] static void fail(const std::string& msg) { throw std::runtime_error(msg); }
+
+// A random generator of our own (splitmix64), so a seed gives the same run
+// with every compiler and standard library; std::normal_distribution does not.
+struct Rng {
+    uint64_t state;
+    uint64_t next() {
+        uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        return z ^ (z >> 31);
+    }
+    double uniform() { return (next() >> 11) * (1.0 / 9007199254740992.0); }  // [0, 1)
+    uint64_t below(uint64_t n) { return next() % n; }  // bias < n / 2^64: irrelevant here
+    double normal() {  // Box-Muller; uses two uniforms per call, keeps no spare
+        double u1 = 1.0 - uniform(), u2 = uniform();
+        return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+    }
+};
+// Independent streams for independent jobs, so that (say) evaluating or
+// sampling never shifts which batches training sees.
+enum Stream : uint64_t { STREAM_INIT = 1, STREAM_SPLIT = 2, STREAM_TRAIN = 3, STREAM_SAMPLE = 4 };
+static Rng make_rng(uint64_t seed, Stream s) {
+    Rng r{seed * 0x2545F4914F6CDD1Dull + s * 0x9E3779B97F4A7C15ull};
+    r.next();
+    return r;
+}
+
+// A small pool of worker threads, started once. parallel_for(n, f) cuts
+// [0, n) into one contiguous chunk per thread and calls f(begin, end) on each;
+// the calling thread takes the first chunk. Every index is computed by the
+// same code whatever chunk it lands in, and no two chunks write the same
+// float, so results do not depend on the number of threads.
+struct ThreadPool {
+    std::vector<std::thread> workers;
+    std::mutex mu;
+    std::condition_variable wake;
+    const std::function<void(int)>* job = nullptr;
+    std::atomic<int> n_jobs{0}, pending{0};
+    std::atomic<uint64_t> generation{0};  // bumped once per parallel_for
+    std::atomic<bool> quit{false};
+
+    void start(int n_threads) {
+        for (int i = 1; i < n_threads; i++) workers.emplace_back([this, i] { loop(i); });
+    }
+    // A training step makes a few hundred parallel calls, microseconds apart.
+    // Waking a sleeping thread costs tens of microseconds, so a worker spins
+    // on the generation counter for a while before it goes to sleep.
+    void loop(int me) {
+        uint64_t seen = 0;
+        for (;;) {
+            uint64_t g;
+            for (int spins = 0; (g = generation.load(std::memory_order_acquire)) == seen && !quit; spins++) {
+                if (spins < 50000) continue;
+                std::unique_lock<std::mutex> lock(mu);
+                wake.wait(lock, [&] { return quit || generation.load() != seen; });
+            }
+            if (quit) return;
+            seen = g;
+            if (me < n_jobs.load(std::memory_order_acquire)) {
+                (*job)(me);
+                pending.fetch_sub(1, std::memory_order_acq_rel);
+            }
+        }
+    }
+    void run(int n, const std::function<void(int)>& f) {  // f(0) .. f(n-1), n <= threads
+        job = &f;
+        n_jobs.store(n), pending.store(n - 1);
+        {
+            std::lock_guard<std::mutex> lock(mu);  // so that no worker misses the wake-up
+            generation.fetch_add(1, std::memory_order_acq_rel);
+        }
+        wake.notify_all();
+        f(0);
+        for (int spins = 0; pending.load(std::memory_order_acquire) != 0; spins++)
+            if (spins > 1000) std::this_thread::yield();
+    }
+    ~ThreadPool() {
+        {
+            std::lock_guard<std::mutex> lock(mu);
+            quit = true;
+        }
+        wake.notify_all();
+        for (auto& t : workers) t.join();
+    }
+};
+static ThreadPool g_pool;
+static int g_threads = 1;
+
+static void set_threads(int n) {
+    g_threads = n;
+    g_pool.start(n);
+}
+
+template <class Fn>
+static void parallel_for(int n, const Fn& f) {
+    int nt = std::min(g_threads, n);
+    if (nt <= 1) {
+        if (n > 0) f(0, n);
+        return;
+    }
+    std::function<void(int)> chunk = [&](int i) {
+        f((int)((int64_t)n * i / nt), (int)((int64_t)n * (i + 1) / nt));
+    };
+    g_pool.run(nt, chunk);
+}
+
+static double now_ms() {
+    using namespace std::chrono;
+    return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
+}
+
+// ----------------------------------------------------------------------------
+// 3. Matrix multiply
+//
+// out[M,N] += A[M,Kd] . B[Kd,N], with B row-major and A addressed as
+// A[m*as + k*ak]: (as, ak) = (Kd, 1) is a plain row-major A, and (1, M) reads
+// a row-major [Kd, M] matrix as its transpose without copying it. Every
+// Linear layer, forward and backward, is one of these calls.
+//
+// The plain loop is
+//     for m, for n: for k: out[m][n] += A[m][k] * B[k][n]
+// and it is slow because each output is loaded and stored Kd times. The fast
+// version keeps a 4x16 tile of outputs in registers (16 accumulators of one
+// or two SIMD vectors each; -O3 -march=native vectorises the j loop), streams
+// a row of B and four values of A per k, and writes the tile once. Rows that
+// do not fill a tile, and columns past the last multiple of 16, use the plain
+// loop with the same k order. The tiles are fixed by M and N alone; threads
+// take whole tiles; so the result is the same for any thread count.
+
+constexpr int TM = 4, TN = 16;
+
+static void matmul_tile(real* out, const real* A, int64_t as, int64_t ak, const real* B, int N, int Kd,
+                        int m0, int n0) {
+    // Four named rows rather than acc[4][16]: g++ then keeps all of them in
+    // vector registers (with a 2-D array it vectorises only 4 floats at a time).
+    real c0[TN] = {}, c1[TN] = {}, c2[TN] = {}, c3[TN] = {};
+    const real* a = A + m0 * as;
+    for (int k = 0; k < Kd; k++) {
+        const real* b = B + (int64_t)k * N + n0;
+        real a0 = a[k * ak], a1 = a[as + k * ak], a2 = a[2 * as + k * ak], a3 = a[3 * as + k * ak];
+        for (int j = 0; j < TN; j++) c0[j] += a0 * b[j], c1[j] += a1 * b[j], c2[j] += a2 * b[j], c3[j] += a3 * b[j];
+    }
+    real* o = out + (int64_t)m0 * N + n0;
+    for (int j = 0; j < TN; j++) o[j] += c0[j], o[N + j] += c1[j], o[2 * N + j] += c2[j], o[3 * N + j] += c3[j];
+}
+
+static void matmul_rows(real* out, const real* A, int64_t as, int64_t ak, const real* B, int N, int Kd,
+                        int m0, int m1, int n0) {  // the edges: rows m0..m1, columns n0..N, TN at a time
+    for (int m = m0; m < m1; m++)
+        for (int nb = n0; nb < N; nb += TN) {
+            int w = std::min(TN, N - nb);
+            real acc[TN] = {};
+            for (int k = 0; k < Kd; k++) {
+                real a = A[m * as + k * ak];
+                const real* b = B + (int64_t)k * N + nb;
+                for (int j = 0; j < w; j++) acc[j] += a * b[j];
+            }
+            for (int j = 0; j < w; j++) out[(int64_t)m * N + nb + j] += acc[j];
+        }
+}
+
+static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real* B, int M, int N, int Kd) {
+    if (M <= 0 || N <= 0 || Kd <= 0) return;
+    int full_m = M / TM, full_n = N / TN * TN;
+    int items = full_m + (M % TM ? 1 : 0);  // the leftover rows are one more work item
+    auto work = [&](int i0, int i1) {
+        for (int i = i0; i < i1; i++) {
+            if (i < full_m) {
+                for (int n0 = 0; n0 < full_n; n0 += TN) matmul_tile(out, A, as, ak, B, N, Kd, i * TM, n0);
+                matmul_rows(out, A, as, ak, B, N, Kd, i * TM, i * TM + TM, full_n);
+            } else {
+                matmul_rows(out, A, as, ak, B, N, Kd, full_m * TM, M, 0);
+            }
+        }
+    };
+    // Small products are not worth waking the other threads for.
+    if ((int64_t)M * N * Kd < 32768) work(0, items);
+    else parallel_for(items, work);
+}
+
+// ----------------------------------------------------------------------------
+// 4. Parameters
+//
+// All weights live in one contiguous buffer; gradients and the two AdamW
+// moments are buffers of the same size and layout, so the optimizer is a
+// single loop and a checkpoint is a walk over one table. The table names each
+// tensor exactly as PyTorch's state_dict would, with PyTorch's [out, in]
+// layout for Linear weights, so a checkpoint loads into the PyTorch model.
+
+struct TensorInfo {
+    std::string name;
+    std::vector<int> shape;
+    size_t offset, size;
+};
+
+struct LayerParams {
+    real *ln1_w, *ln1_b;        // [C]
+    real *attn_w, *attn_b;      // [3C, C], [3C]: rows q, then k, then v
+    real *attn_proj_w, *attn_proj_b;  // [C, C], [C]
+    real *ln2_w, *ln2_b;        // [C]
+    real* router_w;             // [E, C], no bias
+    real *fc_w[E], *fc_b[E];    // per expert [F, C], [F]
+    real *proj_w[E], *proj_b[E];  // per expert [C, F], [C]
+};
+struct Params {
+    real *wte, *wpe;  // [V, C], [BLOCK_SIZE, C]
+    LayerParams h[N_LAYER];
+    real *lnf_w, *lnf_b;  // [C]
+    real* lm_head;        // [V, C], no bias, not tied to wte
+};
+
+// The tensor table for vocabulary size V, in state_dict order.
+static std::vector<TensorInfo> param_layout(int V) {
+    std::vector<TensorInfo> t;
+    size_t off = 0;
+    auto add = [&](const std::string& name, std::vector<int> shape) {
+        size_t n = 1;
+        for (int d : shape) n *= (size_t)d;
+        t.push_back({name, shape, off, n});
+        off += n;
+    };
+    add("transformer.wte.weight", {V, C});
+    add("transformer.wpe.weight", {BLOCK_SIZE, C});
+    for (int l = 0; l < N_LAYER; l++) {
+        std::string p = "transformer.h." + std::to_string(l) + ".";
+        add(p + "ln_1.weight", {C});
+        add(p + "ln_1.bias", {C});
+        add(p + "attn.c_attn.weight", {3 * C, C});
+        add(p + "attn.c_attn.bias", {3 * C});
+        add(p + "attn.c_proj.weight", {C, C});
+        add(p + "attn.c_proj.bias", {C});
+        add(p + "ln_2.weight", {C});
+        add(p + "ln_2.bias", {C});
+        add(p + "moe.router.weight", {E, C});
+        for (int e = 0; e < E; e++) {
+            std::string q = p + "moe.experts." + std::to_string(e) + ".";
+            add(q + "c_fc.weight", {F, C});
+            add(q + "c_fc.bias", {F});
+            add(q + "c_proj.weight", {C, F});
+            add(q + "c_proj.bias", {C});
+        }
+    }
+    add("transformer.ln_f.weight", {C});
+    add("transformer.ln_f.bias", {C});
+    add("lm_head.weight", {V, C});
+    return t;
+}
+
+// Point the named fields at their tensors inside `base` (the parameters, or
+// the gradients, which share the layout). The order matches param_layout.
+static void point_params(Params& p, real* base, const std::vector<TensorInfo>& t) {
+    size_t i = 0;
+    auto next = [&] { return base + t[i++].offset; };
+    p.wte = next(), p.wpe = next();
+    for (auto& L : p.h) {
+        L.ln1_w = next(), L.ln1_b = next();
+        L.attn_w = next(), L.attn_b = next();
+        L.attn_proj_w = next(), L.attn_proj_b = next();
+        L.ln2_w = next(), L.ln2_b = next();
+        L.router_w = next();
+        for (int e = 0; e < E; e++) L.fc_w[e] = next(), L.fc_b[e] = next(), L.proj_w[e] = next(), L.proj_b[e] = next();
+    }
+    p.lnf_w = next(), p.lnf_b = next();
+    p.lm_head = next();
+}
+
+// PyTorch's default initialisation, so learning curves compare with
+// makemore's: Linear weight and bias U(-1/sqrt(in), 1/sqrt(in)), Embedding
+// N(0, 1), LayerNorm weight 1 and bias 0.
+static void init_params(std::vector<real>& params, const std::vector<TensorInfo>& t, Rng& rng) {
+    for (const auto& ti : t) {
+        real* w = params.data() + ti.offset;
+        const std::string& n = ti.name;
+        auto ends = [&](const char* s) { return n.size() >= strlen(s) && n.compare(n.size() - strlen(s), strlen(s), s) == 0; };
+        if (n.find(".wte.") != std::string::npos || n.find(".wpe.") != std::string::npos) {
+            for (size_t i = 0; i < ti.size; i++) w[i] = (real)rng.normal();
+        } else if (n.find("ln_") != std::string::npos) {
+            for (size_t i = 0; i < ti.size; i++) w[i] = ends(".weight") ? 1 : 0;
+        } else {  // a Linear weight or bias: fan_in is the weight's second dimension
+            int fan_in = ti.shape.size() == 2 ? ti.shape[1] : (ends("c_proj.bias") && n.find("experts") != std::string::npos ? F : C);
+            double bound = 1.0 / std::sqrt((double)fan_in);
+            for (size_t i = 0; i < ti.size; i++) w[i] = (real)((2 * rng.uniform() - 1) * bound);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// 5. Layers
+//
+// Each layer is a pair of free functions over raw pointers. x_forward
+// computes its output and whatever backward will need; x_backward takes the
+// gradient of the loss with respect to the output (dout) and ADDS (+=) the
+// gradients of its inputs and parameters into buffers the caller has zeroed.
+// Accumulating is what a layer used twice needs (the residual stream, a
+// token sent to two experts), and it makes every backward the same shape.
+// Rows: M = B*T positions, each a vector of C channels.
+
+// --- token and position embedding: out[B,T,C] = wte[inp[b,t]] + wpe[t]
+static void encoder_forward(real* out, const int* inp, const real* wte, const real* wpe, int B, int T) {
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            real* o = out + ((int64_t)b * T + t) * C;
+            const real* we = wte + (int64_t)inp[b * T + t] * C;
+            const real* pe = wpe + (int64_t)t * C;
+            for (int i = 0; i < C; i++) o[i] = we[i] + pe[i];
+        }
+}
+#if !MOE_INFERENCE_ONLY
+// A lookup's gradient goes back to the row it read: every position adds its
+// dout to the row of its token and to the row of its position.
+static void encoder_backward(real* dwte, real* dwpe, const real* dout, const int* inp, int B, int T) {
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            const real* d = dout + ((int64_t)b * T + t) * C;
+            real* dwe = dwte + (int64_t)inp[b * T + t] * C;
+            real* dpe = dwpe + (int64_t)t * C;
+            for (int i = 0; i < C; i++) dwe[i] += d[i], dpe[i] += d[i];
+        }
+}
+#endif
+
+// --- LayerNorm over the C channels of each of M rows, eps 1e-5:
+// out = (x - mean) * rstd * w + b with rstd = 1 / sqrt(var + eps), var biased.
+static void layernorm_forward(real* out, real* mean, real* rstd, const real* inp, const real* w, const real* b,
+                              int M) {
+    for (int m = 0; m < M; m++) {
+        const real* x = inp + (int64_t)m * C;
+        real mu = 0, var = 0;
+        for (int i = 0; i < C; i++) mu += x[i];
+        mu /= C;
+        for (int i = 0; i < C; i++) var += (x[i] - mu) * (x[i] - mu);
+        var /= C;
+        real rs = 1 / std::sqrt(var + (real)1e-5);
+        real* o = out + (int64_t)m * C;
+        for (int i = 0; i < C; i++) o[i] = (x[i] - mu) * rs * w[i] + b[i];
+        mean[m] = mu, rstd[m] = rs;
+    }
+}
+#if !MOE_INFERENCE_ONLY
+// With n = (x - mean) * rstd and out = n * w + b:
+//   dw += dout * n,  db += dout,  dn = dout * w.
+// n depends on every x of the row through mean and rstd. Differentiating,
+//   dx_i = rstd * (dn_i - mean_j(dn_j) - n_i * mean_j(dn_j * n_j)):
+// the gradient minus its mean (the mean is subtracted out) and minus its
+// component along n (the scale is divided out).
+static void layernorm_backward(real* dinp, real* dw, real* db, const real* dout, const real* inp, const real* w,
+                               const real* mean, const real* rstd, int M) {
+    for (int m = 0; m < M; m++) {
+        const real* x = inp + (int64_t)m * C;
+        const real* d = dout + (int64_t)m * C;
+        real mu = mean[m], rs = rstd[m];
+        real dn_mean = 0, dn_n_mean = 0;
+        for (int i = 0; i < C; i++) {
+            real n = (x[i] - mu) * rs, dn = d[i] * w[i];
+            dn_mean += dn, dn_n_mean += dn * n;
+        }
+        dn_mean /= C, dn_n_mean /= C;
+        real* dx = dinp + (int64_t)m * C;
+        for (int i = 0; i < C; i++) {
+            real n = (x[i] - mu) * rs, dn = d[i] * w[i];
+            dw[i] += d[i] * n;
+            db[i] += d[i];
+            dx[i] += rs * (dn - dn_mean - n * dn_n_mean);
+        }
+    }
+}
+#endif
+
+// --- Linear, as PyTorch's nn.Linear: out[M,OUT] = inp[M,IN] . w^T + b,
+// w is [OUT, IN], b is [OUT] or null. The product wants w^T as a row-major
+// [IN, OUT] matrix; transposing w costs IN*OUT, against M*IN*OUT for the
+// product, so the forward pass copies it into a scratch buffer.
+static void linear_forward(real* out, const real* inp, const real* w, const real* b, int M, int IN, int OUT) {
+    static std::vector<real> wt;  // scratch, not an activation: nothing reads it later
+    wt.resize((size_t)IN * OUT);
+    for (int o0 = 0; o0 < OUT; o0 += 16)  // in 16x16 blocks, so reads and writes both stay in cache
+        for (int i0 = 0; i0 < IN; i0 += 16)
+            for (int o = o0; o < std::min(OUT, o0 + 16); o++)
+                for (int i = i0; i < std::min(IN, i0 + 16); i++) wt[(size_t)i * OUT + o] = w[(size_t)o * IN + i];
+    for (int m = 0; m < M; m++)
+        for (int o = 0; o < OUT; o++) out[(int64_t)m * OUT + o] = b ? b[o] : 0;
+    matmul(out, inp, IN, 1, wt.data(), M, OUT, IN);
+}
+#if !MOE_INFERENCE_ONLY
+// out = inp . w^T + b, so
+//   dinp += dout . w       ([M,OUT] . [OUT,IN]: w is already row-major [OUT,IN])
+//   dw   += dout^T . inp   ([OUT,M] . [M,IN]: dout read transposed, as = 1, ak = OUT)
+//   db   += sum over rows of dout
+static void linear_backward(real* dinp, real* dw, real* db, const real* dout, const real* inp, const real* w, int M,
+                            int IN, int OUT) {
+    if (dinp) matmul(dinp, dout, OUT, 1, w, M, IN, OUT);
+    matmul(dw, dout, 1, OUT, inp, OUT, IN, M);
+    if (db)
+        for (int m = 0; m < M; m++)
+            for (int o = 0; o < OUT; o++) db[o] += dout[(int64_t)m * OUT + o];
+}
+#endif
+
+// --- Causal self-attention, given qkv[B,T,3C] from c_attn (q in channels
+// 0..C, k in C..2C, v in 2C..3C; head h owns channels h*hs..(h+1)*hs of each).
+// For each head, position t attends to positions s <= t:
+//   att[t,s] = softmax_s(q_t . k_s / sqrt(hs)),  y_t = sum_s att[t,s] v_s.
+// att[B,H,T,T] is saved for backward (zero above the diagonal); y is [B,T,C].
+static void attention_forward(real* y, real* att, const real* qkv, int B, int T) {
+    const real scale = 1 / std::sqrt((real)HS);
+    parallel_for(B * N_HEAD, [&](int i0, int i1) {
+        for (int i = i0; i < i1; i++) {
+            int b = i / N_HEAD, h = i % N_HEAD;
+            for (int t = 0; t < T; t++) {
+                const real* q = qkv + ((int64_t)b * T + t) * 3 * C + h * HS;
+                real* a = att + (((int64_t)b * N_HEAD + h) * T + t) * T;
+                real maxv = -1e30f;
+                for (int s = 0; s <= t; s++) {
+                    const real* k = qkv + ((int64_t)b * T + s) * 3 * C + C + h * HS;
+                    real dot = 0;
+                    for (int j = 0; j < HS; j++) dot += q[j] * k[j];
+                    a[s] = dot * scale;
+                    maxv = std::max(maxv, a[s]);
+                }
+                real sum = 0;
+                for (int s = 0; s <= t; s++) sum += (a[s] = std::exp(a[s] - maxv));  // minus max: no overflow
+                for (int s = 0; s <= t; s++) a[s] /= sum;
+                for (int s = t + 1; s < T; s++) a[s] = 0;
+                real* yt = y + ((int64_t)b * T + t) * C + h * HS;
+                for (int j = 0; j < HS; j++) yt[j] = 0;
+                for (int s = 0; s <= t; s++) {
+                    const real* v = qkv + ((int64_t)b * T + s) * 3 * C + 2 * C + h * HS;
+                    for (int j = 0; j < HS; j++) yt[j] += a[s] * v[j];
+                }
+            }
+        }
+    });
+}
+#if !MOE_INFERENCE_ONLY
+// Backward, for one head and one query position t (dy_t given):
+//   y_t = sum_s a_s v_s        ->  dv_s += a_s dy_t,  da_s = dy_t . v_s
+//   a = softmax(z)             ->  dz_s = a_s (da_s - sum_r a_r da_r)
+//   z_s = q_t . k_s * scale    ->  dq_t += scale dz_s k_s,  dk_s += scale dz_s q_t
+// Each (b, h) pair writes only its own rows and channels of dqkv, so the
+// pairs run in parallel.
+static void attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, int B, int T) {
+    const real scale = 1 / std::sqrt((real)HS);
+    parallel_for(B * N_HEAD, [&](int i0, int i1) {
+        real da[BLOCK_SIZE];
+        for (int i = i0; i < i1; i++) {
+            int b = i / N_HEAD, h = i % N_HEAD;
+            for (int t = 0; t < T; t++) {
+                const real* a = att + (((int64_t)b * N_HEAD + h) * T + t) * T;
+                const real* dyt = dy + ((int64_t)b * T + t) * C + h * HS;
+                const real* q = qkv + ((int64_t)b * T + t) * 3 * C + h * HS;
+                real* dq = dqkv + ((int64_t)b * T + t) * 3 * C + h * HS;
+                real sum = 0;
+                for (int s = 0; s <= t; s++) {
+                    const real* v = qkv + ((int64_t)b * T + s) * 3 * C + 2 * C + h * HS;
+                    real* dv = dqkv + ((int64_t)b * T + s) * 3 * C + 2 * C + h * HS;
+                    real d = 0;
+                    for (int j = 0; j < HS; j++) d += dyt[j] * v[j], dv[j] += a[s] * dyt[j];
+                    da[s] = d;
+                    sum += a[s] * d;
+                }
+                for (int s = 0; s <= t; s++) {
+                    real dz = a[s] * (da[s] - sum) * scale;
+                    const real* k = qkv + ((int64_t)b * T + s) * 3 * C + C + h * HS;
+                    real* dk = dqkv + ((int64_t)b * T + s) * 3 * C + C + h * HS;
+                    for (int j = 0; j < HS; j++) dq[j] += dz * k[j], dk[j] += dz * q[j];
+                }
+            }
+        }
+    });
+}
+#endif
+
+// --- GELU, the tanh form GPT-2 uses:
+//   gelu(x) = x/2 (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
+static constexpr real GELU_S = (real)0.7978845608028654;  // sqrt(2/pi)
+// tanh(u) = 1 - 2 / (exp(2u) + 1): the C library's tanhf is a slow scalar
+// routine, and the experts call it for every one of their S*F activations.
+// exp overflowing to infinity (large u) still gives the right limit, 1.
+static inline real fast_tanh(real u) { return 1 - 2 / (std::exp(2 * u) + 1); }
+static void gelu_forward(real* out, const real* inp, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        real x = inp[i];
+        out[i] = (real)0.5 * x * (1 + fast_tanh(GELU_S * (x + (real)0.044715 * x * x * x)));
+    }
+}
+#if !MOE_INFERENCE_ONLY
+//   d gelu/dx = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+static void gelu_backward(real* dinp, const real* inp, const real* dout, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        real x = inp[i], th = fast_tanh(GELU_S * (x + (real)0.044715 * x * x * x));
+        real g = (real)0.5 * (1 + th) +
+                 (real)0.5 * x * (1 - th * th) * GELU_S * (1 + 3 * (real)0.044715 * x * x);
+        dinp[i] += g * dout[i];
+    }
+}
+#endif
+
+// ============================================================================
+// The Mixture of Experts
+//
+// A dense Transformer sends every token through one big MLP. An MoE layer
+// has E smaller MLPs ("experts") and a router that scores them per token;
+// each token is processed by only the K best-scoring experts. Parameters grow
+// with E, compute per token with K: that is the point of sparsity.
+//
+//   p   = softmax(x . Wr^T)               router probabilities   [M, E]
+//   top = the K largest entries of p      chosen experts         [M, K]
+//   g   = p[top] (K = 1), or p[top] / sum(p[top]) (K > 1)        gates [M, K]
+//   out = sum_j g_j * expert_{top_j}(x)
+//
+// The choice of experts is a discrete decision with no gradient. Learning
+// still reaches the router through the gates: an expert whose output helps
+// gets its gate pushed up, which raises its probability, which makes it more
+// likely to be chosen. Below are the router (a Linear then a softmax), the
+// top-k gate, the load-balancing loss, and the experts themselves.
+
+// --- router softmax over the E experts of each of M rows (logits -> probs)
+static void softmax_forward(real* probs, const real* logits, int M, int n) {
+    for (int m = 0; m < M; m++) {
+        const real* z = logits + (int64_t)m * n;
+        real* p = probs + (int64_t)m * n;
+        real maxv = z[0], sum = 0;
+        for (int i = 1; i < n; i++) maxv = std::max(maxv, z[i]);
+        for (int i = 0; i < n; i++) sum += (p[i] = std::exp(z[i] - maxv));
+        for (int i = 0; i < n; i++) p[i] /= sum;
+    }
+}
+#if !MOE_INFERENCE_ONLY
+// p_i = exp(z_i) / sum_j exp(z_j)  ->  dp_i/dz_k = p_i (delta_ik - p_k), so
+//   dz_k += p_k (dp_k - sum_i p_i dp_i)
+static void softmax_backward(real* dlogits, const real* dprobs, const real* probs, int M, int n) {
+    for (int m = 0; m < M; m++) {
+        const real* p = probs + (int64_t)m * n;
+        const real* dp = dprobs + (int64_t)m * n;
+        real dot = 0;
+        for (int i = 0; i < n; i++) dot += p[i] * dp[i];
+        for (int i = 0; i < n; i++) dlogits[(int64_t)m * n + i] += p[i] * (dp[i] - dot);
+    }
+}
+#endif
+
+// --- top-k gate: choose the K most probable experts of each row and weigh
+// them. Rows with valid[m] == 0 (padding: no target, and no position with a
+// target ever attends to them) are not routed at all: chosen = -1, gate = 0.
+// Ties go to the lower expert index, as a stable sort would give them.
+//
+// Why renormalise for K > 1 but not for K = 1? With K > 1 the gates then sum
+// to 1 whatever the router's confidence, which keeps the output's scale
+// steady (Mixtral does this). With K = 1 renormalising gives g = p/p = 1, a
+// constant: the router would get no gradient from the language-model loss
+// at all, and only the auxiliary loss would train it. So with K = 1 the gate
+// is the raw probability (Switch Transformer), and the loss reaches the router.
+static void topk_forward(int* chosen, real* gate, const real* probs, const uint8_t* valid, int M) {
+    for (int m = 0; m < M; m++) {
+        const real* p = probs + (int64_t)m * E;
+        int* c = chosen + (int64_t)m * K;
+        real* g = gate + (int64_t)m * K;
+        if (!valid[m]) {
+            for (int j = 0; j < K; j++) c[j] = -1, g[j] = 0;
+            continue;
+        }
+        real sum = 0;
+        for (int j = 0; j < K; j++) {  // K passes of "best not yet taken": K is tiny
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                bool taken = false;
+                for (int i = 0; i < j; i++) taken |= c[i] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            c[j] = best, g[j] = p[best], sum += p[best];
+        }
+        if (NORM_TOPK)
+            for (int j = 0; j < K; j++) g[j] /= sum;
+    }
+}
+#if !MOE_INFERENCE_ONLY
+// Without renormalisation g_j = p_{c_j}, so dp_{c_j} += dg_j.
+// With it, g_j = p_j / s, s = sum_k p_k (p_j short for p_{c_j}):
+//   dg_j/dp_i = delta_ij / s - p_j / s^2
+//   dp_i += sum_j dg_j dg_j/dp_i = (dg_i - sum_j dg_j g_j) / s
+// For K = 1 that is (dg - dg * 1) / s = 0: the zero gradient explained above.
+// Unchosen experts get nothing from the gate; the aux loss below reaches them.
+static void topk_backward(real* dprobs, const real* dgate, const int* chosen, const real* gate, const real* probs,
+                          int M) {
+    for (int m = 0; m < M; m++) {
+        const int* c = chosen + (int64_t)m * K;
+        if (c[0] < 0) continue;
+        const real* dg = dgate + (int64_t)m * K;
+        const real* g = gate + (int64_t)m * K;
+        real* dp = dprobs + (int64_t)m * E;
+        if (!NORM_TOPK) {
+            for (int j = 0; j < K; j++) dp[c[j]] += dg[j];
+        } else {
+            real s = 0, dot = 0;
+            for (int j = 0; j < K; j++) s += probs[(int64_t)m * E + c[j]], dot += dg[j] * g[j];
+            for (int j = 0; j < K; j++) dp[c[j]] += (dg[j] - dot) / s;
+        }
+    }
+}
+#endif
+
+// --- the load-balancing loss (Switch Transformer, Fedus et al. 2021).
+// Left alone, a router collapses: the expert that is chosen a little more
+// often trains more, gets better, and is chosen more still. The aux loss
+//   aux = E * sum_i f_i * P_i
+//   f_i = fraction of the routing slots (N tokens x K) that went to expert i
+//   P_i = mean router probability of expert i over the same N tokens
+// is smallest when both are uniform: f_i = P_i = 1/E gives aux = 1, and all
+// tokens on one expert gives f = P = one-hot and aux = E. f counts discrete
+// choices and has no gradient, so it is treated as a constant; P carries the
+// gradient, and it pushes probability away from the experts with high f:
+//   d aux / d p[m,i] = E * f_i / N    for each of the N routed rows m.
+// Only positions that carry a target count. Returns aux; f[E] is saved.
+static real aux_forward(real* f, const real* probs, const int* chosen, const uint8_t* valid, int M) {
+    int64_t n = 0;
+    double P[E] = {}, cnt[E] = {};
+    for (int m = 0; m < M; m++) {
+        if (!valid[m]) continue;
+        n++;
+        for (int e = 0; e < E; e++) P[e] += probs[(int64_t)m * E + e];
+        for (int j = 0; j < K; j++) cnt[chosen[(int64_t)m * K + j]] += 1;
+    }
+    double aux = 0;
+    for (int e = 0; e < E; e++) {
+        f[e] = n ? (real)(cnt[e] / ((double)n * K)) : 0;
+        aux += n ? (double)f[e] * (P[e] / (double)n) : 0;
+    }
+    return (real)(E * aux);
+}
+#if !MOE_INFERENCE_ONLY
+static void aux_backward(real* dprobs, const real* f, const uint8_t* valid, int M, real daux) {
+    int64_t n = 0;
+    for (int m = 0; m < M; m++) n += valid[m];
+    if (!n) return;
+    for (int m = 0; m < M; m++)
+        if (valid[m])
+            for (int e = 0; e < E; e++) dprobs[(int64_t)m * E + e] += daux * E * f[e] / (real)n;
+}
+#endif
+
+// --- the experts. Each is a GPT MLP: c_proj(gelu(c_fc(x))), C -> F -> C.
+// Computing all E experts for every token and masking would cost E/K times
+// too much. Instead: route first, then compute. A routing slot is one
+// (token, j) pair of the top-k choice, S = (routed tokens) * K of them. A
+// counting sort groups the slots by expert, the inputs of each expert are
+// gathered into consecutive rows, each expert runs as ordinary dense Linear
+// layers over its rows, and the outputs are scattered back with their gates.
+struct MoeActs {  // what one MoE layer saves for backward
+    std::vector<int> offset;    // [E+1]: expert e owns sorted slots offset[e]..offset[e+1]
+    std::vector<int> slot_src;  // [S]: sorted slot -> its index m*K + j in chosen/gate
+    std::vector<int> slot_of;   // [M*K]: m*K + j -> its sorted slot, or -1 (not routed)
+    std::vector<real> x;        // [S, C] gathered inputs
+    std::vector<real> h;        // [S, F] c_fc output, before GELU
+    std::vector<real> hg;       // [S, F] after GELU
+    std::vector<real> y;        // [S, C] expert outputs, before the gate
+};
+
+// out[M,C] = sum_j gate[m,j] * expert_{chosen[m,j]}(inp[m])
+static void experts_forward(real* out, MoeActs& a, const real* inp, const int* chosen, const real* gate,
+                            const LayerParams& p, int M) {
+    a.offset.assign(E + 1, 0);
+    a.slot_of.assign((size_t)M * K, -1);
+    for (int i = 0; i < M * K; i++)
+        if (chosen[i] >= 0) a.offset[chosen[i] + 1]++;
+    for (int e = 0; e < E; e++) a.offset[e + 1] += a.offset[e];
+    int S = a.offset[E];
+    a.slot_src.resize(S);
+    std::vector<int> fill(a.offset.begin(), a.offset.end() - 1);
+    for (int i = 0; i < M * K; i++)  // in token order, so each expert's rows keep it
+        if (chosen[i] >= 0) a.slot_of[i] = fill[chosen[i]]++, a.slot_src[a.slot_of[i]] = i;
+    a.x.resize((size_t)S * C), a.h.resize((size_t)S * F), a.hg.resize((size_t)S * F), a.y.resize((size_t)S * C);
+    for (int s = 0; s < S; s++) std::memcpy(&a.x[(size_t)s * C], inp + (int64_t)(a.slot_src[s] / K) * C, C * sizeof(real));
+    for (int e = 0; e < E; e++) {
+        int s0 = a.offset[e], n = a.offset[e + 1] - s0;
+        if (n == 0) continue;
+        linear_forward(&a.h[(size_t)s0 * F], &a.x[(size_t)s0 * C], p.fc_w[e], p.fc_b[e], n, C, F);
+        gelu_forward(&a.hg[(size_t)s0 * F], &a.h[(size_t)s0 * F], (int64_t)n * F);
+        linear_forward(&a.y[(size_t)s0 * C], &a.hg[(size_t)s0 * F], p.proj_w[e], p.proj_b[e], n, F, C);
+    }
+    for (int m = 0; m < M; m++) {  // each token gathers its own K outputs: no write conflicts
+        real* o = out + (int64_t)m * C;
+        for (int i = 0; i < C; i++) o[i] = 0;
+        for (int j = 0; j < K; j++) {
+            int s = a.slot_of[(size_t)m * K + j];
+            if (s < 0) continue;
+            real g = gate[(size_t)m * K + j];
+            for (int i = 0; i < C; i++) o[i] += g * a.y[(size_t)s * C + i];
+        }
+    }
+}
+#if !MOE_INFERENCE_ONLY
+// out_m = sum_j g_mj y_s (s the slot of (m, j)), so
+//   dg_mj = dout_m . y_s    (the router's learning signal: did this expert help?)
+//   dy_s  = g_mj dout_m
+// then each expert's MLP backward over its rows, and each slot's input
+// gradient added back to its token: dinp_m += sum_j dx_s.
+// ws holds scratch for dy, dhg/dh and dx.
+struct MoeGrad {
+    std::vector<real> dy, dhg, dh, dx;
+};
+static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& ws, const real* dout,
+                             const MoeActs& a, const real* gate, const LayerParams& p, int M) {
+    int S = a.offset[E];
+    ws.dy.assign((size_t)S * C, 0), ws.dhg.assign((size_t)S * F, 0), ws.dh.assign((size_t)S * F, 0);
+    ws.dx.assign((size_t)S * C, 0);
+    for (int s = 0; s < S; s++) {
+        int i = a.slot_src[s];
+        const real* d = dout + (int64_t)(i / K) * C;
+        const real* y = &a.y[(size_t)s * C];
+        real dot = 0;
+        for (int c = 0; c < C; c++) dot += d[c] * y[c], ws.dy[(size_t)s * C + c] = gate[i] * d[c];
+        dgate[i] += dot;
+    }
+    for (int e = 0; e < E; e++) {
+        int s0 = a.offset[e], n = a.offset[e + 1] - s0;
+        if (n == 0) continue;
+        linear_backward(&ws.dhg[(size_t)s0 * F], g.proj_w[e], g.proj_b[e], &ws.dy[(size_t)s0 * C],
+                        &a.hg[(size_t)s0 * F], p.proj_w[e], n, F, C);
+        gelu_backward(&ws.dh[(size_t)s0 * F], &a.h[(size_t)s0 * F], &ws.dhg[(size_t)s0 * F], (int64_t)n * F);
+        linear_backward(&ws.dx[(size_t)s0 * C], g.fc_w[e], g.fc_b[e], &ws.dh[(size_t)s0 * F], &a.x[(size_t)s0 * C],
+                        p.fc_w[e], n, C, F);
+    }
+    for (int m = 0; m < M; m++)
+        for (int j = 0; j < K; j++) {
+            int s = a.slot_of[(size_t)m * K + j];
+            if (s < 0) continue;
+            for (int c = 0; c < C; c++) dinp[(int64_t)m * C + c] += ws.dx[(size_t)s * C + c];
+        }
+}
+#endif
+
+// --- cross-entropy of the next-token prediction, for positions whose target
+// is not -1. probs[M,V] (the softmax of the logits) is saved for backward.
+// Returns the summed loss (in double) and sets *count to the number of targets.
+static double crossentropy_forward(real* probs, const real* logits, const int* targets, int M, int V,
+                                   int64_t* count) {
+    double sum = 0;
+    *count = 0;
+    for (int m = 0; m < M; m++) {
+        if (targets[m] < 0) continue;
+        softmax_forward(probs + (int64_t)m * V, logits + (int64_t)m * V, 1, V);
+        sum -= std::log((double)probs[(int64_t)m * V + targets[m]]);
+        ++*count;
+    }
+    return sum;
+}
+#if !MOE_INFERENCE_ONLY
+// loss = -(1/N) sum_m log p[m, y_m], p = softmax(z)  ->  dz[m,i] += (p[m,i] - [i == y_m]) / N
+static void crossentropy_backward(real* dlogits, const real* probs, const int* targets, int M, int V, real scale) {
+    for (int m = 0; m < M; m++) {
+        if (targets[m] < 0) continue;
+        for (int i = 0; i < V; i++)
+            dlogits[(int64_t)m * V + i] += scale * (probs[(int64_t)m * V + i] - (i == targets[m] ? 1 : 0));
+    }
+}
+#endif
+
+// ----------------------------------------------------------------------------
+// 6. The model
+//
+// makemore's Transformer with a Mixture of Experts in place of each MLP:
+//
+//   x = wte[tokens] + wpe[positions]
+//   for each of the N_LAYER blocks:
+//       x = x + attn(ln_1(x))       causal self-attention
+//       x = x + moe(ln_2(x))        router -> top-k -> gate-weighted experts
+//   logits = lm_head(ln_f(x))
+//   loss = mean cross-entropy + aux_coef * (sum over layers of aux)
+//
+// Every activation that backward needs is kept under its own name, per
+// layer, sized for the current batch.
+
+struct LayerActs {
+    std::vector<real> x;                        // [M,C] residual stream entering the block
+    std::vector<real> ln1, ln1_mean, ln1_rstd;  // [M,C], [M], [M]
+    std::vector<real> qkv;                      // [M,3C]
+    std::vector<real> att;                      // [B,H,T,T]
+    std::vector<real> atty;                     // [M,C] attention output, before c_proj
+    std::vector<real> x_mid;                    // [M,C] x + attn(ln_1(x))
+    std::vector<real> ln2, ln2_mean, ln2_rstd;  // [M,C], [M], [M]
+    std::vector<real> probs;                    // [M,E] router probabilities
+    std::vector<int> chosen;                    // [M,K] chosen experts (-1: not routed)
+    std::vector<real> gate;                     // [M,K] gate weights
+    std::vector<real> f;                        // [E] fraction of slots per expert
+    real aux = 0;                               // this layer's load-balancing loss
+    MoeActs moe;
+    std::vector<real> moe_out;  // [M,C]
+};
+
+struct Model {
+    int V = 0;  // vocabulary size, token 0 included: set by the data, not compiled in
+    std::vector<TensorInfo> tensors;
+    size_t n_params = 0;
+    std::vector<real> params;
+    Params p;
+#if !MOE_INFERENCE_ONLY
+    std::vector<real> grads, adam_m, adam_v;  // same layout as params
+    Params g;
+#endif
+    // the last forward pass
+    int B = 0, T = 0;
+    std::vector<int> inputs, targets;  // [M]; target -1: no prediction here
+    std::vector<uint8_t> valid;        // [M] 1 where a target exists (all, when sampling)
+    LayerActs L[N_LAYER];
+    std::vector<real> x_out, lnf, lnf_mean, lnf_rstd;  // [M,C], [M,C], [M], [M]
+    std::vector<real> router_logits;                    // [M,E] scratch, not needed by backward
+    std::vector<real> logits, probs;                    // [M,V]
+    double ce_sum = 0, ce = 0;                          // summed and mean cross-entropy
+    int64_t n_targets = 0;
+    real aux_sum = 0, aux_coef = 0;
+};
+
+static int64_t expert_params() { return (int64_t)F * C + F + (int64_t)C * F + C; }
+
+static void model_init(Model& m, int V) {
+    m.V = V;
+    m.tensors = param_layout(V);
+    m.n_params = m.tensors.back().offset + m.tensors.back().size;
+    m.params.assign(m.n_params, 0);
+    point_params(m.p, m.params.data(), m.tensors);
+#if !MOE_INFERENCE_ONLY
+    m.grads.assign(m.n_params, 0), m.adam_m.assign(m.n_params, 0), m.adam_v.assign(m.n_params, 0);
+    point_params(m.g, m.grads.data(), m.tensors);
+#endif
+}
+
+// inputs, targets: [B,T]. targets may be null (sampling): then every position
+// is routed and no loss is computed. Returns ce + aux_coef * aux_sum.
+static double model_forward(Model& m, const int* inputs, const int* targets, int B, int T, real aux_coef) {
+    const int M = B * T, V = m.V;
+    m.B = B, m.T = T, m.aux_coef = aux_coef;
+    m.inputs.assign(inputs, inputs + M);
+    if (targets) m.targets.assign(targets, targets + M);
+    else m.targets.assign(M, -1);
+    m.valid.resize(M);
+    for (int i = 0; i < M; i++) m.valid[i] = targets ? targets[i] >= 0 : 1;
+    for (auto& a : m.L) {
+        a.x.resize((size_t)M * C), a.ln1.resize((size_t)M * C), a.ln1_mean.resize(M), a.ln1_rstd.resize(M);
+        a.qkv.resize((size_t)M * 3 * C), a.att.resize((size_t)B * N_HEAD * T * T), a.atty.resize((size_t)M * C);
+        a.x_mid.resize((size_t)M * C), a.ln2.resize((size_t)M * C), a.ln2_mean.resize(M), a.ln2_rstd.resize(M);
+        a.probs.resize((size_t)M * E), a.chosen.resize((size_t)M * K), a.gate.resize((size_t)M * K);
+        a.f.resize(E), a.moe_out.resize((size_t)M * C);
+    }
+    m.x_out.resize((size_t)M * C), m.lnf.resize((size_t)M * C), m.lnf_mean.resize(M), m.lnf_rstd.resize(M);
+    m.router_logits.resize((size_t)M * E), m.logits.resize((size_t)M * V), m.probs.resize((size_t)M * V);
+
+    encoder_forward(m.L[0].x.data(), inputs, m.p.wte, m.p.wpe, B, T);
+    m.aux_sum = 0;
+    for (int l = 0; l < N_LAYER; l++) {
+        LayerActs& a = m.L[l];
+        const LayerParams& w = m.p.h[l];
+        layernorm_forward(a.ln1.data(), a.ln1_mean.data(), a.ln1_rstd.data(), a.x.data(), w.ln1_w, w.ln1_b, M);
+        linear_forward(a.qkv.data(), a.ln1.data(), w.attn_w, w.attn_b, M, C, 3 * C);
+        attention_forward(a.atty.data(), a.att.data(), a.qkv.data(), B, T);
+        linear_forward(a.x_mid.data(), a.atty.data(), w.attn_proj_w, w.attn_proj_b, M, C, C);
+        for (size_t i = 0; i < (size_t)M * C; i++) a.x_mid[i] += a.x[i];
+        layernorm_forward(a.ln2.data(), a.ln2_mean.data(), a.ln2_rstd.data(), a.x_mid.data(), w.ln2_w, w.ln2_b, M);
+        linear_forward(m.router_logits.data(), a.ln2.data(), w.router_w, nullptr, M, C, E);
+        softmax_forward(a.probs.data(), m.router_logits.data(), M, E);
+        topk_forward(a.chosen.data(), a.gate.data(), a.probs.data(), m.valid.data(), M);
+        a.aux = aux_forward(a.f.data(), a.probs.data(), a.chosen.data(), m.valid.data(), M);
+        m.aux_sum += a.aux;
+        experts_forward(a.moe_out.data(), a.moe, a.ln2.data(), a.chosen.data(), a.gate.data(), w, M);
+        real* next = l + 1 < N_LAYER ? m.L[l + 1].x.data() : m.x_out.data();
+        for (size_t i = 0; i < (size_t)M * C; i++) next[i] = a.x_mid[i] + a.moe_out[i];
+    }
+    layernorm_forward(m.lnf.data(), m.lnf_mean.data(), m.lnf_rstd.data(), m.x_out.data(), m.p.lnf_w, m.p.lnf_b, M);
+    linear_forward(m.logits.data(), m.lnf.data(), m.p.lm_head, nullptr, M, C, V);
+    m.ce_sum = 0, m.ce = 0, m.n_targets = 0;
+    if (!targets) return 0;
+    m.ce_sum = crossentropy_forward(m.probs.data(), m.logits.data(), targets, M, V, &m.n_targets);
+    m.ce = m.n_targets ? m.ce_sum / (double)m.n_targets : 0;
+    return m.ce + (double)aux_coef * m.aux_sum;
+}
+
+#if !MOE_INFERENCE_ONLY
+struct Backward {  // scratch for gradients flowing between layers; reused by every layer
+    std::vector<real> dres, dln, datty, dqkv, dlogits, dgate, dprobs, drouter;
+    MoeGrad moe;
+} g_bw;
+
+// The backward pass walks the forward pass in reverse. dres carries the
+// gradient of the residual stream: a residual connection x + f(x) passes
+// dres through unchanged and adds f's input gradient to it, which is why
+// every backward above accumulates. Gradients land in m.grads, which the
+// caller zeroes before.
+static void model_backward(Model& m) {
+    const int M = m.B * m.T, V = m.V;
+    Backward& w = g_bw;
+    w.dres.assign((size_t)M * C, 0);
+    w.dlogits.assign((size_t)M * V, 0);
+    w.dln.assign((size_t)M * C, 0);
+    if (m.n_targets)
+        crossentropy_backward(w.dlogits.data(), m.probs.data(), m.targets.data(), M, V, (real)(1.0 / (double)m.n_targets));
+    linear_backward(w.dln.data(), m.g.lm_head, nullptr, w.dlogits.data(), m.lnf.data(), m.p.lm_head, M, C, V);
+    layernorm_backward(w.dres.data(), m.g.lnf_w, m.g.lnf_b, w.dln.data(), m.x_out.data(), m.p.lnf_w, m.lnf_mean.data(),
+                       m.lnf_rstd.data(), M);
+    for (int l = N_LAYER - 1; l >= 0; l--) {
+        LayerActs& a = m.L[l];
+        const LayerParams& p = m.p.h[l];
+        LayerParams& g = m.g.h[l];
+        // the MoE half: x_out = x_mid + moe(ln_2(x_mid))
+        w.dln.assign((size_t)M * C, 0), w.dgate.assign((size_t)M * K, 0);
+        w.dprobs.assign((size_t)M * E, 0), w.drouter.assign((size_t)M * E, 0);
+        experts_backward(w.dln.data(), w.dgate.data(), g, w.moe, w.dres.data(), a.moe, a.gate.data(), p, M);
+        topk_backward(w.dprobs.data(), w.dgate.data(), a.chosen.data(), a.gate.data(), a.probs.data(), M);
+        aux_backward(w.dprobs.data(), a.f.data(), m.valid.data(), M, m.aux_coef);
+        softmax_backward(w.drouter.data(), w.dprobs.data(), a.probs.data(), M, E);
+        linear_backward(w.dln.data(), g.router_w, nullptr, w.drouter.data(), a.ln2.data(), p.router_w, M, C, E);
+        layernorm_backward(w.dres.data(), g.ln2_w, g.ln2_b, w.dln.data(), a.x_mid.data(), p.ln2_w, a.ln2_mean.data(),
+                           a.ln2_rstd.data(), M);
+        // the attention half: x_mid = x + c_proj(attention(c_attn(ln_1(x))))
+        w.datty.assign((size_t)M * C, 0), w.dqkv.assign((size_t)M * 3 * C, 0), w.dln.assign((size_t)M * C, 0);
+        linear_backward(w.datty.data(), g.attn_proj_w, g.attn_proj_b, w.dres.data(), a.atty.data(), p.attn_proj_w, M, C,
+                        C);
+        attention_backward(w.dqkv.data(), w.datty.data(), a.att.data(), a.qkv.data(), m.B, m.T);
+        linear_backward(w.dln.data(), g.attn_w, g.attn_b, w.dqkv.data(), a.ln1.data(), p.attn_w, M, C, 3 * C);
+        layernorm_backward(w.dres.data(), g.ln1_w, g.ln1_b, w.dln.data(), a.x.data(), p.ln1_w, a.ln1_mean.data(),
+                           a.ln1_rstd.data(), M);
+    }
+    encoder_backward(m.g.wte, m.g.wpe, w.dres.data(), m.inputs.data(), m.B, m.T);
+}
+
+// ----------------------------------------------------------------------------
+// 7. AdamW (Loshchilov & Hutter), written as PyTorch computes it:
+//   p -= lr * wd * p                               decoupled weight decay
+//   m  = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2
+//   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+// Weight decay applies to every parameter, as in makemore.
+struct AdamW {
+    float lr = 5e-4f, weight_decay = 0.01f, beta1 = 0.9f, beta2 = 0.99f, eps = 1e-8f;
+};
+static void adamw_update(Model& m, const AdamW& o, int64_t t) {
+    double bc1 = 1 - std::pow((double)o.beta1, (double)t), bc2 = 1 - std::pow((double)o.beta2, (double)t);
+    const real step_size = (real)(o.lr / bc1), bc2_sqrt = (real)std::sqrt(bc2);
+    const real decay = (real)(1 - (double)o.lr * o.weight_decay);
+    const real b1 = o.beta1, b2 = o.beta2, eps = o.eps;
+    const int chunk = 4096, n_chunks = (int)((m.n_params + chunk - 1) / chunk);
+    parallel_for(n_chunks, [&](int c0, int c1) {
+        size_t end = std::min(m.n_params, (size_t)c1 * chunk);
+        for (size_t i = (size_t)c0 * chunk; i < end; i++) {
+            real g = m.grads[i];
+            m.params[i] *= decay;
+            m.adam_m[i] = b1 * m.adam_m[i] + (1 - b1) * g;
+            m.adam_v[i] = b2 * m.adam_v[i] + (1 - b2) * g * g;
+            m.params[i] -= step_size * m.adam_m[i] / (std::sqrt(m.adam_v[i]) / bc2_sqrt + eps);
+        }
+    });
+}
+#endif
+
+// ----------------------------------------------------------------------------
+// 8. Data
+//
+// Tokens are bytes. The vocabulary is the set of distinct bytes in the
+// training file, sorted; token i+1 is byte vocab[i], and token 0 is kept for
+// the start/end marker. So any file works, UTF-8 included (a multi-byte
+// character is simply several tokens).
+//
+// Line mode (the default, makemore's): every non-empty line is one example.
+// A line c1..cn becomes
+//     input  [0, c1, ..., cn, pad...]      target [c1, ..., cn, 0, -1...]
+// so the model learns to start a line and to end it; -1 marks positions that
+// predict nothing. The context T is the longest line + 1. A seeded
+// permutation sets aside min(1000, 10%) of the lines as the test split.
+//
+// Text mode (moe.c, makeMoE on tiny Shakespeare): the file is one stream of
+// bytes; the first 90% trains, the rest tests, and a training example is a
+// random window of T = BLOCK_SIZE inputs and the T bytes that follow them.
+
+struct Dataset {
+    bool text = false;
+    std::string vocab;  // token i+1 is byte vocab[i]
+    int T = 0;          // positions per example
+    std::vector<std::vector<int>> train, test;  // line mode: encoded lines, no markers
+    std::vector<int> train_text, test_text;     // text mode: encoded bytes
+    std::set<std::string> train_lines, test_lines;  // to tell memorised samples from new ones
+};
+
+static std::string read_file(const std::string& path) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    if (!fs::exists(path, ec)) fail("cannot open '" + path + "': no such file (check the path given with -i/--input-file)");
+    if (fs::is_directory(path, ec)) fail("'" + path + "' is a directory, not a file: give a text file with -i/--input-file");
+    std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), std::fclose);
+    if (!f) fail("cannot open '" + path + "': " + std::strerror(errno));
+    std::string s;
+    char buf[1 << 16];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, f.get())) > 0) s.append(buf, n);
+    if (std::ferror(f.get())) fail("error reading '" + path + "': " + std::strerror(errno));
+    return s;
+}
+
+struct Line {
+    std::string text;
+    int64_t number;  // 1-based line number in the file, for error messages
+};
+// Non-empty lines; a CRLF line ending counts as LF.
+static std::vector<Line> split_lines(const std::string& s) {
+    std::vector<Line> out;
+    size_t start = 0;
+    int64_t number = 0;
+    while (start < s.size()) {
+        size_t end = s.find('\n', start);
+        if (end == std::string::npos) end = s.size();
+        number++;
+        size_t len = end - start;
+        if (len && s[start + len - 1] == '\r') len--;
+        if (len) out.push_back({s.substr(start, len), number});
+        start = end + 1;
+    }
+    return out;
+}
+
+static std::string vocab_of(const std::string& bytes) {
+    bool seen[256] = {};
+    for (unsigned char c : bytes) seen[c] = true;
+    std::string v;
+    for (int c = 0; c < 256; c++)
+        if (seen[c]) v.push_back((char)c);
+    return v;
+}
+
+static std::string describe_byte(unsigned char c) {
+    char buf[32];
+    if (c >= 32 && c < 127) std::snprintf(buf, sizeof buf, "'%c' (0x%02x)", c, c);
+    else std::snprintf(buf, sizeof buf, "0x%02x", c);
+    return buf;
+}
+
+// Bytes to tokens with a given vocabulary; `where` names the input in errors.
+static std::vector<int> encode(const std::string& s, const std::string& vocab, const std::string& where) {
+    int lut[256];
+    std::fill(lut, lut + 256, -1);
+    for (size_t i = 0; i < vocab.size(); i++) lut[(unsigned char)vocab[i]] = (int)i + 1;
+    std::vector<int> out(s.size());
+    for (size_t i = 0; i < s.size(); i++) {
+        int t = lut[(unsigned char)s[i]];
+        if (t < 0)
+            fail(where + ": byte " + describe_byte((unsigned char)s[i]) +
+                 " is not in the model's vocabulary (the bytes of the file it was trained on)");
+        out[i] = t;
+    }
+    return out;
+}
+
+// Line-mode examples of a file: each line encoded, checked against the context.
+static std::vector<std::vector<int>> encode_lines(const std::vector<Line>& lines, const std::string& vocab,
+                                                  const std::string& path) {
+    std::vector<std::vector<int>> out;
+    for (const auto& l : lines) {
+        if ((int64_t)l.text.size() + 1 > BLOCK_SIZE)
+            fail(path + ":" + std::to_string(l.number) + ": line of " + std::to_string(l.text.size()) +
+                 " bytes needs " + std::to_string(l.text.size() + 1) + " positions but BLOCK_SIZE is " +
+                 std::to_string(BLOCK_SIZE) + "; shorten the line, use --text, or rebuild with -DMOE_BLOCK_SIZE=" +
+                 std::to_string(l.text.size() + 1));
+        out.push_back(encode(l.text, vocab, path + ":" + std::to_string(l.number)));
+    }
+    return out;
+}
+
+// vocab: the checkpoint's when resuming, else empty (taken from the file).
+static Dataset load_dataset(const std::string& path, bool text, uint64_t seed, const std::string& vocab) {
+    Dataset d;
+    d.text = text;
+    std::string raw = read_file(path);
+    if (raw.empty()) fail("'" + path + "' is empty: give a file with one example per line, or any text with --text");
+    if (text) {
+        d.vocab = vocab.empty() ? vocab_of(raw) : vocab;
+        std::vector<int> all = encode(raw, d.vocab, path);
+        d.T = BLOCK_SIZE;
+        size_t n_train = all.size() * 9 / 10;
+        if (n_train < (size_t)BLOCK_SIZE + 1 || all.size() - n_train < 2)
+            fail("'" + path + "' has " + std::to_string(raw.size()) + " bytes; text mode needs at least " +
+                 std::to_string((BLOCK_SIZE + 1) * 10 / 9 + 3) +
+                 " (90% of it must hold one window of BLOCK_SIZE + 1 bytes): use a longer file or a smaller "
+                 "-DMOE_BLOCK_SIZE");
+        d.train_text.assign(all.begin(), all.begin() + n_train);
+        d.test_text.assign(all.begin() + n_train, all.end());
+        return d;
+    }
+    std::vector<Line> lines = split_lines(raw);
+    if (lines.empty()) fail("'" + path + "' has no non-empty lines: line mode needs one example per line");
+    std::string bytes;
+    size_t longest = 0;
+    for (const auto& l : lines) bytes += l.text, longest = std::max(longest, l.text.size());
+    d.vocab = vocab.empty() ? vocab_of(bytes) : vocab;
+    std::vector<std::vector<int>> enc = encode_lines(lines, d.vocab, path);
+    d.T = (int)longest + 1;
+    std::vector<size_t> perm(lines.size());
+    std::iota(perm.begin(), perm.end(), 0);
+    Rng r = make_rng(seed, STREAM_SPLIT);
+    for (size_t i = perm.size(); i > 1; i--) std::swap(perm[i - 1], perm[r.below(i)]);  // Fisher-Yates
+    size_t n_test = std::min<size_t>(1000, lines.size() / 10);
+    for (size_t i = 0; i < perm.size(); i++) {
+        bool is_test = i < n_test;
+        (is_test ? d.test : d.train).push_back(enc[perm[i]]);
+        (is_test ? d.test_lines : d.train_lines).insert(lines[perm[i]].text);
+    }
+    return d;
+}
+
+// Fill inputs/targets [n, T] with lines first..first+n-1 (see the layout above).
+static void lines_batch(int* inputs, int* targets, const std::vector<std::vector<int>>& lines,
+                        const std::vector<size_t>& which, int T) {
+    for (size_t b = 0; b < which.size(); b++) {
+        const std::vector<int>& l = lines[which[b]];
+        int* in = inputs + b * T;
+        int* tg = targets + b * T;
+        int n = (int)l.size();
+        for (int t = 0; t < T; t++) {
+            in[t] = t == 0 ? 0 : t <= n ? l[t - 1] : 0;
+            tg[t] = t < n ? l[t] : t == n ? 0 : -1;
+        }
+    }
+}
+
+#if !MOE_INFERENCE_ONLY
+static void train_batch(std::vector<int>& inputs, std::vector<int>& targets, const Dataset& d, int B, Rng& rng) {
+    inputs.resize((size_t)B * d.T), targets.resize((size_t)B * d.T);
+    if (!d.text) {
+        std::vector<size_t> which(B);
+        for (auto& w : which) w = rng.below(d.train.size());
+        lines_batch(inputs.data(), targets.data(), d.train, which, d.T);
+        return;
+    }
+    for (int b = 0; b < B; b++) {
+        size_t s = rng.below(d.train_text.size() - d.T);
+        for (int t = 0; t < d.T; t++) inputs[b * d.T + t] = d.train_text[s + t], targets[b * d.T + t] = d.train_text[s + t + 1];
+    }
+}
+#endif
+
+// ----------------------------------------------------------------------------
+// 9. Checkpoints
+//
+// safetensors: 8 bytes of little-endian header length, a JSON header, then
+// the raw little-endian float32 data of every tensor. The header maps each
+// tensor name to {"dtype", "shape", "data_offsets": [begin, end]} (offsets
+// into the data) and "__metadata__" to string values: here the model's
+// configuration and the vocabulary, so a checkpoint is self-describing.
+//
+// model.safetensors  the weights with the best test loss (for eval, sampling)
+// last.safetensors   the latest weights plus the training state (AdamW
+//                    moments as the flat tensors adamw.m and adamw.v, the
+//                    step, the generator state and the best test loss), so
+//                    --resume continues bit for bit as if never stopped.
+//
+// A checkpoint is written to a temporary file, flushed to disk, then renamed
+// over the old one: a rename is atomic, so a crash leaves the old file or the
+// new one, never half of either. Loading trusts nothing: every size, offset,
+// dtype and shape is checked before a byte is used.
+
+using Meta = std::map<std::string, std::string>;
+
+static std::string json_escape(const std::string& s) {
+    std::string o;
+    for (unsigned char c : s) {
+        if (c == '"' || c == '\\') o += '\\', o += (char)c;
+        else if (c < 0x20) {
+            char b[8];
+            std::snprintf(b, sizeof b, "\\u%04x", c);
+            o += b;
+        } else o += (char)c;
+    }
+    return o;
+}
+
+static std::string hex_encode(const std::string& bytes) {
+    static const char* d = "0123456789abcdef";
+    std::string o;
+    for (unsigned char c : bytes) o += d[c >> 4], o += d[c & 15];
+    return o;
+}
+
+struct SaveTensor {
+    std::string name;
+    std::vector<int64_t> shape;
+    const real* data;
+};
+
+static void write_safetensors(const std::string& path, const std::vector<SaveTensor>& ts, const Meta& meta) {
+    std::string h = "{\"__metadata__\":{";
+    bool first = true;
+    for (const auto& kv : meta) {
+        h += (first ? "\"" : ",\"") + json_escape(kv.first) + "\":\"" + json_escape(kv.second) + "\"";
+        first = false;
+    }
+    h += "}";
+    uint64_t off = 0;
+    for (const auto& t : ts) {
+        int64_t n = 1;
+        std::string shape;
+        for (size_t i = 0; i < t.shape.size(); i++) n *= t.shape[i], shape += (i ? "," : "") + std::to_string(t.shape[i]);
+        h += ",\"" + json_escape(t.name) + "\":{\"dtype\":\"F32\",\"shape\":[" + shape + "],\"data_offsets\":[" +
+             std::to_string(off) + "," + std::to_string(off + 4 * n) + "]}";
+        off += 4 * n;
+    }
+    h += "}";
+    while (h.size() % 8) h += ' ';  // keeps the data 8-byte aligned, as the reference writer does
+
+    namespace fs = std::filesystem;
+    std::string tmp = path + ".tmp";
+    auto bad = [&](const std::string& what) {
+        std::string err = std::strerror(errno);
+        std::error_code ec;
+        fs::remove(tmp, ec);
+        fail("cannot write checkpoint '" + path + "' (" + what + ": " + err +
+             "); the previous checkpoint, if any, is untouched. Check the disk space and the permissions of the "
+             "work dir (-o)");
+    };
+    {
+        std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(tmp.c_str(), "wb"), std::fclose);
+        if (!f) bad("open " + tmp);
+        unsigned char len[8];
+        for (int i = 0; i < 8; i++) len[i] = (unsigned char)((uint64_t)h.size() >> (8 * i));
+        bool ok = std::fwrite(len, 1, 8, f.get()) == 8 && std::fwrite(h.data(), 1, h.size(), f.get()) == h.size();
+        std::vector<unsigned char> buf;
+        for (const auto& t : ts) {
+            int64_t n = 1;
+            for (int64_t s : t.shape) n *= s;
+            buf.resize((size_t)n * 4);
+            for (int64_t i = 0; i < n; i++) {  // float32, little-endian, whatever the host
+                float v = (float)t.data[i];
+                uint32_t u;
+                std::memcpy(&u, &v, 4);
+                for (int b = 0; b < 4; b++) buf[(size_t)i * 4 + b] = (unsigned char)(u >> (8 * b));
+            }
+            ok = ok && std::fwrite(buf.data(), 1, buf.size(), f.get()) == buf.size();
+        }
+        if (!ok || std::fflush(f.get()) != 0) bad("write");
+#if defined(__unix__) || defined(__APPLE__)
+        if (fsync(fileno(f.get())) != 0) bad("fsync");
+#endif
+        FILE* raw = f.release();
+        if (std::fclose(raw) != 0) bad("close");
+    }
+    std::error_code ec;
+    fs::rename(tmp, path, ec);
+    if (ec) {
+        errno = ec.value();
+        bad("rename to " + path);
+    }
+}
+
+// --- reading: a small JSON parser, enough for a safetensors header. Numbers
+// are kept as their text and converted, strictly, where they are used.
+struct Json {
+    enum Kind { NUL, BOOL, NUM, STR, ARR, OBJ } kind = NUL;
+    std::string s;  // STR, or the text of a NUM
+    std::vector<Json> arr;
+    std::vector<std::pair<std::string, Json>> obj;
+};
+
+struct JsonParser {
+    const std::string& s;
+    size_t i = 0;
+    [[noreturn]] void error(const std::string& what) { fail("invalid JSON at byte " + std::to_string(i) + ": " + what); }
+    void ws() {
+        while (i < s.size() && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) i++;
+    }
+    std::string str() {
+        if (s[i] != '"') error("expected a string");
+        std::string o;
+        for (i++;; i++) {
+            if (i >= s.size()) error("unterminated string");
+            char c = s[i];
+            if (c == '"') break;
+            if ((unsigned char)c < 0x20) error("control character in a string");
+            if (c != '\\') {
+                o += c;
+                continue;
+            }
+            if (++i >= s.size()) error("unterminated escape");
+            switch (s[i]) {
+                case '"': o += '"'; break;
+                case '\\': o += '\\'; break;
+                case '/': o += '/'; break;
+                case 'b': o += '\b'; break;
+                case 'f': o += '\f'; break;
+                case 'n': o += '\n'; break;
+                case 'r': o += '\r'; break;
+                case 't': o += '\t'; break;
+                case 'u': {  // enough for the escapes writers emit; \u0000-\u00ff as one byte
+                    if (i + 4 >= s.size()) error("short \\u escape");
+                    unsigned v = 0;
+                    for (int k = 1; k <= 4; k++) {
+                        char h = s[i + k];
+                        int d = h >= '0' && h <= '9' ? h - '0' : h >= 'a' && h <= 'f' ? h - 'a' + 10
+                                : h >= 'A' && h <= 'F' ? h - 'A' + 10 : -1;
+                        if (d < 0) error("bad \\u escape");
+                        v = v * 16 + (unsigned)d;
+                    }
+                    if (v > 0xff) error("\\u escape beyond latin-1 is not used by safetensors headers");
+                    o += (char)v;
+                    i += 4;
+                    break;
+                }
+                default: error("bad escape");
+            }
+        }
+        i++;
+        return o;
+    }
+    Json value(int depth) {
+        if (depth > 8) error("nested too deeply");
+        ws();
+        if (i >= s.size()) error("unexpected end");
+        Json j;
+        char c = s[i];
+        if (c == '{') {
+            j.kind = Json::OBJ;
+            i++, ws();
+            if (i < s.size() && s[i] == '}') return i++, j;
+            for (;;) {
+                ws();
+                if (i >= s.size()) error("unexpected end");
+                std::string k = str();
+                ws();
+                if (i >= s.size() || s[i] != ':') error("expected ':'");
+                i++;
+                j.obj.emplace_back(k, value(depth + 1));
+                ws();
+                if (i < s.size() && s[i] == ',') i++;
+                else if (i < s.size() && s[i] == '}') return i++, j;
+                else error("expected ',' or '}'");
+            }
+        }
+        if (c == '[') {
+            j.kind = Json::ARR;
+            i++, ws();
+            if (i < s.size() && s[i] == ']') return i++, j;
+            for (;;) {
+                j.arr.push_back(value(depth + 1));
+                ws();
+                if (i < s.size() && s[i] == ',') i++;
+                else if (i < s.size() && s[i] == ']') return i++, j;
+                else error("expected ',' or ']'");
+            }
+        }
+        if (c == '"') return j.kind = Json::STR, j.s = str(), j;
+        if (c == '-' || (c >= '0' && c <= '9')) {
+            size_t b = i;
+            while (i < s.size() && (std::isdigit((unsigned char)s[i]) || strchr("+-.eE", s[i]))) i++;
+            return j.kind = Json::NUM, j.s = s.substr(b, i - b), j;
+        }
+        for (const char* w : {"true", "false", "null"})
+            if (s.compare(i, strlen(w), w) == 0) return i += strlen(w), j.kind = *w == 'n' ? Json::NUL : Json::BOOL, j;
+        error("unexpected character");
+    }
+};
+
+struct StTensor {
+    std::string dtype;
+    std::vector<int64_t> shape;
+    uint64_t begin = 0, end = 0;
+};
+struct Checkpoint {
+    std::string path;
+    Meta meta;
+    std::map<std::string, StTensor> tensors;
+    std::string data;  // the bytes after the header
+};
+
+static uint64_t json_uint(const Json& j, const std::string& what) {
+    if (j.kind != Json::NUM || j.s.empty() || j.s.size() > 15 || !std::all_of(j.s.begin(), j.s.end(), ::isdigit))
+        fail(what + " must be a non-negative integer");
+    return std::stoull(j.s);
+}
+
+static Checkpoint read_safetensors(const std::string& path) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    if (!fs::exists(path, ec))
+        fail("checkpoint '" + path + "' does not exist: train first (./moe), or point to one with -o/--work-dir or --checkpoint");
+    Checkpoint ck;
+    ck.path = path;
+    std::string raw = read_file(path);
+    auto bad = [&](const std::string& why) { fail("checkpoint '" + path + "' is not a valid safetensors file: " + why); };
+    if (raw.size() < 8) bad("shorter than the 8-byte header length (truncated?)");
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; i--) n = n << 8 | (unsigned char)raw[i];
+    if (n > raw.size() - 8) bad("header length " + std::to_string(n) + " runs past the end of the file (truncated?)");
+    std::string header = raw.substr(8, n);
+    ck.data = raw.substr(8 + n);
+    Json root;
+    try {
+        JsonParser p{header};
+        root = p.value(0);
+        p.ws();
+        if (p.i != header.size()) p.error("trailing characters");
+    } catch (const std::runtime_error& e) {
+        bad(std::string("header: ") + e.what());
+    }
+    if (root.kind != Json::OBJ) bad("the header is not a JSON object");
+    std::vector<std::pair<uint64_t, uint64_t>> ranges;
+    for (const auto& kv : root.obj) {
+        const std::string& name = kv.first;
+        if (name == "__metadata__") {
+            if (kv.second.kind != Json::OBJ) bad("__metadata__ is not an object");
+            for (const auto& m : kv.second.obj) {
+                if (m.second.kind != Json::STR) bad("__metadata__ value '" + m.first + "' is not a string");
+                ck.meta[m.first] = m.second.s;
+            }
+            continue;
+        }
+        if (ck.tensors.count(name)) bad("tensor '" + name + "' appears twice");
+        if (kv.second.kind != Json::OBJ) bad("entry '" + name + "' is not an object");
+        StTensor t;
+        const Json *dt = nullptr, *sh = nullptr, *of = nullptr;
+        for (const auto& f : kv.second.obj) {
+            if (f.first == "dtype") dt = &f.second;
+            else if (f.first == "shape") sh = &f.second;
+            else if (f.first == "data_offsets") of = &f.second;
+        }
+        if (!dt || !sh || !of || dt->kind != Json::STR || sh->kind != Json::ARR || of->kind != Json::ARR ||
+            of->arr.size() != 2)
+            bad("tensor '" + name + "' lacks a proper dtype, shape or data_offsets");
+        t.dtype = dt->s;
+        uint64_t numel = 1;
+        for (const auto& d : sh->arr) {
+            t.shape.push_back((int64_t)json_uint(d, "a dimension of '" + name + "'"));
+            numel *= (uint64_t)t.shape.back();
+            if (numel > (uint64_t)1 << 40) bad("tensor '" + name + "' is absurdly large");
+        }
+        t.begin = json_uint(of->arr[0], "data_offsets of '" + name + "'");
+        t.end = json_uint(of->arr[1], "data_offsets of '" + name + "'");
+        if (t.dtype != "F32") bad("tensor '" + name + "' has dtype " + t.dtype + "; moe.cpp reads F32 only");
+        if (t.end < t.begin || t.end > ck.data.size())
+            bad("tensor '" + name + "' has data_offsets outside the data (truncated file?)");
+        if (t.end - t.begin != numel * 4) bad("tensor '" + name + "': data_offsets disagree with its shape");
+        ranges.push_back({t.begin, t.end});
+        ck.tensors[name] = t;
+    }
+    std::sort(ranges.begin(), ranges.end());
+    uint64_t at = 0;
+    for (const auto& r : ranges) {
+        if (r.first != at) bad(r.first < at ? "two tensors overlap" : "a gap between tensors");
+        at = r.second;
+    }
+    if (at != ck.data.size()) bad("the data section has " + std::to_string(ck.data.size() - at) + " stray bytes");
+    return ck;
+}
+
+// Copy tensor `name` of shape `shape` into dst, converting float32 to real.
+static bool copy_tensor(real* dst, const Checkpoint& ck, const std::string& name, const std::vector<int64_t>& shape,
+                        bool required) {
+    auto it = ck.tensors.find(name);
+    if (it == ck.tensors.end()) {
+        if (required) fail("checkpoint '" + ck.path + "' lacks tensor '" + name + "'");
+        return false;
+    }
+    if (it->second.shape != shape) {
+        std::string got, want;
+        for (auto d : it->second.shape) got += (got.empty() ? "" : ",") + std::to_string(d);
+        for (auto d : shape) want += (want.empty() ? "" : ",") + std::to_string(d);
+        fail("checkpoint '" + ck.path + "': tensor '" + name + "' has shape [" + got + "] but this build expects [" +
+             want + "]");
+    }
+    const char* src = ck.data.data() + it->second.begin;
+    int64_t n = (int64_t)((it->second.end - it->second.begin) / 4);
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = 0;
+        for (int b = 3; b >= 0; b--) u = u << 8 | (unsigned char)src[i * 4 + b];
+        float v;
+        std::memcpy(&v, &u, 4);
+        if (!std::isfinite(v)) fail("checkpoint '" + ck.path + "': tensor '" + name + "' holds NaN or infinity");
+        dst[i] = v;
+    }
+    return true;
+}
+
+static std::string meta_get(const Checkpoint& ck, const std::string& key) {
+    auto it = ck.meta.find(key);
+    if (it == ck.meta.end())
+        fail("checkpoint '" + ck.path + "' lacks metadata '" + key + "': it was not written by moe.cpp");
+    return it->second;
+}
+static int64_t meta_int(const Checkpoint& ck, const std::string& key) {
+    std::string v = meta_get(ck, key);
+    char* end = nullptr;
+    errno = 0;
+    long long x = std::strtoll(v.c_str(), &end, 10);
+    if (v.empty() || *end || errno) fail("checkpoint '" + ck.path + "': metadata '" + key + "' is not an integer");
+    return x;
+}
+
+// Build the model a checkpoint describes: its configuration must match the
+// constants this binary was compiled with, and the error says how to rebuild.
+static void load_model(Model& m, const Checkpoint& ck) {
+    struct {
+        const char* key;
+        int compiled;
+        const char* macro;
+    } consts[] = {{"n_layer", N_LAYER, "MOE_N_LAYER"},     {"n_head", N_HEAD, "MOE_N_HEAD"},
+                  {"n_embd", C, "MOE_N_EMBD"},             {"n_experts", E, "MOE_N_EXPERTS"},
+                  {"top_k", K, "MOE_TOP_K"},               {"block_size", BLOCK_SIZE, "MOE_BLOCK_SIZE"},
+                  {"norm_topk", NORM_TOPK ? 1 : 0, "MOE_NORM_TOPK"}};
+    for (const auto& c : consts) {
+        int64_t v = meta_int(ck, c.key);
+        if (v != c.compiled)
+            fail("checkpoint '" + ck.path + "' has " + c.key + "=" + std::to_string(v) + " but this binary was built with " +
+                 c.macro + "=" + std::to_string(c.compiled) + ": rebuild with -D" + c.macro + "=" + std::to_string(v) +
+                 " (g++ -D" + c.macro + "=" + std::to_string(v) + " ... or cmake -B build -D" + c.macro + "=" +
+                 std::to_string(v) + ")");
+    }
+    std::string mode = meta_get(ck, "mode");
+    if (mode != "lines" && mode != "text") fail("checkpoint '" + ck.path + "': metadata 'mode' must be lines or text");
+    std::string hex = meta_get(ck, "vocab"), vocab;
+    auto nib = [](char h) { return h >= '0' && h <= '9' ? h - '0' : h >= 'a' && h <= 'f' ? h - 'a' + 10 : -1; };
+    for (size_t i = 0; i < hex.size(); i += 2) {
+        if (i + 1 >= hex.size() || nib(hex[i]) < 0 || nib(hex[i + 1]) < 0)
+            fail("checkpoint '" + ck.path + "': metadata 'vocab' is not lowercase hex, two digits per byte");
+        vocab += (char)(nib(hex[i]) * 16 + nib(hex[i + 1]));
+    }
+    if (vocab.empty() || vocab_of(vocab) != vocab)
+        fail("checkpoint '" + ck.path + "': metadata 'vocab' must list distinct bytes in increasing order");
+    model_init(m, (int)vocab.size() + 1);
+    std::set<std::string> known = {"adamw.m", "adamw.v"};
+    for (const auto& t : m.tensors) {
+        copy_tensor(m.params.data() + t.offset, ck, t.name, std::vector<int64_t>(t.shape.begin(), t.shape.end()), true);
+        known.insert(t.name);
+    }
+    for (const auto& kv : ck.tensors)
+        if (!known.count(kv.first)) fail("checkpoint '" + ck.path + "' has an unexpected tensor '" + kv.first + "'");
+}
+
+static std::string checkpoint_vocab(const Checkpoint& ck) {
+    std::string hex = meta_get(ck, "vocab"), v;
+    for (size_t i = 0; i + 1 < hex.size(); i += 2) v += (char)std::stoi(hex.substr(i, 2), nullptr, 16);
+    return v;
+}
+
+// ----------------------------------------------------------------------------
+// 10. Evaluation and sampling
+
+struct EvalResult {
+    double loss = 0;                 // mean cross-entropy, nats per predicted token
+    int64_t tokens = 0;              // predicted tokens
+    std::vector<double> load;        // [N_LAYER * E] fraction of routing slots per expert
+};
+
+// Routing counts of the last forward pass, added to load[N_LAYER * E].
+static void add_load(std::vector<double>& load, const Model& m) {
+    load.resize((size_t)N_LAYER * E);
+    for (int l = 0; l < N_LAYER; l++)
+        for (int c : m.L[l].chosen)
+            if (c >= 0) load[(size_t)l * E + c] += 1;
+}
+static void finish(EvalResult& r, double sum) {
+    r.loss = r.tokens ? sum / (double)r.tokens : NAN;
+    for (int l = 0; l < N_LAYER; l++) {
+        double n = 0;
+        for (int e = 0; e < E; e++) n += r.load[(size_t)l * E + e];
+        for (int e = 0; e < E; e++) r.load[(size_t)l * E + e] /= n > 0 ? n : 1;
+    }
+}
+
+// Line mode: the first `limit` lines (all, if fewer), 64 lines per forward pass.
+static EvalResult eval_lines(Model& m, const std::vector<std::vector<int>>& lines, int T, size_t limit) {
+    EvalResult r;
+    r.load.assign((size_t)N_LAYER * E, 0);
+    double sum = 0;
+    size_t n = std::min(limit, lines.size());
+    std::vector<int> in, tg;
+    for (size_t b0 = 0; b0 < n; b0 += 64) {
+        std::vector<size_t> which;
+        for (size_t i = b0; i < std::min(n, b0 + 64); i++) which.push_back(i);
+        in.resize(which.size() * T), tg.resize(which.size() * T);
+        lines_batch(in.data(), tg.data(), lines, which, T);
+        model_forward(m, in.data(), tg.data(), (int)which.size(), T, 0);
+        sum += m.ce_sum, r.tokens += m.n_targets;
+        add_load(r.load, m);
+    }
+    finish(r, sum);
+    return r;
+}
+
+// Text mode: consecutive windows of BLOCK_SIZE (the last one may be shorter),
+// at most `limit` windows.
+static EvalResult eval_text(Model& m, const std::vector<int>& toks, size_t limit) {
+    EvalResult r;
+    r.load.assign((size_t)N_LAYER * E, 0);
+    double sum = 0;
+    std::vector<int> in, tg;
+    size_t windows = 0;
+    for (size_t s = 0; s + 1 < toks.size() && windows < limit;) {
+        int B = 0, T = (int)std::min<size_t>(BLOCK_SIZE, toks.size() - 1 - s);
+        in.clear(), tg.clear();
+        while (B < 16 && windows < limit && s + T < toks.size()) {  // full windows of length T
+            in.insert(in.end(), toks.begin() + s, toks.begin() + s + T);
+            tg.insert(tg.end(), toks.begin() + s + 1, toks.begin() + s + T + 1);
+            B++, windows++, s += T;
+        }
+        model_forward(m, in.data(), tg.data(), B, T, 0);
+        sum += m.ce_sum, r.tokens += m.n_targets;
+        add_load(r.load, m);
+    }
+    finish(r, sum);
+    return r;
+}
+
+// Pick the next token from the logits of one position. temperature 0 takes
+// the most likely token; top_k > 0 keeps only the k most likely.
+static int sample_token(const real* logits, int V, double temperature, int top_k, Rng& rng) {
+    if (temperature <= 0) return (int)(std::max_element(logits, logits + V) - logits);
+    std::vector<double> z(logits, logits + V);
+    if (top_k > 0 && top_k < V) {
+        std::vector<double> sorted = z;
+        std::nth_element(sorted.begin(), sorted.begin() + (top_k - 1), sorted.end(), std::greater<double>());
+        double cut = sorted[top_k - 1];
+        for (double& v : z)
+            if (v < cut) v = -INFINITY;
+    }
+    double maxv = *std::max_element(z.begin(), z.end()), sum = 0;
+    for (double& v : z) sum += (v = std::exp((v - maxv) / temperature));
+    double u = rng.uniform() * sum;
+    for (int i = 0; i < V; i++)
+        if ((u -= z[i]) < 0) return i;
+    return V - 1;
+}
+
+// Extend ctx by up to max_new tokens. Line mode stops at the end marker or
+// when the line fills the trained context; text mode slides a window of
+// BLOCK_SIZE. Without a KV cache each token reruns the whole (short) window.
+static std::vector<int> generate(Model& m, std::vector<int> ctx, int max_new, bool lines, int context,
+                                 double temperature, int top_k, Rng& rng, const std::function<void(int)>& emit) {
+    for (int i = 0; i < max_new; i++) {
+        if (lines && (int)ctx.size() >= context) break;
+        int W = std::min<int>((int)ctx.size(), BLOCK_SIZE);
+        model_forward(m, ctx.data() + ctx.size() - W, nullptr, 1, W, 0);
+        int next = sample_token(&m.logits[(size_t)(W - 1) * m.V], m.V, temperature, top_k, rng);
+        if (lines && next == 0) break;
+        ctx.push_back(next);
+        if (emit) emit(next);
+    }
+    return ctx;
+}
+
+static std::string decode(const std::vector<int>& toks, const std::string& vocab) {
+    std::string s;
+    for (int t : toks)
+        if (t > 0) s += vocab[t - 1];
+    return s;
+}
+
+// makemore's report: samples sorted into those seen in training, those in
+// the test split (generalised to a real name) and new ones.
+static void print_line_samples(Model& m, const std::string& vocab, int context, int n, double temperature,
+                               int top_k, Rng& rng, const Dataset* d) {
+    std::vector<std::string> in_train, in_test, fresh;
+    for (int i = 0; i < n; i++) {
+        std::string s = decode(generate(m, {0}, BLOCK_SIZE, true, context, temperature, top_k, rng, nullptr), vocab);
+        (d && d->train_lines.count(s) ? in_train : d && d->test_lines.count(s) ? in_test : fresh).push_back(s);
+    }
+    std::printf("--------------------------------------------------------------------------------\n");
+    if (!d) {
+        for (const auto& s : fresh) std::printf("%s\n", s.c_str());
+        return;
+    }
+    auto show = [](const char* what, const std::vector<std::string>& v) {
+        std::printf("%zu samples that are %s:\n", v.size(), what);
+        for (const auto& s : v) std::printf("%s\n", s.c_str());
+    };
+    show("in train", in_train), show("in test", in_test), show("new", fresh);
+    std::printf("--------------------------------------------------------------------------------\n");
+}
+
+// ----------------------------------------------------------------------------
+// 11. Command line and main
+
+struct Options {
+    std::string input = "names.txt", work_dir = "out", checkpoint, prompt;
+    int64_t max_steps = 5000, seed = 3407;
+    int batch_size = 32, eval_interval = 500, log_interval = 100;
+    double learning_rate = 5e-4, weight_decay = 0.01, aux_coef = AUX_COEF;
+    bool resume = false, sample_only = false, text = false, have_prompt = false;
+    double temperature = 1.0;
+    int top_k = 0, num_samples = 20, max_new_tokens = 500;
+    int threads = (int)std::max(1u, std::thread::hardware_concurrency());
+    std::vector<std::string> eval_files;
+};
+
+static const char* USAGE =
+    "usage: ./moe [options]\n"
+    "Training (what ./moe does by default):\n"
+    "  -i, --input-file FILE   training data (default names.txt)\n"
+    "  -o, --work-dir DIR      checkpoints go here (default out)\n"
+    "  --max-steps N           train up to step N, counted from the start, also with --resume (default 5000)\n"
+    "  --seed N                seed for init, test split, batches and sampling (default 3407)\n"
+    "  --batch-size N          examples per step (default 32)\n"
+    "  --learning-rate X       AdamW learning rate (default 5e-4)\n"
+    "  --weight-decay X        AdamW decoupled weight decay (default 0.01)\n"
+    "  --aux-coef X            weight of the load-balancing loss (default 0.01)\n"
+    "  --eval-interval N       steps between evaluations and checkpoints (default 500)\n"
+    "  --log-interval N        steps between progress lines (default 100)\n"
+    "  --text                  text mode: the file is one byte stream (default: one example per line)\n"
+    "  --resume                continue from DIR/last.safetensors (or --checkpoint)\n"
+    "Sampling and evaluation:\n"
+    "  --sample-only           sample from DIR/model.safetensors (or --checkpoint), no training\n"
+    "  --checkpoint FILE       the checkpoint to load instead of the work dir's\n"
+    "  --num-samples N         samples to print (default 20)\n"
+    "  --temperature X         sampling temperature; 0 picks the most likely token (default 1)\n"
+    "  --top-k N               sample only from the N most likely tokens (default 0: all)\n"
+    "  --prompt TEXT           continue TEXT, printing tokens as they are made\n"
+    "  --max-new-tokens N      tokens to generate in text mode or after a prompt (default 500)\n"
+    "  --eval FILE...          print 'eval FILE loss X tokens N' for each file, X in nats per token\n"
+    "Other:\n"
+    "  --threads N             worker threads (default: all cores); results do not depend on it\n"
+    "  -h, --help              this text\n";
+
+struct UsageError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+static int64_t parse_int(const std::string& flag, const char* v, int64_t lo, int64_t hi) {
+    char* end = nullptr;
+    errno = 0;
+    long long x = std::strtoll(v, &end, 10);
+    if (!*v || *end || errno || x < lo || x > hi)
+        throw UsageError(flag + " needs an integer from " + std::to_string(lo) + " to " + std::to_string(hi) +
+                         ", got '" + v + "'");
+    return x;
+}
+static double parse_real(const std::string& flag, const char* v, double lo, double hi) {
+    char* end = nullptr;
+    errno = 0;
+    double x = std::strtod(v, &end);
+    if (!*v || *end || errno || !std::isfinite(x) || x < lo || x > hi)
+        throw UsageError(flag + " needs a number from " + std::to_string(lo) + " to " + std::to_string(hi) +
+                         ", got '" + v + "'");
+    return x;
+}
+
+[[maybe_unused]] static Options parse_args(int argc, char** argv) {
+    Options o;
+    for (int i = 1; i < argc; i++) {
+        std::string a = argv[i];
+        auto val = [&]() -> const char* {
+            if (i + 1 >= argc) throw UsageError(a + " needs a value");
+            return argv[++i];
+        };
+        if (a == "-h" || a == "--help") {
+            std::printf("%s", USAGE);
+            std::exit(0);
+        } else if (a == "-i" || a == "--input-file") o.input = val();
+        else if (a == "-o" || a == "--work-dir") o.work_dir = val();
+        else if (a == "--checkpoint") o.checkpoint = val();
+        else if (a == "--max-steps") o.max_steps = parse_int(a, val(), 1, 1000000000);
+        else if (a == "--seed") o.seed = parse_int(a, val(), 0, INT64_MAX);
+        else if (a == "--batch-size") o.batch_size = (int)parse_int(a, val(), 1, 4096);
+        else if (a == "--learning-rate") o.learning_rate = parse_real(a, val(), 0, 10);
+        else if (a == "--weight-decay") o.weight_decay = parse_real(a, val(), 0, 10);
+        else if (a == "--aux-coef") o.aux_coef = parse_real(a, val(), 0, 100);
+        else if (a == "--eval-interval") o.eval_interval = (int)parse_int(a, val(), 1, 1000000000);
+        else if (a == "--log-interval") o.log_interval = (int)parse_int(a, val(), 1, 1000000000);
+        else if (a == "--resume") o.resume = true;
+        else if (a == "--sample-only") o.sample_only = true;
+        else if (a == "--text") o.text = true;
+        else if (a == "--temperature") o.temperature = parse_real(a, val(), 0, 100);
+        else if (a == "--top-k") o.top_k = (int)parse_int(a, val(), 0, MAX_VOCAB);
+        else if (a == "--num-samples") o.num_samples = (int)parse_int(a, val(), 0, 1000000);
+        else if (a == "--prompt") o.prompt = val(), o.have_prompt = true;
+        else if (a == "--max-new-tokens") o.max_new_tokens = (int)parse_int(a, val(), 0, 100000000);
+        else if (a == "--threads") o.threads = (int)parse_int(a, val(), 1, 256);
+        else if (a == "--eval") {
+            while (i + 1 < argc && argv[i + 1][0] != '-') o.eval_files.push_back(argv[++i]);
+            if (o.eval_files.empty()) throw UsageError("--eval needs at least one file");
+        } else throw UsageError("unknown option '" + a + "'");
+    }
+    if (INFERENCE_ONLY && o.resume)
+        throw UsageError("--resume: this is the inference-only build (MOE_INFERENCE_ONLY); it cannot train. "
+                         "Rebuild without -DMOE_INFERENCE_ONLY to train");
+    return o;
+}
+
+static std::string config_string() {
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "layers %d, heads %d, n_embd %d, experts %d, top-k %d (%s), block %d, %s", N_LAYER,
+                  N_HEAD, C, E, K, NORM_TOPK ? "gates renormalised" : "gate = router probability", BLOCK_SIZE,
+                  MOE_DOUBLE ? "double" : "float32");
+    return buf;
+}
+
+static Meta model_meta(const std::string& vocab, bool text, int context, int64_t step, int64_t seed, double best) {
+    char b[64];
+    std::snprintf(b, sizeof b, "%.17g", best);
+    return {{"format", "moe.cpp"},
+            {"n_layer", std::to_string(N_LAYER)},
+            {"n_head", std::to_string(N_HEAD)},
+            {"n_embd", std::to_string(C)},
+            {"n_experts", std::to_string(E)},
+            {"top_k", std::to_string(K)},
+            {"norm_topk", NORM_TOPK ? "1" : "0"},
+            {"block_size", std::to_string(BLOCK_SIZE)},
+            {"mode", text ? "text" : "lines"},
+            {"context", std::to_string(context)},
+            {"vocab", hex_encode(vocab)},
+            {"step", std::to_string(step)},
+            {"seed", std::to_string(seed)},
+            {"best_test_loss", b}};
+}
+
+static std::vector<SaveTensor> model_tensors(const Model& m) {
+    std::vector<SaveTensor> ts;
+    for (const auto& t : m.tensors)
+        ts.push_back({t.name, std::vector<int64_t>(t.shape.begin(), t.shape.end()), m.params.data() + t.offset});
+    return ts;
+}
+
+static std::string print_load(const std::vector<double>& load) {
+    std::string s;
+    char b[32];
+    for (int l = 0; l < N_LAYER; l++) {
+        s += l ? " | L" + std::to_string(l) : "L" + std::to_string(l);
+        for (int e = 0; e < E; e++) std::snprintf(b, sizeof b, " %.2f", load[(size_t)l * E + e]), s += b;
+    }
+    return s;
+}
+
+#if !MOE_INFERENCE_ONLY
+[[maybe_unused]] static void train(const Options& o) {
+    namespace fs = std::filesystem;
+    const std::string last = (fs::path(o.work_dir) / "last.safetensors").string();
+    const std::string best_path = (fs::path(o.work_dir) / "model.safetensors").string();
+    Model m;
+    Checkpoint ck;
+    int64_t seed = o.seed, step = 0;
+    double best = INFINITY;
+    bool have_state = false;
+    if (o.resume) {  // everything is checked before anything is written
+        ck = read_safetensors(o.checkpoint.empty() ? last : o.checkpoint);
+        load_model(m, ck);
+        if ((meta_get(ck, "mode") == "text") != o.text)
+            fail("checkpoint '" + ck.path + "' was trained in " + meta_get(ck, "mode") + " mode: " +
+                 (o.text ? "drop --text" : "add --text"));
+        seed = meta_int(ck, "seed");
+        have_state = ck.tensors.count("adamw.m") && ck.tensors.count("adamw.v") && ck.meta.count("rng");
+    }
+    Dataset d = load_dataset(o.input, o.text, (uint64_t)seed, o.resume ? checkpoint_vocab(ck) : "");
+    if (d.text ? d.test_text.empty() : d.train.empty()) fail("'" + o.input + "' has no training examples");
+    Rng rng = make_rng((uint64_t)seed, STREAM_TRAIN);
+    if (!o.resume) {
+        model_init(m, (int)d.vocab.size() + 1);
+        Rng init = make_rng((uint64_t)seed, STREAM_INIT);
+        init_params(m.params, m.tensors, init);
+    } else if (have_state) {
+        std::vector<int64_t> flat = {(int64_t)m.n_params};
+        copy_tensor(m.adam_m.data(), ck, "adamw.m", flat, true);
+        copy_tensor(m.adam_v.data(), ck, "adamw.v", flat, true);
+        step = meta_int(ck, "step");
+        rng.state = std::stoull(meta_get(ck, "rng"));
+        best = std::strtod(meta_get(ck, "best_test_loss").c_str(), nullptr);
+        std::printf("resuming from %s at step %lld (seed %lld from the checkpoint)\n", ck.path.c_str(), (long long)step,
+                    (long long)seed);
+    } else {
+        std::printf("fine-tuning %s: it holds no optimizer state, so AdamW starts fresh at step 0\n", ck.path.c_str());
+    }
+    std::error_code ec;
+    fs::create_directories(o.work_dir, ec);
+    if (!fs::is_directory(o.work_dir, ec))
+        fail("cannot use work dir '" + o.work_dir + "': it is not a directory and could not be created (-o)");
+
+    int64_t expert = expert_params() * N_LAYER;  // one expert in every layer
+    std::printf("moe.cpp: %s | threads %d\n", config_string().c_str(), g_threads);
+    if (d.text)
+        std::printf("data: %s, text mode: %zu train / %zu test bytes, vocab %d, context %d\n", o.input.c_str(),
+                    d.train_text.size(), d.test_text.size(), m.V, d.T);
+    else
+        std::printf("data: %s, line mode: %zu train / %zu test lines, vocab %d, context %d\n", o.input.c_str(),
+                    d.train.size(), d.test.size(), m.V, d.T);
+    std::printf("parameters: %zu total, %lld active per token (%d of %d experts)\n", m.n_params,
+                (long long)(m.n_params - (size_t)(expert * (E - K))), K, E);
+    std::printf("training: batch %d, AdamW lr %g wd %g, aux_coef %g, steps %lld\n", o.batch_size, o.learning_rate,
+                o.weight_decay, o.aux_coef, (long long)o.max_steps);
+
+    AdamW opt;
+    opt.lr = (float)o.learning_rate, opt.weight_decay = (float)o.weight_decay;
+    std::vector<int> in, tg;
+    double t_log = 0, aux_log = 0, loss_log = 0, ce_log = 0;
+    int64_t tok_log = 0, n_log = 0;
+    if (step >= o.max_steps) std::printf("already at step %lld: nothing to train (raise --max-steps)\n", (long long)step);
+    while (step < o.max_steps) {
+        double t0 = now_ms();
+        train_batch(in, tg, d, o.batch_size, rng);
+        double loss = model_forward(m, in.data(), tg.data(), o.batch_size, d.T, (real)o.aux_coef);
+        if (!std::isfinite(loss))
+            fail("the loss became " + std::to_string(loss) + " at step " + std::to_string(step + 1) +
+                 "; the checkpoints on disk are from before it. Try a lower --learning-rate");
+        std::fill(m.grads.begin(), m.grads.end(), (real)0);
+        model_backward(m);
+        adamw_update(m, opt, ++step);
+        t_log += now_ms() - t0, tok_log += m.n_targets, n_log++;
+        loss_log += loss, ce_log += m.ce, aux_log += m.aux_sum / N_LAYER;
+        if (step % o.log_interval == 0 || step == o.max_steps) {
+            std::printf("step %6lld | loss %.4f | ce %.4f | aux %.4f | %.2f ms/step | %.0f tok/s\n", (long long)step,
+                        loss_log / n_log, ce_log / n_log, aux_log / n_log, t_log / n_log, tok_log / (t_log / 1000));
+            std::fflush(stdout);
+            t_log = aux_log = loss_log = ce_log = 0, tok_log = n_log = 0;
+        }
+        if (step % o.eval_interval == 0 || step == o.max_steps) {
+            EvalResult tr = d.text ? eval_text(m, d.train_text, 256) : eval_lines(m, d.train, d.T, 1000);
+            EvalResult te = d.text ? eval_text(m, d.test_text, 256) : eval_lines(m, d.test, d.T, 1000);
+            std::printf("step %6lld | train loss %.4f | test loss %.4f | expert load %s\n", (long long)step, tr.loss,
+                        te.loss, print_load(te.load).c_str());
+            if (te.loss < best) {
+                best = te.loss;
+                write_safetensors(best_path, model_tensors(m), model_meta(d.vocab, d.text, d.T, step, seed, best));
+                std::printf("step %6lld | new best test loss, saved %s\n", (long long)step, best_path.c_str());
+            }
+            Meta meta = model_meta(d.vocab, d.text, d.T, step, seed, best);
+            meta["rng"] = std::to_string(rng.state);
+            std::vector<SaveTensor> ts = model_tensors(m);
+            ts.push_back({"adamw.m", {(int64_t)m.n_params}, m.adam_m.data()});
+            ts.push_back({"adamw.v", {(int64_t)m.n_params}, m.adam_v.data()});
+            write_safetensors(last, ts, meta);
+            std::fflush(stdout);
+        }
+    }
+    Rng srng = make_rng((uint64_t)seed, STREAM_SAMPLE);
+    if (d.text) {
+        std::printf("--- sample ---\n");
+        std::vector<int> ctx = {d.train_text[0]};
+        std::string s = decode(generate(m, ctx, o.max_new_tokens, false, BLOCK_SIZE, o.temperature, o.top_k, srng, nullptr),
+                               d.vocab);
+        std::printf("%s\n", s.c_str());
+    } else {
+        print_line_samples(m, d.vocab, d.T, o.num_samples, o.temperature, o.top_k, srng, &d);
+    }
+}
+#endif
+
+// Sampling from a checkpoint: samples (makemore style, sorted against the
+// data file when it is there), or the continuation of --prompt.
+[[maybe_unused]] static void sample_only(const Options& o) {
+    namespace fs = std::filesystem;
+    Checkpoint ck = read_safetensors(o.checkpoint.empty() ? (fs::path(o.work_dir) / "model.safetensors").string()
+                                                          : o.checkpoint);
+    Model m;
+    load_model(m, ck);
+    std::string vocab = checkpoint_vocab(ck);
+    bool text = meta_get(ck, "mode") == "text";
+    int context = (int)meta_int(ck, "context");
+    if (context < 2 || context > BLOCK_SIZE) fail("checkpoint '" + ck.path + "': metadata 'context' is out of range");
+    Rng rng = make_rng((uint64_t)o.seed, STREAM_SAMPLE);
+    if (o.have_prompt || text) {
+        std::vector<int> ctx = text ? std::vector<int>{} : std::vector<int>{0};
+        std::vector<int> p = encode(o.prompt, vocab, "--prompt");
+        ctx.insert(ctx.end(), p.begin(), p.end());
+        if (ctx.empty()) ctx.push_back(1);  // text mode needs something to continue
+        std::printf("%s", decode(ctx, vocab).c_str());
+        std::fflush(stdout);
+        generate(m, ctx, text ? o.max_new_tokens : std::min(o.max_new_tokens, BLOCK_SIZE), !text, context,
+                 o.temperature, o.top_k, rng, [&](int t) {
+                     std::printf("%c", vocab[t - 1]);
+                     std::fflush(stdout);
+                 });
+        std::printf("\n");
+        return;
+    }
+    Dataset d;
+    bool have_data = false;
+    try {  // the data file only sorts the samples; without it they are just printed
+        d = load_dataset(o.input, false, (uint64_t)meta_int(ck, "seed"), vocab);
+        have_data = true;
+    } catch (const std::runtime_error&) {
+    }
+    print_line_samples(m, vocab, context, o.num_samples, o.temperature, o.top_k, rng, have_data ? &d : nullptr);
+}
+
+[[maybe_unused]] static void eval_files(const Options& o) {
+    namespace fs = std::filesystem;
+    Checkpoint ck = read_safetensors(o.checkpoint.empty() ? (fs::path(o.work_dir) / "model.safetensors").string()
+                                                          : o.checkpoint);
+    Model m;
+    load_model(m, ck);
+    std::string vocab = checkpoint_vocab(ck);
+    bool text = meta_get(ck, "mode") == "text";
+    for (const auto& f : o.eval_files) {
+        std::string raw = read_file(f);
+        EvalResult r;
+        if (text) {
+            r = eval_text(m, encode(raw, vocab, f), SIZE_MAX);
+        } else {
+            std::vector<Line> lines = split_lines(raw);
+            if (lines.empty()) fail("'" + f + "' has no non-empty lines to evaluate");
+            size_t longest = 0;
+            for (const auto& l : lines) longest = std::max(longest, l.text.size());
+            r = eval_lines(m, encode_lines(lines, vocab, f), (int)longest + 1, SIZE_MAX);
+        }
+        std::printf("eval %s loss %.6f tokens %lld\n", f.c_str(), r.loss, (long long)r.tokens);
+    }
+}
+
+#ifndef MOE_NO_MAIN  // tests include this file and bring their own main
+int main(int argc, char** argv) {
+    try {
+        Options o = parse_args(argc, argv);
+        set_threads(o.threads);
+        if (!o.eval_files.empty()) eval_files(o);
+        else if (o.sample_only || o.have_prompt || INFERENCE_ONLY) sample_only(o);
+#if !MOE_INFERENCE_ONLY
+        else train(o);
+#endif
+        return 0;
+    } catch (const UsageError& e) {
+        std::fprintf(stderr, "error: %s\n\n%s", e.what(), USAGE);
+        return 2;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+}
+#endif
