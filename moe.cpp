@@ -219,7 +219,7 @@ struct ThreadPool {
 static ThreadPool g_pool;
 static int g_threads = 1;
 
-static void set_threads(int n) {
+[[maybe_unused]] static void set_threads(int n) {
     g_threads = n;
     g_pool.start(n);
 }
@@ -237,7 +237,7 @@ static void parallel_for(int n, const Fn& f) {
     g_pool.run(nt, chunk);
 }
 
-static double now_ms() {
+[[maybe_unused]] static double now_ms() {
     using namespace std::chrono;
     return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
 }
@@ -397,6 +397,7 @@ static void point_params(Params& p, real* base, const std::vector<TensorInfo>& t
     p.lm_head = next();
 }
 
+#if !MOE_INFERENCE_ONLY  // a model for inference comes from a checkpoint
 // PyTorch's default initialisation, so learning curves compare with
 // makemore's: Linear weight and bias U(-1/sqrt(in), 1/sqrt(in)), Embedding
 // N(0, 1), LayerNorm weight 1 and bias 0.
@@ -416,6 +417,7 @@ static void init_params(std::vector<real>& params, const std::vector<TensorInfo>
         }
     }
 }
+#endif
 
 // ----------------------------------------------------------------------------
 // 5. Layers
@@ -943,7 +945,7 @@ struct Model {
     real aux_sum = 0, aux_coef = 0;
 };
 
-static int64_t expert_params() { return (int64_t)F * C + F + (int64_t)C * F + C; }
+[[maybe_unused]] static int64_t expert_params() { return (int64_t)F * C + F + (int64_t)C * F + C; }
 
 static void model_init(Model& m, int V) {
     m.V = V;
@@ -1287,6 +1289,7 @@ static void train_batch(std::vector<int>& inputs, std::vector<int>& targets, con
 
 using Meta = std::map<std::string, std::string>;
 
+#if !MOE_INFERENCE_ONLY  // only training writes checkpoints
 static std::string json_escape(const std::string& s) {
     std::string o;
     for (unsigned char c : s) {
@@ -1376,6 +1379,7 @@ static void write_safetensors(const std::string& path, const std::vector<SaveTen
         bad("rename to " + path);
     }
 }
+#endif
 
 // --- reading: a small JSON parser, enough for a safetensors header. Numbers
 // are kept as their text and converted, strictly, where they are used.
@@ -1908,7 +1912,7 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
     return o;
 }
 
-static std::string config_string() {
+[[maybe_unused]] static std::string config_string() {
     char buf[256];
     std::snprintf(buf, sizeof buf, "layers %d, heads %d, n_embd %d, experts %d, top-k %d (%s), block %d, %s", N_LAYER,
                   N_HEAD, C, E, K, NORM_TOPK ? "gates renormalised" : "gate = router probability", BLOCK_SIZE,
@@ -1916,6 +1920,7 @@ static std::string config_string() {
     return buf;
 }
 
+#if !MOE_INFERENCE_ONLY
 static Meta model_meta(const std::string& vocab, bool text, int context, int64_t step, int64_t seed, double best) {
     char b[64];
     std::snprintf(b, sizeof b, "%.17g", best);
@@ -1952,7 +1957,6 @@ static std::string print_load(const std::vector<double>& load) {
     return s;
 }
 
-#if !MOE_INFERENCE_ONLY
 [[maybe_unused]] static void train(const Options& o) {
     namespace fs = std::filesystem;
     const std::string last = (fs::path(o.work_dir) / "last.safetensors").string();
@@ -2097,7 +2101,8 @@ static std::string print_load(const std::vector<double>& load) {
     try {  // the data file only sorts the samples; without it they are just printed
         d = load_dataset(o.input, false, (uint64_t)meta_int(ck, "seed"), vocab);
         have_data = true;
-    } catch (const std::runtime_error&) {
+    } catch (const std::runtime_error& e) {
+        std::printf("(not sorting samples against the training data: %s)\n", e.what());
     }
     print_line_samples(m, vocab, context, o.num_samples, o.temperature, o.top_k, rng, have_data ? &d : nullptr);
 }

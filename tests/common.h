@@ -28,7 +28,7 @@ static int report(const char* name) {
 // Non-trivial parameters: PyTorch init, plus noise on the LayerNorms (whose
 // init of 1 and 0 would hide mistakes) and a larger router so the routing
 // is decisive (finite differences then rarely flip an expert choice).
-static void random_model(Model& m, int V, uint64_t seed) {
+[[maybe_unused]] static void random_model(Model& m, int V, uint64_t seed) {
     model_init(m, V);
     Rng r = make_rng(seed, STREAM_INIT);
     init_params(m.params, m.tensors, r);
@@ -44,7 +44,7 @@ static void random_model(Model& m, int V, uint64_t seed) {
 
 // A batch shaped like line mode: each row has a random length, targets -1
 // after it, so padding and the aux loss's "positions with a target" are used.
-static void random_batch(std::vector<int>& in, std::vector<int>& tg, int B, int T, int V, uint64_t seed) {
+[[maybe_unused]] static void random_batch(std::vector<int>& in, std::vector<int>& tg, int B, int T, int V, uint64_t seed) {
     Rng r = make_rng(seed, STREAM_TRAIN);
     in.assign((size_t)B * T, 0), tg.assign((size_t)B * T, -1);
     for (int b = 0; b < B; b++) {
@@ -56,7 +56,7 @@ static void random_batch(std::vector<int>& in, std::vector<int>& tg, int B, int 
 
 // The model written the slow, obvious way, one position at a time, in
 // double, sharing no code with moe.cpp's layers: logits[M*V] for a batch.
-static std::vector<double> naive_logits(const Model& m, const std::vector<int>& in, int B, int T) {
+[[maybe_unused]] static std::vector<double> naive_logits(const Model& m, const std::vector<int>& in, int B, int T) {
     const int V = m.V;
     auto lin = [](const real* w, const real* b, const std::vector<double>& x, int out) {
         std::vector<double> y(out);

@@ -1,0 +1,178 @@
+// The command line, run as a user runs it: exact resume, thread-count
+// independence, bad input (clear error, non-zero exit, good checkpoint
+// untouched), and the inference-only binary against the training one.
+//
+//   test_cli GROUP MOE MOE_INFER NAMES_TXT SCRATCH_DIR
+#include "common.h"
+
+#include <sys/wait.h>  // WEXITSTATUS: the tests run on POSIX systems
+
+namespace fs = std::filesystem;
+static std::string g_moe, g_infer, g_dir, g_small;
+
+struct Run {
+    int code;
+    std::string out;  // stdout and stderr together
+};
+static Run run(const std::string& cmd) {
+    std::string full = cmd + " 2>&1";
+    FILE* p = popen(full.c_str(), "r");
+    if (!p) return {-1, "popen failed"};
+    std::string out;
+    char buf[4096];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+    int status = pclose(p);
+    return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+static std::string q(const std::string& s) { return "'" + s + "'"; }
+static void write(const std::string& path, const std::string& s) {
+    std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "wb"), std::fclose);
+    std::fwrite(s.data(), 1, s.size(), f.get());
+}
+static std::string slurp(const std::string& path) {
+    std::error_code ec;
+    return fs::exists(path, ec) ? read_file(path) : std::string("<missing>");
+}
+static bool has(const std::string& s, const std::string& what) { return s.find(what) != std::string::npos; }
+
+// Train `steps` steps into dir with the small data set.
+static Run train(const std::string& dir, int steps, const std::string& extra = "") {
+    return run(q(g_moe) + " -i " + q(g_small) + " -o " + q(dir) + " --max-steps " + std::to_string(steps) +
+               " --eval-interval 20 --log-interval 10 --num-samples 3 " + extra);
+}
+// The lines a run prints about steps after `from`, without the timings.
+static std::string losses(const std::string& out, int from) {
+    std::string s;
+    size_t start = 0;
+    for (size_t end; (end = out.find('\n', start)) != std::string::npos; start = end + 1) {
+        std::string line = out.substr(start, end - start);
+        if (line.rfind("step", 0) != 0 || std::atoi(line.c_str() + 4) <= from || has(line, "saved")) continue;
+        size_t ms = line.find(" ms/step");
+        s += (ms == std::string::npos ? line : line.substr(0, line.rfind(" | ", ms))) + "\n";
+    }
+    return s;
+}
+
+static void test_resume() {
+    std::string a = g_dir + "/resume_a", b = g_dir + "/resume_b";
+    Run ra = train(a, 40);
+    Run rb1 = train(b, 20);
+    Run rb2 = train(b, 40, "--resume");
+    check(ra.code == 0 && rb1.code == 0 && rb2.code == 0, "40 steps, and 20 + resume to 40, all exit 0");
+    check(has(rb2.out, "resuming from"), "the resumed run says where it resumed from");
+    check(slurp(a + "/last.safetensors") == slurp(b + "/last.safetensors"),
+          "resume: last.safetensors (weights, AdamW moments, step, generator) is byte-identical");
+    check(slurp(a + "/model.safetensors") == slurp(b + "/model.safetensors"), "resume: the best model is byte-identical");
+    std::string la = losses(ra.out, 20), lb = losses(rb2.out, 20);
+    check(!la.empty() && la == lb, "resume: the losses printed for steps 21-40 are identical:\n%s", la.c_str());
+    Run rc = train(b, 40, "--resume");
+    check(rc.code == 0 && has(rc.out, "nothing to train"), "resuming a finished run trains nothing and says so");
+}
+
+static void test_threads() {
+    std::string a = g_dir + "/threads_1", b = g_dir + "/threads_2";
+    Run r1 = train(a, 30, "--threads 1"), r2 = train(b, 30, "--threads 2");
+    check(r1.code == 0 && r2.code == 0, "training with 1 and with 2 threads exits 0");
+    check(slurp(a + "/last.safetensors") == slurp(b + "/last.safetensors"),
+          "1 and 2 threads give byte-identical checkpoints after 30 steps");
+    check(losses(r1.out, 0) == losses(r2.out, 0), "1 and 2 threads print the same losses");
+}
+
+static void test_bad_input() {
+    std::string good = g_dir + "/good";
+    check(train(good, 20).code == 0, "a good run to protect");
+    const std::string model = slurp(good + "/model.safetensors"), last = slurp(good + "/last.safetensors");
+    auto untouched = [&] {
+        return slurp(good + "/model.safetensors") == model && slurp(good + "/last.safetensors") == last;
+    };
+    auto expect = [&](const char* what, const std::string& args, int code, const std::string& msg) {
+        Run r = run(q(g_moe) + " -o " + q(good) + " " + args);
+        bool ok = r.code == code && has(r.out, msg) && untouched();
+        check(ok, "%s: exit %d, says '%s', checkpoints untouched", what, r.code, msg.c_str());
+        if (!ok) std::printf("%s\n", r.out.c_str());
+    };
+    std::string empty = g_dir + "/empty.txt", blank = g_dir + "/blank.txt", longl = g_dir + "/long.txt";
+    write(empty, ""), write(blank, "\n\n\r\n"), write(longl, "ok\n" + std::string(BLOCK_SIZE + 5, 'x') + "\n");
+    expect("missing data file", "-i " + q(g_dir + "/nope.txt"), 1, "no such file");
+    expect("data file is a directory", "-i " + q(g_dir), 1, "is a directory");
+    expect("empty data file", "-i " + q(empty), 1, "is empty");
+    expect("only blank lines", "-i " + q(blank), 1, "no non-empty lines");
+    expect("line longer than the context", "-i " + q(longl), 1, "long.txt:2: line of");
+    expect("unknown flag", "--bogus", 2, "unknown option '--bogus'");
+    expect("negative step count", "--max-steps -5", 2, "--max-steps needs an integer");
+    expect("non-numeric learning rate", "--learning-rate fast", 2, "--learning-rate needs a number");
+    expect("flag without its value", "--seed", 2, "--seed needs a value");
+
+    std::string trunc = g_dir + "/trunc.safetensors", bad = g_dir + "/badjson.safetensors",
+                other = g_dir + "/other.safetensors", nan = g_dir + "/nan.safetensors";
+    write(trunc, last.substr(0, last.size() / 2));
+    std::string b = last;
+    b[8] = '[';  // the header no longer starts an object
+    write(bad, b);
+    std::string o = last;  // the same file claiming one more layer than this build has
+    size_t at = o.find("\"n_layer\":\"");
+    o[at + 11] = (char)('0' + (N_LAYER % 9) + 1);
+    write(other, o);
+    std::string n = last;
+    size_t hdr = 0;
+    for (int i = 7; i >= 0; i--) hdr = hdr << 8 | (unsigned char)n[i];
+    std::memset(&n[8 + hdr], 0xff, 4);  // the first weight becomes a NaN
+    write(nan, n);
+    expect("missing checkpoint", "--resume --checkpoint " + q(g_dir + "/none.safetensors"), 1, "does not exist");
+    expect("truncated checkpoint", "-i " + q(g_small) + " --resume --checkpoint " + q(trunc), 1, "truncated");
+    expect("corrupted checkpoint", "-i " + q(g_small) + " --resume --checkpoint " + q(bad), 1, "invalid JSON");
+    expect("checkpoint of another configuration", "-i " + q(g_small) + " --resume --checkpoint " + q(other), 1,
+           "rebuild with -DMOE_N_LAYER=");
+    expect("NaN in a checkpoint", "--sample-only --checkpoint " + q(nan), 1, "NaN");
+    std::string odd = g_dir + "/odd.txt";
+    write(odd, "abc\nab%c\n");
+    expect("byte outside the vocabulary", "--eval " + q(odd), 1, "odd.txt:2: byte '%'");
+}
+
+static void test_inference() {
+    std::string dir = g_dir + "/infer";
+    check(train(dir, 20).code == 0, "a run to load");
+    std::string ck = q(dir + "/model.safetensors");
+    Run t = run(q(g_moe) + " --checkpoint " + ck + " --eval " + q(g_small));
+    Run i = run(q(g_infer) + " --checkpoint " + ck + " --eval " + q(g_small));
+    // every line of the file is one prediction per byte plus the end marker
+    std::string data = read_file(g_small);
+    int64_t tokens = 0;
+    for (const auto& l : split_lines(data)) tokens += (int64_t)l.text.size() + 1;
+    std::string want = "eval " + g_small + " loss ";
+    check(t.code == 0 && t.out.rfind(want, 0) == 0 && has(t.out, " tokens " + std::to_string(tokens) + "\n"),
+          "--eval prints 'eval FILE loss X tokens %lld': %s", (long long)tokens, t.out.c_str());
+    check(i.code == 0 && i.out == t.out, "the inference-only binary evaluates identically");
+    Run s = run(q(g_infer) + " -i " + q(g_small) + " --checkpoint " + ck + " --num-samples 5 --seed 7");
+    Run s2 = run(q(g_moe) + " -i " + q(g_small) + " --sample-only --checkpoint " + ck + " --num-samples 5 --seed 7");
+    check(s.code == 0 && s.out == s2.out && has(s.out, "samples that are new"),
+          "inference-only samples equal the training binary's --sample-only samples");
+    Run p = run(q(g_infer) + " --checkpoint " + ck + " --prompt em --seed 3");
+    check(p.code == 0 && p.out.rfind("em", 0) == 0, "--prompt continues the prompt: %s", p.out.c_str());
+    Run r = run(q(g_infer) + " --resume");
+    check(r.code == 2 && has(r.out, "inference-only"), "the inference-only binary refuses to train");
+}
+
+int main(int argc, char** argv) {
+    if (argc != 6) {
+        std::fprintf(stderr, "usage: test_cli resume|threads|bad-input|inference MOE MOE_INFER NAMES_TXT SCRATCH_DIR\n");
+        return 2;
+    }
+    std::string group = argv[1];
+    g_moe = argv[2], g_infer = argv[3], g_dir = std::string(argv[5]) + "/" + group;
+    fs::remove_all(g_dir);
+    fs::create_directories(g_dir);
+    // a small copy of names.txt keeps each run to a second or two
+    std::vector<Line> lines = split_lines(read_file(argv[4]));
+    std::string small;
+    for (size_t i = 0; i < lines.size() && i < 3000; i++) small += lines[i].text + "\n";
+    g_small = g_dir + "/small.txt";
+    write(g_small, small);
+    if (group == "resume") test_resume();
+    else if (group == "threads") test_threads();
+    else if (group == "bad-input") test_bad_input();
+    else if (group == "inference") test_inference();
+    else return std::fprintf(stderr, "unknown group %s\n", group.c_str()), 2;
+    return report(("test_cli " + group).c_str());
+}

@@ -1,0 +1,146 @@
+// Unit tests in the precision and configuration that ./moe is built with:
+// the aux loss at its two extremes, the forward pass against the naive
+// reference, the data layout, overfitting one batch, a bit-identical
+// checkpoint round trip, and thread-count independence.
+#include "common.h"
+
+static void test_aux() {
+    const int M = 4 * E;
+    std::vector<real> probs(M * E), f(E);
+    std::vector<int> chosen(M * K);
+    std::vector<uint8_t> valid(M, 1);
+    for (int m = 0; m < M; m++) {  // uniform: every expert equally likely and equally chosen
+        for (int e = 0; e < E; e++) probs[m * E + e] = (real)1 / E;
+        for (int j = 0; j < K; j++) chosen[m * K + j] = (m + j) % E;
+    }
+    real aux = aux_forward(f.data(), probs.data(), chosen.data(), valid.data(), M);
+    check(std::fabs(aux - 1) < 1e-6, "aux = %.6f for uniform routing (expected 1)", (double)aux);
+    for (int m = 0; m < M; m++) {  // collapse: expert 0 takes every token with probability 1
+        for (int e = 0; e < E; e++) probs[m * E + e] = e == 0;
+        for (int j = 0; j < K; j++) chosen[m * K + j] = j;  // the K slots of a token are distinct experts
+    }
+    aux = aux_forward(f.data(), probs.data(), chosen.data(), valid.data(), M);
+    // f_0 = 1/K (each token still fills K slots), P_0 = 1: aux = E / K, which is E for top-1
+    check(std::fabs(aux - (real)E / K) < 1e-5, "aux = %.6f for total collapse (expected E/K = %.6f)", (double)aux,
+          (double)E / K);
+}
+
+static void test_forward_reference() {
+    const int V = 11, B = 3, T = BLOCK_SIZE < 12 ? BLOCK_SIZE : 12;
+    Model m;
+    random_model(m, V, 3);
+    std::vector<int> in, tg;
+    random_batch(in, tg, B, T, V, 4);
+    model_forward(m, in.data(), nullptr, B, T, 0);
+    std::vector<double> ref = naive_logits(m, in, B, T);
+    double worst = 0;
+    for (size_t i = 0; i < ref.size(); i++) worst = std::max(worst, std::fabs(ref[i] - m.logits[i]));
+    check(worst < 2e-4, "float forward matches the double naive reference: max |logit diff| %.2e", worst);
+}
+
+static void test_data() {
+    namespace fs = std::filesystem;
+    std::string path = (fs::temp_directory_path() / "moe_test_lines.txt").string();
+    {
+        std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "wb"), std::fclose);
+        std::string s = "emma\r\n\nbob\nan\n";
+        for (int i = 0; i < 30; i++) s += "x" + std::string(i % 5 + 1, 'a') + "\n";
+        std::fwrite(s.data(), 1, s.size(), f.get());
+    }
+    Dataset d = load_dataset(path, false, 1, "");
+    check(d.vocab == "abemnox", "vocabulary is the sorted distinct bytes, no CR or LF: '%s'", d.vocab.c_str());
+    check(d.T == 7, "context = longest line + 1 = %d", d.T);
+    check(d.train.size() + d.test.size() == 33 && d.test.size() == 3, "33 lines split %zu train / %zu test",
+          d.train.size(), d.test.size());
+    std::vector<std::vector<int>> lines = {encode("emma", d.vocab, "x")};
+    std::vector<int> in(d.T), tg(d.T);
+    lines_batch(in.data(), tg.data(), lines, {0}, d.T);
+    std::vector<int> want_in = {0, 3, 4, 4, 1, 0, 0}, want_tg = {3, 4, 4, 1, 0, -1, -1};
+    check(in == want_in && tg == want_tg, "'emma' -> input [0 e m m a pad pad], target [e m m a 0 -1 -1]");
+    std::filesystem::remove(path);
+}
+
+static void test_overfit() {
+#if !MOE_DOUBLE
+    const int V = 27, B = 4, T = 8;
+    Model m;
+    model_init(m, V);
+    Rng r = make_rng(1, STREAM_INIT);
+    init_params(m.params, m.tensors, r);
+    // Four text windows with distinct first tokens, so every target is
+    // determined by its prefix and the best possible loss is zero. (Line-mode
+    // rows all start from token 0, whose next letter no model can know.)
+    const char* rows[B] = {"thequickb", "jumpsover", "lazydogsz", "moeexpert"};
+    std::vector<int> in(B * T), tg(B * T);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) in[b * T + t] = rows[b][t] - 'a' + 1, tg[b * T + t] = rows[b][t + 1] - 'a' + 1;
+    AdamW opt;
+    opt.lr = 3e-3f, opt.weight_decay = 0;
+    double first = 0, loss = 0;
+    for (int step = 1; step <= 300; step++) {
+        loss = model_forward(m, in.data(), tg.data(), B, T, 0.01f);
+        if (step == 1) first = loss;
+        std::fill(m.grads.begin(), m.grads.end(), 0.0f);
+        model_backward(m);
+        adamw_update(m, opt, step);
+    }
+    model_forward(m, in.data(), tg.data(), B, T, 0);
+    check(m.ce < 0.05, "overfitting one batch: cross-entropy %.4f -> %.4f after 300 steps", first, m.ce);
+#endif
+}
+
+static void test_roundtrip() {
+    namespace fs = std::filesystem;
+    std::string a = (fs::temp_directory_path() / "moe_test_a.safetensors").string();
+    std::string b = (fs::temp_directory_path() / "moe_test_b.safetensors").string();
+    Model m;
+    random_model(m, 30, 8);
+    std::string vocab;
+    for (int i = 0; i < 29; i++) vocab += (char)(33 + 3 * i);
+    Meta meta = model_meta(vocab, false, 9, 123, 77, 1.5);
+    write_safetensors(a, model_tensors(m), meta);
+    Checkpoint ck = read_safetensors(a);
+    Model back;
+    load_model(back, ck);
+    bool same = back.V == m.V && back.params.size() == m.params.size();
+    for (size_t i = 0; same && i < m.params.size(); i++) same = (float)back.params[i] == (float)m.params[i];
+    check(same, "round trip: every weight comes back bit for bit (%zu of them)", m.params.size());
+    check(checkpoint_vocab(ck) == vocab && ck.meta == meta, "round trip: vocabulary and metadata survive");
+    write_safetensors(b, model_tensors(back), meta);
+    check(read_file(a) == read_file(b), "round trip: saving the loaded model gives the same bytes");
+    fs::remove(a), fs::remove(b);
+}
+
+static void test_threads() {
+    const int V = 27, B = 32, T = BLOCK_SIZE < 16 ? BLOCK_SIZE : 16;  // big enough for the parallel paths
+    Model m;
+    random_model(m, V, 5);
+    std::vector<int> in, tg;
+    random_batch(in, tg, B, T, V, 6);
+    std::vector<real> grads[2];
+    double loss[2];
+    for (int nt = 1; nt <= 2; nt++) {
+        g_threads = nt;
+        loss[nt - 1] = model_forward(m, in.data(), tg.data(), B, T, 0.01f);
+#if !MOE_INFERENCE_ONLY
+        std::fill(m.grads.begin(), m.grads.end(), (real)0);
+        model_backward(m);
+        grads[nt - 1] = m.grads;
+#endif
+    }
+    g_threads = 1;
+    check(loss[0] == loss[1] && grads[0] == grads[1], "1 and 2 threads give bit-identical loss and gradients");
+}
+
+int main() {
+    set_threads(2);
+    g_threads = 1;
+    std::printf("unit tests: %s\n", config_string().c_str());
+    test_aux();
+    test_forward_reference();
+    test_data();
+    test_overfit();
+    test_roundtrip();
+    test_threads();
+    return report("test_model");
+}
