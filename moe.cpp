@@ -224,6 +224,10 @@ static int g_threads = 1;
     g_pool.start(n);
 }
 
+// Each thread runs its own copy of f, and the call sites capture by value
+// ([=]): a lambda that captures by reference makes every thread read the
+// caller's stack while the caller writes to it, and the cache line shared by
+// both then bounces between the cores (it halved the speed of two threads).
 template <class Fn>
 static void parallel_for(int n, const Fn& f) {
     int nt = std::min(g_threads, n);
@@ -231,8 +235,9 @@ static void parallel_for(int n, const Fn& f) {
         if (n > 0) f(0, n);
         return;
     }
-    std::function<void(int)> chunk = [&](int i) {
-        f((int)((int64_t)n * i / nt), (int)((int64_t)n * (i + 1) / nt));
+    std::function<void(int)> chunk = [&f, n, nt](int i) {
+        Fn mine = f;
+        mine((int)((int64_t)n * i / nt), (int)((int64_t)n * (i + 1) / nt));
     };
     g_pool.run(nt, chunk);
 }
@@ -296,7 +301,7 @@ static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real*
     if (M <= 0 || N <= 0 || Kd <= 0) return;
     int full_m = M / TM, full_n = N / TN * TN;
     int items = full_m + (M % TM ? 1 : 0);  // the leftover rows are one more work item
-    auto work = [&](int i0, int i1) {
+    auto work = [=](int i0, int i1) {
         for (int i = i0; i < i1; i++) {
             if (i < full_m) {
                 for (int n0 = 0; n0 < full_n; n0 += TN) matmul_tile(out, A, as, ak, B, N, Kd, i * TM, n0);
@@ -430,27 +435,33 @@ static void init_params(std::vector<real>& params, const std::vector<TensorInfo>
 // token sent to two experts), and it makes every backward the same shape.
 // Rows: M = B*T positions, each a vector of C channels.
 
-// --- token and position embedding: out[B,T,C] = wte[inp[b,t]] + wpe[t]
-static void encoder_forward(real* out, const int* inp, const real* wte, const real* wpe, int B, int T) {
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) {
-            real* o = out + ((int64_t)b * T + t) * C;
-            const real* we = wte + (int64_t)inp[b * T + t] * C;
-            const real* pe = wpe + (int64_t)t * C;
-            for (int i = 0; i < C; i++) o[i] = we[i] + pe[i];
-        }
+// Rows. A batch is B sequences padded to T positions, but in line mode most
+// of a row is padding: a name of 6 letters uses 7 of the 16 positions.
+// Padding carries no target, and no position with a target attends to it
+// (attention looks only backwards), so the model drops it: the rows of all
+// sequences are packed one after another, M rows in all, and row i knows
+// its token tok[i] and position pos[i]. Every layer below works on these M
+// rows; attention alone needs to know where each sequence starts.
+
+// --- token and position embedding: out[M,C] = wte[tok[i]] + wpe[pos[i]]
+static void encoder_forward(real* out, const int* tok, const int* pos, const real* wte, const real* wpe, int M) {
+    for (int i = 0; i < M; i++) {
+        real* o = out + (int64_t)i * C;
+        const real* we = wte + (int64_t)tok[i] * C;
+        const real* pe = wpe + (int64_t)pos[i] * C;
+        for (int c = 0; c < C; c++) o[c] = we[c] + pe[c];
+    }
 }
 #if !MOE_INFERENCE_ONLY
 // A lookup's gradient goes back to the row it read: every position adds its
 // dout to the row of its token and to the row of its position.
-static void encoder_backward(real* dwte, real* dwpe, const real* dout, const int* inp, int B, int T) {
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) {
-            const real* d = dout + ((int64_t)b * T + t) * C;
-            real* dwe = dwte + (int64_t)inp[b * T + t] * C;
-            real* dpe = dwpe + (int64_t)t * C;
-            for (int i = 0; i < C; i++) dwe[i] += d[i], dpe[i] += d[i];
-        }
+static void encoder_backward(real* dwte, real* dwpe, const real* dout, const int* tok, const int* pos, int M) {
+    for (int i = 0; i < M; i++) {
+        const real* d = dout + (int64_t)i * C;
+        real* dwe = dwte + (int64_t)tok[i] * C;
+        real* dpe = dwpe + (int64_t)pos[i] * C;
+        for (int c = 0; c < C; c++) dwe[c] += d[c], dpe[c] += d[c];
+    }
 }
 #endif
 
@@ -531,22 +542,26 @@ static void linear_backward(real* dinp, real* dw, real* db, const real* dout, co
 }
 #endif
 
-// --- Causal self-attention, given qkv[B,T,3C] from c_attn (q in channels
-// 0..C, k in C..2C, v in 2C..3C; head h owns channels h*hs..(h+1)*hs of each).
-// For each head, position t attends to positions s <= t:
+// --- Causal self-attention over packed rows. qkv[M,3C] comes from c_attn
+// (q in channels 0..C, k in C..2C, v in 2C..3C; head h owns channels
+// h*hs..(h+1)*hs of each). Sequence b is rows start[b]..start[b]+len[b].
+// For each head, position t of a sequence attends to its positions s <= t:
 //   att[t,s] = softmax_s(q_t . k_s / sqrt(hs)),  y_t = sum_s att[t,s] v_s.
-// att[B,H,T,T] is saved for backward (zero above the diagonal); y is [B,T,C].
-static void attention_forward(real* y, real* att, const real* qkv, int B, int T) {
+// att is saved for backward: for sequence b and head h a [len, len] block
+// (zero above the diagonal) at att + att_off[b] + h*len*len. y is [M,C].
+static void attention_forward(real* y, real* att, const real* qkv, const int* start, const int* len,
+                              const int64_t* att_off, int B) {
     const real scale = 1 / std::sqrt((real)HS);
-    parallel_for(B * N_HEAD, [&](int i0, int i1) {
+    parallel_for(B * N_HEAD, [=](int i0, int i1) {
         for (int i = i0; i < i1; i++) {
-            int b = i / N_HEAD, h = i % N_HEAD;
+            int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
+            const real* base = qkv + (int64_t)start[b] * 3 * C;
             for (int t = 0; t < T; t++) {
-                const real* q = qkv + ((int64_t)b * T + t) * 3 * C + h * HS;
-                real* a = att + (((int64_t)b * N_HEAD + h) * T + t) * T;
+                const real* q = base + (int64_t)t * 3 * C + h * HS;
+                real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
                 real maxv = -1e30f;
                 for (int s = 0; s <= t; s++) {
-                    const real* k = qkv + ((int64_t)b * T + s) * 3 * C + C + h * HS;
+                    const real* k = base + (int64_t)s * 3 * C + C + h * HS;
                     real dot = 0;
                     for (int j = 0; j < HS; j++) dot += q[j] * k[j];
                     a[s] = dot * scale;
@@ -556,10 +571,10 @@ static void attention_forward(real* y, real* att, const real* qkv, int B, int T)
                 for (int s = 0; s <= t; s++) sum += (a[s] = std::exp(a[s] - maxv));  // minus max: no overflow
                 for (int s = 0; s <= t; s++) a[s] /= sum;
                 for (int s = t + 1; s < T; s++) a[s] = 0;
-                real* yt = y + ((int64_t)b * T + t) * C + h * HS;
+                real* yt = y + ((int64_t)start[b] + t) * C + h * HS;
                 for (int j = 0; j < HS; j++) yt[j] = 0;
                 for (int s = 0; s <= t; s++) {
-                    const real* v = qkv + ((int64_t)b * T + s) * 3 * C + 2 * C + h * HS;
+                    const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
                     for (int j = 0; j < HS; j++) yt[j] += a[s] * v[j];
                 }
             }
@@ -573,21 +588,24 @@ static void attention_forward(real* y, real* att, const real* qkv, int B, int T)
 //   z_s = q_t . k_s * scale    ->  dq_t += scale dz_s k_s,  dk_s += scale dz_s q_t
 // Each (b, h) pair writes only its own rows and channels of dqkv, so the
 // pairs run in parallel.
-static void attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, int B, int T) {
+static void attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, const int* start,
+                               const int* len, const int64_t* att_off, int B) {
     const real scale = 1 / std::sqrt((real)HS);
-    parallel_for(B * N_HEAD, [&](int i0, int i1) {
+    parallel_for(B * N_HEAD, [=](int i0, int i1) {
         real da[BLOCK_SIZE];
         for (int i = i0; i < i1; i++) {
-            int b = i / N_HEAD, h = i % N_HEAD;
+            int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
+            const real* base = qkv + (int64_t)start[b] * 3 * C;
+            real* dbase = dqkv + (int64_t)start[b] * 3 * C;
             for (int t = 0; t < T; t++) {
-                const real* a = att + (((int64_t)b * N_HEAD + h) * T + t) * T;
-                const real* dyt = dy + ((int64_t)b * T + t) * C + h * HS;
-                const real* q = qkv + ((int64_t)b * T + t) * 3 * C + h * HS;
-                real* dq = dqkv + ((int64_t)b * T + t) * 3 * C + h * HS;
+                const real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
+                const real* dyt = dy + ((int64_t)start[b] + t) * C + h * HS;
+                const real* q = base + (int64_t)t * 3 * C + h * HS;
+                real* dq = dbase + (int64_t)t * 3 * C + h * HS;
                 real sum = 0;
                 for (int s = 0; s <= t; s++) {
-                    const real* v = qkv + ((int64_t)b * T + s) * 3 * C + 2 * C + h * HS;
-                    real* dv = dqkv + ((int64_t)b * T + s) * 3 * C + 2 * C + h * HS;
+                    const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
+                    real* dv = dbase + (int64_t)s * 3 * C + 2 * C + h * HS;
                     real d = 0;
                     for (int j = 0; j < HS; j++) d += dyt[j] * v[j], dv[j] += a[s] * dyt[j];
                     da[s] = d;
@@ -595,8 +613,8 @@ static void attention_backward(real* dqkv, const real* dy, const real* att, cons
                 }
                 for (int s = 0; s <= t; s++) {
                     real dz = a[s] * (da[s] - sum) * scale;
-                    const real* k = qkv + ((int64_t)b * T + s) * 3 * C + C + h * HS;
-                    real* dk = dqkv + ((int64_t)b * T + s) * 3 * C + C + h * HS;
+                    const real* k = base + (int64_t)s * 3 * C + C + h * HS;
+                    real* dk = dbase + (int64_t)s * 3 * C + C + h * HS;
                     for (int j = 0; j < HS; j++) dq[j] += dz * k[j], dk[j] += dz * q[j];
                 }
             }
@@ -909,7 +927,7 @@ struct LayerActs {
     std::vector<real> x;                        // [M,C] residual stream entering the block
     std::vector<real> ln1, ln1_mean, ln1_rstd;  // [M,C], [M], [M]
     std::vector<real> qkv;                      // [M,3C]
-    std::vector<real> att;                      // [B,H,T,T]
+    std::vector<real> att;                      // per sequence [H,len,len]
     std::vector<real> atty;                     // [M,C] attention output, before c_proj
     std::vector<real> x_mid;                    // [M,C] x + attn(ln_1(x))
     std::vector<real> ln2, ln2_mean, ln2_rstd;  // [M,C], [M], [M]
@@ -932,9 +950,11 @@ struct Model {
     std::vector<real> grads, adam_m, adam_v;  // same layout as params
     Params g;
 #endif
-    // the last forward pass
-    int B = 0, T = 0;
-    std::vector<int> inputs, targets;  // [M]; target -1: no prediction here
+    // the last forward pass, packed (see the encoder): M rows
+    int B = 0, M = 0;
+    std::vector<int> start, len;       // [B] where each sequence's rows begin, and how many
+    std::vector<int64_t> att_off;      // [B] where each sequence's attention blocks begin
+    std::vector<int> tok, pos, targets;  // [M] token, position, target (-1: none)
     std::vector<uint8_t> valid;        // [M] 1 where a target exists (all, when sampling)
     LayerActs L[N_LAYER];
     std::vector<real> x_out, lnf, lnf_mean, lnf_rstd;  // [M,C], [M,C], [M], [M]
@@ -960,18 +980,31 @@ static void model_init(Model& m, int V) {
 }
 
 // inputs, targets: [B,T]. targets may be null (sampling): then every position
-// is routed and no loss is computed. Returns ce + aux_coef * aux_sum.
+// is used and no loss is computed. Returns ce + aux_coef * aux_sum.
 static double model_forward(Model& m, const int* inputs, const int* targets, int B, int T, real aux_coef) {
-    const int M = B * T, V = m.V;
-    m.B = B, m.T = T, m.aux_coef = aux_coef;
-    m.inputs.assign(inputs, inputs + M);
-    if (targets) m.targets.assign(targets, targets + M);
-    else m.targets.assign(M, -1);
+    // Pack: sequence b keeps its positions up to its last target (all T
+    // when sampling); what follows is padding, and is dropped.
+    m.B = B, m.aux_coef = aux_coef;
+    m.start.resize(B), m.len.resize(B), m.att_off.resize(B);
+    m.tok.clear(), m.pos.clear(), m.targets.clear();
+    int64_t att_size = 0;
+    for (int b = 0; b < B; b++) {
+        int n = T;
+        if (targets)
+            while (n > 0 && targets[b * T + n - 1] < 0) n--;
+        m.start[b] = (int)m.tok.size(), m.len[b] = n, m.att_off[b] = att_size;
+        att_size += (int64_t)N_HEAD * n * n;
+        for (int t = 0; t < n; t++) {
+            m.tok.push_back(inputs[b * T + t]), m.pos.push_back(t);
+            m.targets.push_back(targets ? targets[b * T + t] : -1);
+        }
+    }
+    const int M = m.M = (int)m.tok.size(), V = m.V;
     m.valid.resize(M);
-    for (int i = 0; i < M; i++) m.valid[i] = targets ? targets[i] >= 0 : 1;
+    for (int i = 0; i < M; i++) m.valid[i] = targets ? m.targets[i] >= 0 : 1;
     for (auto& a : m.L) {
         a.x.resize((size_t)M * C), a.ln1.resize((size_t)M * C), a.ln1_mean.resize(M), a.ln1_rstd.resize(M);
-        a.qkv.resize((size_t)M * 3 * C), a.att.resize((size_t)B * N_HEAD * T * T), a.atty.resize((size_t)M * C);
+        a.qkv.resize((size_t)M * 3 * C), a.att.resize((size_t)att_size), a.atty.resize((size_t)M * C);
         a.x_mid.resize((size_t)M * C), a.ln2.resize((size_t)M * C), a.ln2_mean.resize(M), a.ln2_rstd.resize(M);
         a.probs.resize((size_t)M * E), a.chosen.resize((size_t)M * K), a.gate.resize((size_t)M * K);
         a.f.resize(E), a.moe_out.resize((size_t)M * C);
@@ -979,14 +1012,14 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
     m.x_out.resize((size_t)M * C), m.lnf.resize((size_t)M * C), m.lnf_mean.resize(M), m.lnf_rstd.resize(M);
     m.router_logits.resize((size_t)M * E), m.logits.resize((size_t)M * V), m.probs.resize((size_t)M * V);
 
-    encoder_forward(m.L[0].x.data(), inputs, m.p.wte, m.p.wpe, B, T);
+    encoder_forward(m.L[0].x.data(), m.tok.data(), m.pos.data(), m.p.wte, m.p.wpe, M);
     m.aux_sum = 0;
     for (int l = 0; l < N_LAYER; l++) {
         LayerActs& a = m.L[l];
         const LayerParams& w = m.p.h[l];
         layernorm_forward(a.ln1.data(), a.ln1_mean.data(), a.ln1_rstd.data(), a.x.data(), w.ln1_w, w.ln1_b, M);
         linear_forward(a.qkv.data(), a.ln1.data(), w.attn_w, w.attn_b, M, C, 3 * C);
-        attention_forward(a.atty.data(), a.att.data(), a.qkv.data(), B, T);
+        attention_forward(a.atty.data(), a.att.data(), a.qkv.data(), m.start.data(), m.len.data(), m.att_off.data(), B);
         linear_forward(a.x_mid.data(), a.atty.data(), w.attn_proj_w, w.attn_proj_b, M, C, C);
         for (size_t i = 0; i < (size_t)M * C; i++) a.x_mid[i] += a.x[i];
         layernorm_forward(a.ln2.data(), a.ln2_mean.data(), a.ln2_rstd.data(), a.x_mid.data(), w.ln2_w, w.ln2_b, M);
@@ -1003,7 +1036,7 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
     linear_forward(m.logits.data(), m.lnf.data(), m.p.lm_head, nullptr, M, C, V);
     m.ce_sum = 0, m.ce = 0, m.n_targets = 0;
     if (!targets) return 0;
-    m.ce_sum = crossentropy_forward(m.probs.data(), m.logits.data(), targets, M, V, &m.n_targets);
+    m.ce_sum = crossentropy_forward(m.probs.data(), m.logits.data(), m.targets.data(), M, V, &m.n_targets);
     m.ce = m.n_targets ? m.ce_sum / (double)m.n_targets : 0;
     return m.ce + (double)aux_coef * m.aux_sum;
 }
@@ -1020,7 +1053,7 @@ struct Backward {  // scratch for gradients flowing between layers; reused by ev
 // every backward above accumulates. Gradients land in m.grads, which the
 // caller zeroes before.
 static void model_backward(Model& m) {
-    const int M = m.B * m.T, V = m.V;
+    const int M = m.M, V = m.V;
     Backward& w = g_bw;
     w.dres.assign((size_t)M * C, 0);
     w.dlogits.assign((size_t)M * V, 0);
@@ -1048,12 +1081,13 @@ static void model_backward(Model& m) {
         w.datty.assign((size_t)M * C, 0), w.dqkv.assign((size_t)M * 3 * C, 0), w.dln.assign((size_t)M * C, 0);
         linear_backward(w.datty.data(), g.attn_proj_w, g.attn_proj_b, w.dres.data(), a.atty.data(), p.attn_proj_w, M, C,
                         C);
-        attention_backward(w.dqkv.data(), w.datty.data(), a.att.data(), a.qkv.data(), m.B, m.T);
+        attention_backward(w.dqkv.data(), w.datty.data(), a.att.data(), a.qkv.data(), m.start.data(), m.len.data(),
+                           m.att_off.data(), m.B);
         linear_backward(w.dln.data(), g.attn_w, g.attn_b, w.dqkv.data(), a.ln1.data(), p.attn_w, M, C, 3 * C);
         layernorm_backward(w.dres.data(), g.ln1_w, g.ln1_b, w.dln.data(), a.x.data(), p.ln1_w, a.ln1_mean.data(),
                            a.ln1_rstd.data(), M);
     }
-    encoder_backward(m.g.wte, m.g.wpe, w.dres.data(), m.inputs.data(), m.B, m.T);
+    encoder_backward(m.g.wte, m.g.wpe, w.dres.data(), m.tok.data(), m.pos.data(), M);
 }
 
 // ----------------------------------------------------------------------------
@@ -1071,14 +1105,16 @@ static void adamw_update(Model& m, const AdamW& o, int64_t t) {
     const real decay = (real)(1 - (double)o.lr * o.weight_decay);
     const real b1 = o.beta1, b2 = o.beta2, eps = o.eps;
     const int chunk = 4096, n_chunks = (int)((m.n_params + chunk - 1) / chunk);
-    parallel_for(n_chunks, [&](int c0, int c1) {
-        size_t end = std::min(m.n_params, (size_t)c1 * chunk);
+    real *p = m.params.data(), *mm = m.adam_m.data(), *vv = m.adam_v.data();
+    const real* gr = m.grads.data();
+    const size_t n = m.n_params;
+    parallel_for(n_chunks, [=](int c0, int c1) {
+        size_t end = std::min(n, (size_t)c1 * chunk);
         for (size_t i = (size_t)c0 * chunk; i < end; i++) {
-            real g = m.grads[i];
-            m.params[i] *= decay;
-            m.adam_m[i] = b1 * m.adam_m[i] + (1 - b1) * g;
-            m.adam_v[i] = b2 * m.adam_v[i] + (1 - b2) * g * g;
-            m.params[i] -= step_size * m.adam_m[i] / (std::sqrt(m.adam_v[i]) / bc2_sqrt + eps);
+            real g = gr[i];
+            mm[i] = b1 * mm[i] + (1 - b1) * g;
+            vv[i] = b2 * vv[i] + (1 - b2) * g * g;
+            p[i] = p[i] * decay - step_size * mm[i] / (std::sqrt(vv[i]) / bc2_sqrt + eps);
         }
     });
 }

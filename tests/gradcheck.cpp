@@ -131,7 +131,7 @@ static void check_layers() {
         for (auto& x : v) x = scale * r.normal();
         return v;
     };
-    const int B = 2, T = 3, M = B * T, IN = C, OUT = 5, V = 6;
+    const int M = 6, IN = C, OUT = 5, V = 6;
     std::vector<real> w = randv(C, 1), b = randv(C, 1), mean(M), rstd(M), dw(C), db(C);
     check_input("layernorm", randv(M * C, 1),
         [&](const std::vector<real>& x) { std::vector<real> y(M * C); layernorm_forward(y.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), M); return y; },
@@ -142,10 +142,13 @@ static void check_layers() {
         [&](const std::vector<real>& x) { std::vector<real> y(M * OUT); linear_forward(y.data(), x.data(), W.data(), bias.data(), M, IN, OUT); return y; },
         [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * IN); linear_backward(dx.data(), dW.data(), dbias.data(), d.data(), x.data(), W.data(), M, IN, OUT); return dx; }, 2);
 
-    std::vector<real> att(B * N_HEAD * T * T);
+    // two packed sequences of different lengths, 4 + 2 = M rows
+    std::vector<int> start = {0, 4}, len = {4, 2};
+    std::vector<int64_t> att_off = {0, N_HEAD * 4 * 4};
+    std::vector<real> att(N_HEAD * (4 * 4 + 2 * 2));
     check_input("attention", randv(M * 3 * C, 1),
-        [&](const std::vector<real>& x) { std::vector<real> y(M * C); attention_forward(y.data(), att.data(), x.data(), B, T); return y; },
-        [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * 3 * C); attention_backward(dx.data(), d.data(), att.data(), x.data(), B, T); return dx; }, 3);
+        [&](const std::vector<real>& x) { std::vector<real> y(M * C); attention_forward(y.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), 2); return y; },
+        [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * 3 * C); attention_backward(dx.data(), d.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), 2); return dx; }, 3);
 
     check_input("gelu", randv(M * 4, 2),
         [&](const std::vector<real>& x) { std::vector<real> y(x.size()); gelu_forward(y.data(), x.data(), (int64_t)x.size()); return y; },
