@@ -1148,6 +1148,8 @@ struct Dataset {
     std::set<std::string> train_lines, test_lines;  // to tell memorised samples from new ones
 };
 
+// The whole file as bytes. The checks come first so that the common
+// mistakes get a message that says what to do, not just "cannot open".
 static std::string read_file(const std::string& path) {
     namespace fs = std::filesystem;
     std::error_code ec;
@@ -1184,6 +1186,8 @@ static std::vector<Line> split_lines(const std::string& s) {
     return out;
 }
 
+// The sorted set of distinct bytes: sorted, so the same data always gives
+// the same token numbers, and a checkpoint's vocabulary can be compared.
 static std::string vocab_of(const std::string& bytes) {
     bool seen[256] = {};
     for (unsigned char c : bytes) seen[c] = true;
@@ -1193,6 +1197,7 @@ static std::string vocab_of(const std::string& bytes) {
     return v;
 }
 
+// A byte as a person wants to read it in an error message.
 static std::string describe_byte(unsigned char c) {
     char buf[32];
     if (c >= 32 && c < 127) std::snprintf(buf, sizeof buf, "'%c' (0x%02x)", c, c);
@@ -1202,7 +1207,7 @@ static std::string describe_byte(unsigned char c) {
 
 // Bytes to tokens with a given vocabulary; `where` names the input in errors.
 static std::vector<int> encode(const std::string& s, const std::string& vocab, const std::string& where) {
-    int lut[256];
+    int lut[256];  // byte -> token, -1 for bytes outside the vocabulary
     std::fill(lut, lut + 256, -1);
     for (size_t i = 0; i < vocab.size(); i++) lut[(unsigned char)vocab[i]] = (int)i + 1;
     std::vector<int> out(s.size());
@@ -1237,7 +1242,7 @@ static Dataset load_dataset(const std::string& path, bool text, uint64_t seed, c
     d.text = text;
     std::string raw = read_file(path);
     if (raw.empty()) fail("'" + path + "' is empty: give a file with one example per line, or any text with --text");
-    if (text) {
+    if (text) {  // one stream: the first 90% trains, the last 10% tests
         d.vocab = vocab.empty() ? vocab_of(raw) : vocab;
         std::vector<int> all = encode(raw, d.vocab, path);
         d.T = BLOCK_SIZE;
@@ -1259,6 +1264,8 @@ static Dataset load_dataset(const std::string& path, bool text, uint64_t seed, c
     d.vocab = vocab.empty() ? vocab_of(bytes) : vocab;
     std::vector<std::vector<int>> enc = encode_lines(lines, d.vocab, path);
     d.T = (int)longest + 1;
+    // The split is a seeded shuffle, as makemore's: the same seed gives the
+    // same test set, which --resume relies on (it reuses the run's seed).
     std::vector<size_t> perm(lines.size());
     std::iota(perm.begin(), perm.end(), 0);
     Rng r = make_rng(seed, STREAM_SPLIT);
@@ -1272,7 +1279,8 @@ static Dataset load_dataset(const std::string& path, bool text, uint64_t seed, c
     return d;
 }
 
-// Fill inputs/targets [n, T] with lines first..first+n-1 (see the layout above).
+// Fill inputs/targets [n, T] with the lines numbered in `which`, in the
+// layout above: input [0, c1..cn, 0...], target [c1..cn, 0, -1...].
 static void lines_batch(int* inputs, int* targets, const std::vector<std::vector<int>>& lines,
                         const std::vector<size_t>& which, int T) {
     for (size_t b = 0; b < which.size(); b++) {
@@ -1288,6 +1296,9 @@ static void lines_batch(int* inputs, int* targets, const std::vector<std::vector
 }
 
 #if !MOE_INFERENCE_ONLY
+// A training batch of B examples drawn at random, with replacement (as
+// makemore's sampler draws them). This is the only use of the training
+// generator, so the generator state alone fixes the rest of a run.
 static void train_batch(std::vector<int>& inputs, std::vector<int>& targets, const Dataset& d, int B, Rng& rng) {
     inputs.resize((size_t)B * d.T), targets.resize((size_t)B * d.T);
     if (!d.text) {
@@ -1326,6 +1337,7 @@ static void train_batch(std::vector<int>& inputs, std::vector<int>& targets, con
 using Meta = std::map<std::string, std::string>;
 
 #if !MOE_INFERENCE_ONLY  // only training writes checkpoints
+// JSON strings escape '"', '\\' and control bytes; every other byte passes.
 static std::string json_escape(const std::string& s) {
     std::string o;
     for (unsigned char c : s) {
@@ -1346,6 +1358,7 @@ static std::string hex_encode(const std::string& bytes) {
     return o;
 }
 
+// One tensor to save: its name, its shape, and where its values are.
 struct SaveTensor {
     std::string name;
     std::vector<int64_t> shape;
@@ -1353,6 +1366,8 @@ struct SaveTensor {
 };
 
 static void write_safetensors(const std::string& path, const std::vector<SaveTensor>& ts, const Meta& meta) {
+    // The header: metadata first, then the tensors in order, each one's data
+    // following the previous one's, so the offsets are a running sum.
     std::string h = "{\"__metadata__\":{";
     bool first = true;
     for (const auto& kv : meta) {
@@ -1372,6 +1387,9 @@ static void write_safetensors(const std::string& path, const std::vector<SaveTen
     h += "}";
     while (h.size() % 8) h += ' ';  // keeps the data 8-byte aligned, as the reference writer does
 
+    // Write everything to path.tmp, force it to the disk (fsync), and only
+    // then rename it over path. Any failure removes the temporary file and
+    // leaves the previous checkpoint as it was.
     namespace fs = std::filesystem;
     std::string tmp = path + ".tmp";
     auto bad = [&](const std::string& what) {
@@ -1418,7 +1436,9 @@ static void write_safetensors(const std::string& path, const std::vector<SaveTen
 #endif
 
 // --- reading: a small JSON parser, enough for a safetensors header. Numbers
-// are kept as their text and converted, strictly, where they are used.
+// are kept as their text and converted, strictly, where they are used. A
+// header is untrusted input: every read is bounds-checked, the nesting depth
+// is limited, and any surprise is an error naming the byte where it happened.
 struct Json {
     enum Kind { NUL, BOOL, NUM, STR, ARR, OBJ } kind = NUL;
     std::string s;  // STR, or the text of a NUM
@@ -1524,6 +1544,7 @@ struct JsonParser {
     }
 };
 
+// What the header says about one tensor, and the file in memory.
 struct StTensor {
     std::string dtype;
     std::vector<int64_t> shape;
@@ -1536,12 +1557,18 @@ struct Checkpoint {
     std::string data;  // the bytes after the header
 };
 
+// A JSON number that must be a plain non-negative integer (shapes, offsets).
 static uint64_t json_uint(const Json& j, const std::string& what) {
     if (j.kind != Json::NUM || j.s.empty() || j.s.size() > 15 || !std::all_of(j.s.begin(), j.s.end(), ::isdigit))
         fail(what + " must be a non-negative integer");
     return std::stoull(j.s);
 }
 
+// Read and validate a safetensors file: the header length fits the file,
+// the header is a JSON object, each tensor is F32 with offsets inside the
+// data that agree with its shape, and the tensors tile the data exactly
+// (no overlap, no gap, nothing left over). Which tensors must be there is
+// load_model's business.
 static Checkpoint read_safetensors(const std::string& path) {
     namespace fs = std::filesystem;
     std::error_code ec;
@@ -1567,7 +1594,7 @@ static Checkpoint read_safetensors(const std::string& path) {
         bad(std::string("header: ") + e.what());
     }
     if (root.kind != Json::OBJ) bad("the header is not a JSON object");
-    std::vector<std::pair<uint64_t, uint64_t>> ranges;
+    std::vector<std::pair<uint64_t, uint64_t>> ranges;  // each tensor's [begin, end), to check the tiling
     for (const auto& kv : root.obj) {
         const std::string& name = kv.first;
         if (name == "__metadata__") {
@@ -1644,6 +1671,7 @@ static bool copy_tensor(real* dst, const Checkpoint& ck, const std::string& name
     return true;
 }
 
+// Metadata values, which must be present (and integers, for meta_int).
 static std::string meta_get(const Checkpoint& ck, const std::string& key) {
     auto it = ck.meta.find(key);
     if (it == ck.meta.end())
@@ -1699,6 +1727,7 @@ static void load_model(Model& m, const Checkpoint& ck) {
         if (!known.count(kv.first)) fail("checkpoint '" + ck.path + "' has an unexpected tensor '" + kv.first + "'");
 }
 
+// The vocabulary bytes of a checkpoint that load_model has already validated.
 static std::string checkpoint_vocab(const Checkpoint& ck) {
     std::string hex = meta_get(ck, "vocab"), v;
     for (size_t i = 0; i + 1 < hex.size(); i += 2) v += (char)std::stoi(hex.substr(i, 2), nullptr, 16);
@@ -1714,6 +1743,9 @@ struct EvalResult {
     std::vector<double> load;        // [N_LAYER * E] fraction of routing slots per expert
 };
 
+// Evaluation is the forward pass alone, with aux_coef 0, summing the
+// cross-entropy over every predicted token. It touches no generator.
+
 // Routing counts of the last forward pass, added to load[N_LAYER * E].
 static void add_load(std::vector<double>& load, const Model& m) {
     load.resize((size_t)N_LAYER * E);
@@ -1721,6 +1753,7 @@ static void add_load(std::vector<double>& load, const Model& m) {
         for (int c : m.L[l].chosen)
             if (c >= 0) load[(size_t)l * E + c] += 1;
 }
+// Turn sums into means: loss per token, and each layer's counts into fractions.
 static void finish(EvalResult& r, double sum) {
     r.loss = r.tokens ? sum / (double)r.tokens : NAN;
     for (int l = 0; l < N_LAYER; l++) {
@@ -1811,6 +1844,7 @@ static std::vector<int> generate(Model& m, std::vector<int> ctx, int max_new, bo
     return ctx;
 }
 
+// Tokens back to bytes; token 0, the line marker, is not a byte.
 static std::string decode(const std::vector<int>& toks, const std::string& vocab) {
     std::string s;
     for (int t : toks)
@@ -1883,10 +1917,13 @@ static const char* USAGE =
     "  --threads N             worker threads (default: all cores); results do not depend on it\n"
     "  -h, --help              this text\n";
 
+// A mistake on the command line: main prints the usage with it, exit code 2.
 struct UsageError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
+// Numbers from the command line: the whole argument must parse and lie in
+// range, or the user hears which flag and what it accepts.
 static int64_t parse_int(const std::string& flag, const char* v, int64_t lo, int64_t hi) {
     char* end = nullptr;
     errno = 0;
@@ -1908,6 +1945,7 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
 
 [[maybe_unused]] static Options parse_args(int argc, char** argv) {
     Options o;
+    // val() takes the flag's argument, so "--seed" at the end is an error, not a crash.
     for (int i = 1; i < argc; i++) {
         std::string a = argv[i];
         auto val = [&]() -> const char* {
@@ -1948,7 +1986,8 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
     return o;
 }
 
-[[maybe_unused]] static std::string config_string() {
+[[maybe_unused]] // One line describing the compiled model, for logs and tests.
+static std::string config_string() {
     char buf[256];
     std::snprintf(buf, sizeof buf, "layers %d, heads %d, n_embd %d, experts %d, top-k %d (%s), block %d, %s", N_LAYER,
                   N_HEAD, C, E, K, NORM_TOPK ? "gates renormalised" : "gate = router probability", BLOCK_SIZE,
@@ -1957,6 +1996,9 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
 }
 
 #if !MOE_INFERENCE_ONLY
+// The metadata every checkpoint carries: the shape (checked on load), the
+// data mode and vocabulary (needed to use the model), and where training was.
+// %.17g prints a double that reads back exactly.
 static Meta model_meta(const std::string& vocab, bool text, int context, int64_t step, int64_t seed, double best) {
     char b[64];
     std::snprintf(b, sizeof b, "%.17g", best);
@@ -1983,6 +2025,8 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
     return ts;
 }
 
+// Expert load per layer, e.g. "L0 0.25 0.25 0.25 0.25 | L1 ...": balanced
+// routing reads 1/E everywhere; a collapsed layer has one entry near 1.
 static std::string print_load(const std::vector<double>& load) {
     std::string s;
     char b[32];
@@ -2012,7 +2056,6 @@ static std::string print_load(const std::vector<double>& load) {
         have_state = ck.tensors.count("adamw.m") && ck.tensors.count("adamw.v") && ck.meta.count("rng");
     }
     Dataset d = load_dataset(o.input, o.text, (uint64_t)seed, o.resume ? checkpoint_vocab(ck) : "");
-    if (d.text ? d.test_text.empty() : d.train.empty()) fail("'" + o.input + "' has no training examples");
     Rng rng = make_rng((uint64_t)seed, STREAM_TRAIN);
     if (!o.resume) {
         model_init(m, (int)d.vocab.size() + 1);
@@ -2048,6 +2091,10 @@ static std::string print_load(const std::vector<double>& load) {
     std::printf("training: batch %d, AdamW lr %g wd %g, aux_coef %g, steps %lld\n", o.batch_size, o.learning_rate,
                 o.weight_decay, o.aux_coef, (long long)o.max_steps);
 
+    // The training loop: a batch, the forward pass (loss), zeroed gradients,
+    // the backward pass, one AdamW step. Every log interval, the averages
+    // since the last line; every eval interval, the train and test loss, the
+    // expert load, and the checkpoints.
     AdamW opt;
     opt.lr = (float)o.learning_rate, opt.weight_decay = (float)o.weight_decay;
     std::vector<int> in, tg;
@@ -2075,13 +2122,17 @@ static std::string print_load(const std::vector<double>& load) {
         if (step % o.eval_interval == 0 || step == o.max_steps) {
             EvalResult tr = d.text ? eval_text(m, d.train_text, 256) : eval_lines(m, d.train, d.T, 1000);
             EvalResult te = d.text ? eval_text(m, d.test_text, 256) : eval_lines(m, d.test, d.T, 1000);
+            // With fewer than 10 lines there is no test split; the train loss picks the best model then.
+            bool no_test = d.text ? d.test_text.size() < 2 : d.test.empty();
             std::printf("step %6lld | train loss %.4f | test loss %.4f | expert load %s\n", (long long)step, tr.loss,
-                        te.loss, print_load(te.load).c_str());
-            if (te.loss < best) {
-                best = te.loss;
+                        te.loss, print_load(no_test ? tr.load : te.load).c_str());
+            double score = no_test ? tr.loss : te.loss;
+            if (score < best) {
+                best = score;
                 write_safetensors(best_path, model_tensors(m), model_meta(d.vocab, d.text, d.T, step, seed, best));
                 std::printf("step %6lld | new best test loss, saved %s\n", (long long)step, best_path.c_str());
             }
+            // last.safetensors: everything --resume needs to continue exactly
             Meta meta = model_meta(d.vocab, d.text, d.T, step, seed, best);
             meta["rng"] = std::to_string(rng.state);
             std::vector<SaveTensor> ts = model_tensors(m);
@@ -2091,6 +2142,7 @@ static std::string print_load(const std::vector<double>& load) {
             std::fflush(stdout);
         }
     }
+    // Samples from the final weights, from a generator of their own.
     Rng srng = make_rng((uint64_t)seed, STREAM_SAMPLE);
     if (d.text) {
         std::printf("--- sample ---\n");
@@ -2168,6 +2220,8 @@ static std::string print_load(const std::vector<double>& load) {
 }
 
 #ifndef MOE_NO_MAIN  // tests include this file and bring their own main
+// Exit codes: 0 done, 1 an error in the data, a checkpoint or the disk
+// (the message says which), 2 a mistake on the command line.
 int main(int argc, char** argv) {
     try {
         Options o = parse_args(argc, argv);

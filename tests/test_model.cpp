@@ -38,6 +38,31 @@ static void test_forward_reference() {
     check(worst < 2e-4, "float forward matches the double naive reference: max |logit diff| %.2e", worst);
 }
 
+// With one expert the gate is softmax over one logit, exactly 1: the MoE
+// layer must then give exactly what a plain MLP gives, bit for bit.
+static void test_dense() {
+    if (E != 1) return;
+    const int M = 7;
+    Model m;
+    random_model(m, 5, 12);
+    Rng r = make_rng(3, STREAM_SAMPLE);
+    std::vector<real> x(M * C), logits(M * E), probs(M * E), gate(M * K), out(M * C);
+    for (auto& v : x) v = (real)r.normal();
+    std::vector<int> chosen(M * K);
+    std::vector<uint8_t> valid(M, 1);
+    const LayerParams& p = m.p.h[0];
+    linear_forward(logits.data(), x.data(), p.router_w, nullptr, M, C, E);
+    softmax_forward(probs.data(), logits.data(), M, E);
+    topk_forward(chosen.data(), gate.data(), probs.data(), valid.data(), M);
+    MoeActs acts;
+    experts_forward(out.data(), acts, x.data(), chosen.data(), gate.data(), p, M);
+    std::vector<real> h(M * F), hg(M * F), y(M * C);  // the plain MLP
+    linear_forward(h.data(), x.data(), p.fc_w[0], p.fc_b[0], M, C, F);
+    gelu_forward(hg.data(), h.data(), M * F);
+    linear_forward(y.data(), hg.data(), p.proj_w[0], p.proj_b[0], M, F, C);
+    check(out == y && gate == std::vector<real>(M * K, 1), "dense build: the MoE layer is exactly a plain MLP");
+}
+
 static void test_data() {
     namespace fs = std::filesystem;
     std::string path = (fs::temp_directory_path() / "moe_test_lines.txt").string();
@@ -138,6 +163,7 @@ int main() {
     std::printf("unit tests: %s\n", config_string().c_str());
     test_aux();
     test_forward_reference();
+    test_dense();
     test_data();
     test_overfit();
     test_roundtrip();
