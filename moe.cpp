@@ -250,10 +250,13 @@ static void parallel_for(int n, const Fn& f) {
 // ----------------------------------------------------------------------------
 // 3. Matrix multiply
 //
-// out[M,N] += A[M,Kd] . B[Kd,N], with B row-major and A addressed as
+// out[M,N] (+)= A[M,Kd] . B[Kd,N] (+ bias), with B row-major and A addressed as
 // A[m*as + k*ak]: (as, ak) = (Kd, 1) is a plain row-major A, and (1, M) reads
 // a row-major [Kd, M] matrix as its transpose without copying it. Every
-// Linear layer, forward and backward, is one of these calls.
+// Linear layer, forward and backward, is one of these calls. With `add` the
+// product is added to out (backward accumulates); without, out is set to
+// bias + product (bias may be null), so the forward pass needs no extra pass
+// over out, and each thread only ever touches its own rows of it.
 //
 // The plain loop is
 //     for m, for n: for k: out[m][n] += A[m][k] * B[k][n]
@@ -268,7 +271,7 @@ static void parallel_for(int n, const Fn& f) {
 constexpr int TM = 4, TN = 16;
 
 static void matmul_tile(real* out, const real* A, int64_t as, int64_t ak, const real* B, int N, int Kd,
-                        int m0, int n0) {
+                        const real* bias, bool add, int m0, int n0) {
     // Four named rows rather than acc[4][16]: g++ then keeps all of them in
     // vector registers (with a 2-D array it vectorises only 4 floats at a time).
     real c0[TN] = {}, c1[TN] = {}, c2[TN] = {}, c3[TN] = {};
@@ -279,11 +282,14 @@ static void matmul_tile(real* out, const real* A, int64_t as, int64_t ak, const 
         for (int j = 0; j < TN; j++) c0[j] += a0 * b[j], c1[j] += a1 * b[j], c2[j] += a2 * b[j], c3[j] += a3 * b[j];
     }
     real* o = out + (int64_t)m0 * N + n0;
-    for (int j = 0; j < TN; j++) o[j] += c0[j], o[N + j] += c1[j], o[2 * N + j] += c2[j], o[3 * N + j] += c3[j];
+    for (int r = 0; r < TM; r++, o += N) {
+        const real* c = r == 0 ? c0 : r == 1 ? c1 : r == 2 ? c2 : c3;
+        for (int j = 0; j < TN; j++) o[j] = (add ? o[j] : 0) + (bias ? bias[n0 + j] : 0) + c[j];
+    }
 }
 
 static void matmul_rows(real* out, const real* A, int64_t as, int64_t ak, const real* B, int N, int Kd,
-                        int m0, int m1, int n0) {  // the edges: rows m0..m1, columns n0..N, TN at a time
+                        const real* bias, bool add, int m0, int m1, int n0) {  // the edges: rows m0..m1, columns n0..N
     for (int m = m0; m < m1; m++)
         for (int nb = n0; nb < N; nb += TN) {
             int w = std::min(TN, N - nb);
@@ -293,21 +299,23 @@ static void matmul_rows(real* out, const real* A, int64_t as, int64_t ak, const 
                 const real* b = B + (int64_t)k * N + nb;
                 for (int j = 0; j < w; j++) acc[j] += a * b[j];
             }
-            for (int j = 0; j < w; j++) out[(int64_t)m * N + nb + j] += acc[j];
+            real* o = out + (int64_t)m * N + nb;
+            for (int j = 0; j < w; j++) o[j] = (add ? o[j] : 0) + (bias ? bias[nb + j] : 0) + acc[j];
         }
 }
 
-static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real* B, int M, int N, int Kd) {
-    if (M <= 0 || N <= 0 || Kd <= 0) return;
+static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real* B, int M, int N, int Kd,
+                   const real* bias, bool add) {
+    if (M <= 0 || N <= 0) return;
     int full_m = M / TM, full_n = N / TN * TN;
     int items = full_m + (M % TM ? 1 : 0);  // the leftover rows are one more work item
     auto work = [=](int i0, int i1) {
         for (int i = i0; i < i1; i++) {
             if (i < full_m) {
-                for (int n0 = 0; n0 < full_n; n0 += TN) matmul_tile(out, A, as, ak, B, N, Kd, i * TM, n0);
-                matmul_rows(out, A, as, ak, B, N, Kd, i * TM, i * TM + TM, full_n);
+                for (int n0 = 0; n0 < full_n; n0 += TN) matmul_tile(out, A, as, ak, B, N, Kd, bias, add, i * TM, n0);
+                matmul_rows(out, A, as, ak, B, N, Kd, bias, add, i * TM, i * TM + TM, full_n);
             } else {
-                matmul_rows(out, A, as, ak, B, N, Kd, full_m * TM, M, 0);
+                matmul_rows(out, A, as, ak, B, N, Kd, bias, add, full_m * TM, M, 0);
             }
         }
     };
@@ -523,9 +531,7 @@ static void linear_forward(real* out, const real* inp, const real* w, const real
         for (int i0 = 0; i0 < IN; i0 += 16)
             for (int o = o0; o < std::min(OUT, o0 + 16); o++)
                 for (int i = i0; i < std::min(IN, i0 + 16); i++) wt[(size_t)i * OUT + o] = w[(size_t)o * IN + i];
-    for (int m = 0; m < M; m++)
-        for (int o = 0; o < OUT; o++) out[(int64_t)m * OUT + o] = b ? b[o] : 0;
-    matmul(out, inp, IN, 1, wt.data(), M, OUT, IN);
+    matmul(out, inp, IN, 1, wt.data(), M, OUT, IN, b, false);
 }
 #if !MOE_INFERENCE_ONLY
 // out = inp . w^T + b, so
@@ -534,8 +540,8 @@ static void linear_forward(real* out, const real* inp, const real* w, const real
 //   db   += sum over rows of dout
 static void linear_backward(real* dinp, real* dw, real* db, const real* dout, const real* inp, const real* w, int M,
                             int IN, int OUT) {
-    if (dinp) matmul(dinp, dout, OUT, 1, w, M, IN, OUT);
-    matmul(dw, dout, 1, OUT, inp, OUT, IN, M);
+    if (dinp) matmul(dinp, dout, OUT, 1, w, M, IN, OUT, nullptr, true);
+    matmul(dw, dout, 1, OUT, inp, OUT, IN, M, nullptr, true);
     if (db)
         for (int m = 0; m < M; m++)
             for (int o = 0; o < OUT; o++) db[o] += dout[(int64_t)m * OUT + o];
@@ -625,26 +631,60 @@ static void attention_backward(real* dqkv, const real* dy, const real* att, cons
 
 // --- GELU, the tanh form GPT-2 uses:
 //   gelu(x) = x/2 (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
+// The experts evaluate it S*F times per layer, so it has to be fast, and the
+// C library's tanhf and expf are one function call per element. In float,
+// tanh(u) = 1 - 2 / (exp(2u) + 1) with an exp the compiler can vectorise:
+// write x = n ln2 + r with n an integer and |r| <= ln2/2; then
+// exp(x) = 2^n exp(r), exp(r) is its Taylor polynomial of degree 6 (error
+// r^7/7! < 2e-7, a float's precision), and 2^n is written straight into the
+// float's exponent bits. u is clamped to +-9, where tanh is 1 in float.
+// tanh(u) is saved for the backward pass, which then needs no exp at all.
+// (The double build, used by the gradient check, keeps std::tanh.)
 static constexpr real GELU_S = (real)0.7978845608028654;  // sqrt(2/pi)
-// tanh(u) = 1 - 2 / (exp(2u) + 1): the C library's tanhf is a slow scalar
-// routine, and the experts call it for every one of their S*F activations.
-// exp overflowing to infinity (large u) still gives the right limit, 1.
-static inline real fast_tanh(real u) { return 1 - 2 / (std::exp(2 * u) + 1); }
-static void gelu_forward(real* out, const real* inp, int64_t n) {
-    for (int64_t i = 0; i < n; i++) {
-        real x = inp[i];
-        out[i] = (real)0.5 * x * (1 + fast_tanh(GELU_S * (x + (real)0.044715 * x * x * x)));
-    }
+[[maybe_unused]] static inline float exp_poly(float x) {  // for |x| < 80
+    // round(x / ln2): adding then subtracting 1.5 * 2^23 leaves no fraction
+    // bits, so the float rounds to the nearest integer (std::floor or
+    // std::round here would stop the compiler from vectorising the loop).
+    float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
+    float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, ln2 split in two for precision
+    float p = 1 + r * (1 + r * (0.5f + r * (1 / 6.f + r * (1 / 24.f + r * (1 / 120.f + r * (1 / 720.f))))));
+    int32_t bits = ((int32_t)n + 127) << 23;  // the float 2^n
+    float scale;
+    std::memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+static inline real tanh_fast(real u) {
+#if MOE_DOUBLE
+    return std::tanh(u);
+#else
+    u = u < -9.f ? -9.f : u > 9.f ? 9.f : u;  // (std::min and std::max also block vectorising)
+    return 1 - 2 / (exp_poly(2 * u) + 1);
+#endif
+}
+// out = gelu(inp), th = tanh(u) saved for backward; n elements, in parallel chunks.
+static void gelu_forward(real* out, real* th, const real* inp, int64_t n) {
+    const int64_t chunk = 4096;
+    parallel_for((int)((n + chunk - 1) / chunk), [=](int c0, int c1) {
+        const int64_t i0 = c0 * chunk, i1 = std::min(n, c1 * chunk);
+        for (int64_t i = i0; i < i1; i++) {
+            real x = inp[i];
+            th[i] = tanh_fast(GELU_S * (x + (real)0.044715 * x * x * x));
+            out[i] = (real)0.5 * x * (1 + th[i]);
+        }
+    });
 }
 #if !MOE_INFERENCE_ONLY
 //   d gelu/dx = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-static void gelu_backward(real* dinp, const real* inp, const real* dout, int64_t n) {
-    for (int64_t i = 0; i < n; i++) {
-        real x = inp[i], th = fast_tanh(GELU_S * (x + (real)0.044715 * x * x * x));
-        real g = (real)0.5 * (1 + th) +
-                 (real)0.5 * x * (1 - th * th) * GELU_S * (1 + 3 * (real)0.044715 * x * x);
-        dinp[i] += g * dout[i];
-    }
+static void gelu_backward(real* dinp, const real* inp, const real* th, const real* dout, int64_t n) {
+    const int64_t chunk = 4096;
+    parallel_for((int)((n + chunk - 1) / chunk), [=](int c0, int c1) {
+        const int64_t i0 = c0 * chunk, i1 = std::min(n, c1 * chunk);
+        for (int64_t i = i0; i < i1; i++) {
+            real x = inp[i], t = th[i];
+            real g = (real)0.5 * (1 + t) + (real)0.5 * x * (1 - t * t) * GELU_S * (1 + 3 * (real)0.044715 * x * x);
+            dinp[i] += g * dout[i];
+        }
+    });
 }
 #endif
 
@@ -804,6 +844,7 @@ struct MoeActs {  // what one MoE layer saves for backward
     std::vector<int> slot_of;   // [M*K]: m*K + j -> its sorted slot, or -1 (not routed)
     std::vector<real> x;        // [S, C] gathered inputs
     std::vector<real> h;        // [S, F] c_fc output, before GELU
+    std::vector<real> th;       // [S, F] tanh inside the GELU, for its backward
     std::vector<real> hg;       // [S, F] after GELU
     std::vector<real> y;        // [S, C] expert outputs, before the gate
 };
@@ -821,13 +862,13 @@ static void experts_forward(real* out, MoeActs& a, const real* inp, const int* c
     std::vector<int> fill(a.offset.begin(), a.offset.end() - 1);
     for (int i = 0; i < M * K; i++)  // in token order, so each expert's rows keep it
         if (chosen[i] >= 0) a.slot_of[i] = fill[chosen[i]]++, a.slot_src[a.slot_of[i]] = i;
-    a.x.resize((size_t)S * C), a.h.resize((size_t)S * F), a.hg.resize((size_t)S * F), a.y.resize((size_t)S * C);
+    a.x.resize((size_t)S * C), a.h.resize((size_t)S * F), a.th.resize((size_t)S * F), a.hg.resize((size_t)S * F), a.y.resize((size_t)S * C);
     for (int s = 0; s < S; s++) std::memcpy(&a.x[(size_t)s * C], inp + (int64_t)(a.slot_src[s] / K) * C, C * sizeof(real));
     for (int e = 0; e < E; e++) {
         int s0 = a.offset[e], n = a.offset[e + 1] - s0;
         if (n == 0) continue;
         linear_forward(&a.h[(size_t)s0 * F], &a.x[(size_t)s0 * C], p.fc_w[e], p.fc_b[e], n, C, F);
-        gelu_forward(&a.hg[(size_t)s0 * F], &a.h[(size_t)s0 * F], (int64_t)n * F);
+        gelu_forward(&a.hg[(size_t)s0 * F], &a.th[(size_t)s0 * F], &a.h[(size_t)s0 * F], (int64_t)n * F);
         linear_forward(&a.y[(size_t)s0 * C], &a.hg[(size_t)s0 * F], p.proj_w[e], p.proj_b[e], n, F, C);
     }
     for (int m = 0; m < M; m++) {  // each token gathers its own K outputs: no write conflicts
@@ -869,7 +910,8 @@ static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& w
         if (n == 0) continue;
         linear_backward(&ws.dhg[(size_t)s0 * F], g.proj_w[e], g.proj_b[e], &ws.dy[(size_t)s0 * C],
                         &a.hg[(size_t)s0 * F], p.proj_w[e], n, F, C);
-        gelu_backward(&ws.dh[(size_t)s0 * F], &a.h[(size_t)s0 * F], &ws.dhg[(size_t)s0 * F], (int64_t)n * F);
+        gelu_backward(&ws.dh[(size_t)s0 * F], &a.h[(size_t)s0 * F], &a.th[(size_t)s0 * F], &ws.dhg[(size_t)s0 * F],
+                      (int64_t)n * F);
         linear_backward(&ws.dx[(size_t)s0 * C], g.fc_w[e], g.fc_b[e], &ws.dh[(size_t)s0 * F], &a.x[(size_t)s0 * C],
                         p.fc_w[e], n, C, F);
     }

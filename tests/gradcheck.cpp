@@ -150,9 +150,10 @@ static void check_layers() {
         [&](const std::vector<real>& x) { std::vector<real> y(M * C); attention_forward(y.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), 2); return y; },
         [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * 3 * C); attention_backward(dx.data(), d.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), 2); return dx; }, 3);
 
+    std::vector<real> th(M * 4);
     check_input("gelu", randv(M * 4, 2),
-        [&](const std::vector<real>& x) { std::vector<real> y(x.size()); gelu_forward(y.data(), x.data(), (int64_t)x.size()); return y; },
-        [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(x.size()); gelu_backward(dx.data(), x.data(), d.data(), (int64_t)x.size()); return dx; }, 4);
+        [&](const std::vector<real>& x) { std::vector<real> y(x.size()); gelu_forward(y.data(), th.data(), x.data(), (int64_t)x.size()); return y; },
+        [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(x.size()); gelu_backward(dx.data(), x.data(), th.data(), d.data(), (int64_t)x.size()); return dx; }, 4);
 
     std::vector<real> probs(M * E);
     check_input("router softmax", randv(M * E, 1),

@@ -56,9 +56,9 @@ static void test_dense() {
     topk_forward(chosen.data(), gate.data(), probs.data(), valid.data(), M);
     MoeActs acts;
     experts_forward(out.data(), acts, x.data(), chosen.data(), gate.data(), p, M);
-    std::vector<real> h(M * F), hg(M * F), y(M * C);  // the plain MLP
+    std::vector<real> h(M * F), th(M * F), hg(M * F), y(M * C);  // the plain MLP
     linear_forward(h.data(), x.data(), p.fc_w[0], p.fc_b[0], M, C, F);
-    gelu_forward(hg.data(), h.data(), M * F);
+    gelu_forward(hg.data(), th.data(), h.data(), M * F);
     linear_forward(y.data(), hg.data(), p.proj_w[0], p.proj_b[0], M, F, C);
     check(out == y && gate == std::vector<real>(M * K, 1), "dense build: the MoE layer is exactly a plain MLP");
 }
