@@ -261,31 +261,36 @@ static void parallel_for(int n, const Fn& f) {
 // The plain loop is
 //     for m, for n: for k: out[m][n] += A[m][k] * B[k][n]
 // and it is slow because each output is loaded and stored Kd times. The fast
-// version keeps a 4x16 tile of outputs in registers (16 accumulators of one
+// version keeps an 8x16 tile of outputs in registers (8 accumulators of one
 // or two SIMD vectors each; -O3 -march=native vectorises the j loop), streams
-// a row of B and four values of A per k, and writes the tile once. Rows that
+// a row of B and eight values of A per k, and writes the tile once. Rows that
 // do not fill a tile, and columns past the last multiple of 16, use the plain
 // loop with the same k order. The tiles are fixed by M and N alone; threads
 // take whole tiles; so the result is the same for any thread count.
 
-constexpr int TM = 4, TN = 16;
+constexpr int TM = 8, TN = 16;
 
 static void matmul_tile(real* out, const real* A, int64_t as, int64_t ak, const real* B, int N, int Kd,
                         const real* bias, bool add, int m0, int n0) {
-    // Four named rows rather than acc[4][16]: g++ then keeps all of them in
+    // Eight named rows rather than acc[8][16]: g++ then keeps all of them in
     // vector registers (with a 2-D array it vectorises only 4 floats at a time).
-    real c0[TN] = {}, c1[TN] = {}, c2[TN] = {}, c3[TN] = {};
+    real c0[TN] = {}, c1[TN] = {}, c2[TN] = {}, c3[TN] = {}, c4[TN] = {}, c5[TN] = {}, c6[TN] = {}, c7[TN] = {};
     const real* a = A + m0 * as;
     for (int k = 0; k < Kd; k++) {
         const real* b = B + (int64_t)k * N + n0;
-        real a0 = a[k * ak], a1 = a[as + k * ak], a2 = a[2 * as + k * ak], a3 = a[3 * as + k * ak];
-        for (int j = 0; j < TN; j++) c0[j] += a0 * b[j], c1[j] += a1 * b[j], c2[j] += a2 * b[j], c3[j] += a3 * b[j];
+        const real* ac = a + k * ak;  // column k of this tile's eight rows of A
+        real a0 = ac[0], a1 = ac[as], a2 = ac[2 * as], a3 = ac[3 * as];
+        real a4 = ac[4 * as], a5 = ac[5 * as], a6 = ac[6 * as], a7 = ac[7 * as];
+        for (int j = 0; j < TN; j++) {
+            c0[j] += a0 * b[j], c1[j] += a1 * b[j], c2[j] += a2 * b[j], c3[j] += a3 * b[j];
+            c4[j] += a4 * b[j], c5[j] += a5 * b[j], c6[j] += a6 * b[j], c7[j] += a7 * b[j];
+        }
     }
-    real* o = out + (int64_t)m0 * N + n0;
-    for (int r = 0; r < TM; r++, o += N) {
-        const real* c = r == 0 ? c0 : r == 1 ? c1 : r == 2 ? c2 : c3;
+    auto store = [&](const real* c, int r) {
+        real* o = out + (int64_t)(m0 + r) * N + n0;
         for (int j = 0; j < TN; j++) o[j] = (add ? o[j] : 0) + (bias ? bias[n0 + j] : 0) + c[j];
-    }
+    };
+    store(c0, 0), store(c1, 1), store(c2, 2), store(c3, 3), store(c4, 4), store(c5, 5), store(c6, 6), store(c7, 7);
 }
 
 static void matmul_rows(real* out, const real* A, int64_t as, int64_t ak, const real* B, int N, int Kd,
@@ -304,9 +309,12 @@ static void matmul_rows(real* out, const real* A, int64_t as, int64_t ak, const 
         }
 }
 
+static int64_t g_flops = 0;  // multiply-adds x 2, counted from the shapes, for the benchmark
+
 static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real* B, int M, int N, int Kd,
                    const real* bias, bool add) {
     if (M <= 0 || N <= 0) return;
+    g_flops += 2 * (int64_t)M * N * Kd;
     int full_m = M / TM, full_n = N / TN * TN;
     int items = full_m + (M % TM ? 1 : 0);  // the leftover rows are one more work item
     auto work = [=](int i0, int i1) {
@@ -558,6 +566,7 @@ static void linear_backward(real* dinp, real* dw, real* db, const real* dout, co
 static void attention_forward(real* y, real* att, const real* qkv, const int* start, const int* len,
                               const int64_t* att_off, int B) {
     const real scale = 1 / std::sqrt((real)HS);
+    for (int b = 0; b < B; b++) g_flops += 2 * (int64_t)N_HEAD * len[b] * (len[b] + 1) * HS;  // q.k and att.v
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
         for (int i = i0; i < i1; i++) {
             int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
@@ -597,6 +606,7 @@ static void attention_forward(real* y, real* att, const real* qkv, const int* st
 static void attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, const int* start,
                                const int* len, const int64_t* att_off, int B) {
     const real scale = 1 / std::sqrt((real)HS);
+    for (int b = 0; b < B; b++) g_flops += 4 * (int64_t)N_HEAD * len[b] * (len[b] + 1) * HS;  // twice the forward
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
         real da[BLOCK_SIZE];
         for (int i = i0; i < i1; i++) {
@@ -1869,19 +1879,92 @@ static int sample_token(const real* logits, int V, double temperature, int top_k
     return V - 1;
 }
 
-// Extend ctx by up to max_new tokens. Line mode stops at the end marker or
-// when the line fills the trained context; text mode slides a window of
-// BLOCK_SIZE. Without a KV cache each token reruns the whole (short) window.
+// --- sampling with a KV cache. Generating token t with model_forward would
+// rerun all t positions, though only the last one is new: the keys and
+// values of the earlier positions do not change (attention looks only
+// backwards). So each layer keeps them in a cache, and one step runs the new
+// token alone through the same layer functions, attending over the cache:
+// the cost of a token grows with t (the attention), not with t^2.
+struct KVCache {
+    std::vector<real> k[N_LAYER], v[N_LAYER];  // [BLOCK_SIZE, C] per layer
+    int len = 0;                               // positions cached
+    // one token's activations, reused by every step
+    std::vector<real> x, ln, qkv, y, att, proj, probs, gate, out, logits;
+    std::vector<int> chosen;
+    MoeActs moe;
+};
+
+// Run token `tok` at position cache.len; leaves its logits in cache.logits.
+static void model_step(Model& m, KVCache& c, int tok) {
+    const int pos = c.len;
+    const uint8_t valid = 1;
+    real mu, rs;  // layernorm statistics, not needed afterwards
+    c.x.resize(C), c.ln.resize(C), c.qkv.resize(3 * C), c.y.resize(C), c.att.resize(BLOCK_SIZE), c.proj.resize(C);
+    c.probs.resize(E), c.gate.resize(K), c.chosen.resize(K), c.out.resize(C), c.logits.resize(m.V);
+    std::vector<real> logits(E);
+    encoder_forward(c.x.data(), &tok, &pos, m.p.wte, m.p.wpe, 1);
+    const real scale = 1 / std::sqrt((real)HS);
+    for (int l = 0; l < N_LAYER; l++) {
+        const LayerParams& w = m.p.h[l];
+        layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), w.ln1_w, w.ln1_b, 1);
+        linear_forward(c.qkv.data(), c.ln.data(), w.attn_w, w.attn_b, 1, C, 3 * C);
+        c.k[l].resize((size_t)BLOCK_SIZE * C), c.v[l].resize((size_t)BLOCK_SIZE * C);
+        std::memcpy(&c.k[l][(size_t)pos * C], &c.qkv[C], C * sizeof(real));
+        std::memcpy(&c.v[l][(size_t)pos * C], &c.qkv[2 * C], C * sizeof(real));
+        for (int h = 0; h < N_HEAD; h++) {  // attention_forward's loop body, for the last position only
+            const real* q = &c.qkv[h * HS];
+            real maxv = -1e30f, sum = 0;
+            for (int s = 0; s <= pos; s++) {
+                const real* k = &c.k[l][(size_t)s * C + h * HS];
+                real dot = 0;
+                for (int j = 0; j < HS; j++) dot += q[j] * k[j];
+                c.att[s] = dot * scale;
+                maxv = std::max(maxv, c.att[s]);
+            }
+            for (int s = 0; s <= pos; s++) sum += (c.att[s] = std::exp(c.att[s] - maxv));
+            for (int s = 0; s <= pos; s++) c.att[s] /= sum;
+            real* y = &c.y[h * HS];
+            for (int j = 0; j < HS; j++) y[j] = 0;
+            for (int s = 0; s <= pos; s++)
+                for (int j = 0; j < HS; j++) y[j] += c.att[s] * c.v[l][(size_t)s * C + h * HS + j];
+        }
+        linear_forward(c.proj.data(), c.y.data(), w.attn_proj_w, w.attn_proj_b, 1, C, C);
+        for (int i = 0; i < C; i++) c.x[i] += c.proj[i];
+        layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), w.ln2_w, w.ln2_b, 1);
+        linear_forward(logits.data(), c.ln.data(), w.router_w, nullptr, 1, C, E);
+        softmax_forward(c.probs.data(), logits.data(), 1, E);
+        topk_forward(c.chosen.data(), c.gate.data(), c.probs.data(), &valid, 1);
+        experts_forward(c.out.data(), c.moe, c.ln.data(), c.chosen.data(), c.gate.data(), w, 1);
+        for (int i = 0; i < C; i++) c.x[i] += c.out[i];
+    }
+    layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), m.p.lnf_w, m.p.lnf_b, 1);
+    linear_forward(c.logits.data(), c.ln.data(), m.p.lm_head, nullptr, 1, C, m.V);
+    c.len++;
+}
+
+// Extend ctx by up to max_new tokens, calling emit(token, ms) for each.
+// Line mode stops at the end marker or when the line fills the trained
+// context. Text mode runs on when the cache is full: positions are absolute
+// (wpe), so the window slides by refilling the cache with the last half.
 static std::vector<int> generate(Model& m, std::vector<int> ctx, int max_new, bool lines, int context,
-                                 double temperature, int top_k, Rng& rng, const std::function<void(int)>& emit) {
+                                 double temperature, int top_k, Rng& rng,
+                                 const std::function<void(int, double)>& emit) {
+    KVCache cache;
+    size_t fed = ctx.size() - std::min<size_t>(ctx.size(), BLOCK_SIZE);  // ctx[fed..] is in the cache
+    for (size_t i = fed; i < ctx.size(); i++) model_step(m, cache, ctx[i]);
     for (int i = 0; i < max_new; i++) {
         if (lines && (int)ctx.size() >= context) break;
-        int W = std::min<int>((int)ctx.size(), BLOCK_SIZE);
-        model_forward(m, ctx.data() + ctx.size() - W, nullptr, 1, W, 0);
-        int next = sample_token(&m.logits[(size_t)(W - 1) * m.V], m.V, temperature, top_k, rng);
+        double t0 = now_ms();
+        int next = sample_token(cache.logits.data(), m.V, temperature, top_k, rng);
         if (lines && next == 0) break;
         ctx.push_back(next);
-        if (emit) emit(next);
+        if (cache.len == BLOCK_SIZE) {  // slide: keep the last BLOCK_SIZE/2 tokens, recomputed at new positions
+            cache.len = 0;
+            for (size_t j = ctx.size() - BLOCK_SIZE / 2; j < ctx.size(); j++) model_step(m, cache, ctx[j]);
+        } else {
+            model_step(m, cache, next);
+        }
+        if (emit) emit(next, now_ms() - t0);
     }
     return ctx;
 }
@@ -2218,12 +2301,17 @@ static std::string print_load(const std::vector<double>& load) {
         if (ctx.empty()) ctx.push_back(1);  // text mode needs something to continue
         std::printf("%s", decode(ctx, vocab).c_str());
         std::fflush(stdout);
+        double ms = 0;
+        int n = 0;
         generate(m, ctx, text ? o.max_new_tokens : std::min(o.max_new_tokens, BLOCK_SIZE), !text, context,
-                 o.temperature, o.top_k, rng, [&](int t) {
+                 o.temperature, o.top_k, rng, [&](int t, double dt) {
                      std::printf("%c", vocab[t - 1]);
                      std::fflush(stdout);
+                     ms += dt, n++;
                  });
         std::printf("\n");
+        std::fflush(stdout);
+        std::fprintf(stderr, "(%d tokens, %.0f tokens/s)\n", n, n / std::max(ms / 1000, 1e-9));
         return;
     }
     Dataset d;

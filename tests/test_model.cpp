@@ -63,6 +63,23 @@ static void test_dense() {
     check(out == y && gate == std::vector<real>(M * K, 1), "dense build: the MoE layer is exactly a plain MLP");
 }
 
+// Sampling with the KV cache must give the logits of the full forward pass.
+static void test_kv_cache() {
+    const int V = 13, T = BLOCK_SIZE;
+    Model m;
+    random_model(m, V, 21);
+    std::vector<int> in, tg;
+    random_batch(in, tg, 1, T, V, 22);
+    model_forward(m, in.data(), nullptr, 1, T, 0);
+    KVCache cache;
+    double worst = 0;
+    for (int t = 0; t < T; t++) {
+        model_step(m, cache, in[t]);
+        for (int v = 0; v < V; v++) worst = std::max(worst, (double)std::fabs(cache.logits[v] - m.logits[(size_t)t * V + v]));
+    }
+    check(worst < 1e-4, "KV-cache steps give the full forward pass's logits at all %d positions: max diff %.2e", T, worst);
+}
+
 static void test_data() {
     namespace fs = std::filesystem;
     std::string path = (fs::temp_directory_path() / "moe_test_lines.txt").string();
@@ -164,6 +181,7 @@ int main() {
     test_aux();
     test_forward_reference();
     test_dense();
+    test_kv_cache();
     test_data();
     test_overfit();
     test_roundtrip();
