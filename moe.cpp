@@ -218,6 +218,10 @@ struct ThreadPool {
 };
 static ThreadPool g_pool;
 static int g_threads = 1;
+// True on a thread that is running a chunk of a parallel_for: a parallel_for
+// inside it (a matmul inside one expert, say) then runs serially on that
+// thread. Nothing changes in the result, only who computes it.
+static thread_local bool t_in_parallel = false;
 
 [[maybe_unused]] static void set_threads(int n) {
     g_threads = n;
@@ -231,13 +235,15 @@ static int g_threads = 1;
 template <class Fn>
 static void parallel_for(int n, const Fn& f) {
     int nt = std::min(g_threads, n);
-    if (nt <= 1) {
+    if (nt <= 1 || t_in_parallel) {
         if (n > 0) f(0, n);
         return;
     }
     std::function<void(int)> chunk = [&f, n, nt](int i) {
         Fn mine = f;
+        t_in_parallel = true;
         mine((int)((int64_t)n * i / nt), (int)((int64_t)n * (i + 1) / nt));
+        t_in_parallel = false;
     };
     g_pool.run(nt, chunk);
 }
@@ -309,7 +315,7 @@ static void matmul_rows(real* out, const real* A, int64_t as, int64_t ak, const 
         }
 }
 
-static int64_t g_flops = 0;  // multiply-adds x 2, counted from the shapes, for the benchmark
+static std::atomic<int64_t> g_flops{0};  // multiply-adds x 2, counted from the shapes, for the benchmark
 
 static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real* B, int M, int N, int Kd,
                    const real* bias, bool add) {
@@ -533,7 +539,7 @@ static void layernorm_backward(real* dinp, real* dw, real* db, const real* dout,
 // [IN, OUT] matrix; transposing w costs IN*OUT, against M*IN*OUT for the
 // product, so the forward pass copies it into a scratch buffer.
 static void linear_forward(real* out, const real* inp, const real* w, const real* b, int M, int IN, int OUT) {
-    static std::vector<real> wt;  // scratch, not an activation: nothing reads it later
+    static thread_local std::vector<real> wt;  // scratch, not an activation: nothing reads it later
     wt.resize((size_t)IN * OUT);
     for (int o0 = 0; o0 < OUT; o0 += 16)  // in 16x16 blocks, so reads and writes both stay in cache
         for (int i0 = 0; i0 < IN; i0 += 16)
@@ -874,13 +880,17 @@ static void experts_forward(real* out, MoeActs& a, const real* inp, const int* c
         if (chosen[i] >= 0) a.slot_of[i] = fill[chosen[i]]++, a.slot_src[a.slot_of[i]] = i;
     a.x.resize((size_t)S * C), a.h.resize((size_t)S * F), a.th.resize((size_t)S * F), a.hg.resize((size_t)S * F), a.y.resize((size_t)S * C);
     for (int s = 0; s < S; s++) std::memcpy(&a.x[(size_t)s * C], inp + (int64_t)(a.slot_src[s] / K) * C, C * sizeof(real));
-    for (int e = 0; e < E; e++) {
-        int s0 = a.offset[e], n = a.offset[e + 1] - s0;
-        if (n == 0) continue;
-        linear_forward(&a.h[(size_t)s0 * F], &a.x[(size_t)s0 * C], p.fc_w[e], p.fc_b[e], n, C, F);
-        gelu_forward(&a.hg[(size_t)s0 * F], &a.th[(size_t)s0 * F], &a.h[(size_t)s0 * F], (int64_t)n * F);
-        linear_forward(&a.y[(size_t)s0 * C], &a.hg[(size_t)s0 * F], p.proj_w[e], p.proj_b[e], n, F, C);
-    }
+    // The experts are independent (their own weights, their own rows), so
+    // the threads share them out, each running whole experts.
+    parallel_for(E, [&a, &p](int e0, int e1) {
+        for (int e = e0; e < e1; e++) {
+            int s0 = a.offset[e], n = a.offset[e + 1] - s0;
+            if (n == 0) continue;
+            linear_forward(&a.h[(size_t)s0 * F], &a.x[(size_t)s0 * C], p.fc_w[e], p.fc_b[e], n, C, F);
+            gelu_forward(&a.hg[(size_t)s0 * F], &a.th[(size_t)s0 * F], &a.h[(size_t)s0 * F], (int64_t)n * F);
+            linear_forward(&a.y[(size_t)s0 * C], &a.hg[(size_t)s0 * F], p.proj_w[e], p.proj_b[e], n, F, C);
+        }
+    });
     for (int m = 0; m < M; m++) {  // each token gathers its own K outputs: no write conflicts
         real* o = out + (int64_t)m * C;
         for (int i = 0; i < C; i++) o[i] = 0;
@@ -915,16 +925,18 @@ static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& w
         for (int c = 0; c < C; c++) dot += d[c] * y[c], ws.dy[(size_t)s * C + c] = gate[i] * d[c];
         dgate[i] += dot;
     }
-    for (int e = 0; e < E; e++) {
-        int s0 = a.offset[e], n = a.offset[e + 1] - s0;
-        if (n == 0) continue;
-        linear_backward(&ws.dhg[(size_t)s0 * F], g.proj_w[e], g.proj_b[e], &ws.dy[(size_t)s0 * C],
-                        &a.hg[(size_t)s0 * F], p.proj_w[e], n, F, C);
-        gelu_backward(&ws.dh[(size_t)s0 * F], &a.h[(size_t)s0 * F], &a.th[(size_t)s0 * F], &ws.dhg[(size_t)s0 * F],
-                      (int64_t)n * F);
-        linear_backward(&ws.dx[(size_t)s0 * C], g.fc_w[e], g.fc_b[e], &ws.dh[(size_t)s0 * F], &a.x[(size_t)s0 * C],
-                        p.fc_w[e], n, C, F);
-    }
+    parallel_for(E, [&a, &p, &g, &ws](int e0, int e1) {  // each expert's gradients are its own
+        for (int e = e0; e < e1; e++) {
+            int s0 = a.offset[e], n = a.offset[e + 1] - s0;
+            if (n == 0) continue;
+            linear_backward(&ws.dhg[(size_t)s0 * F], g.proj_w[e], g.proj_b[e], &ws.dy[(size_t)s0 * C],
+                            &a.hg[(size_t)s0 * F], p.proj_w[e], n, F, C);
+            gelu_backward(&ws.dh[(size_t)s0 * F], &a.h[(size_t)s0 * F], &a.th[(size_t)s0 * F], &ws.dhg[(size_t)s0 * F],
+                          (int64_t)n * F);
+            linear_backward(&ws.dx[(size_t)s0 * C], g.fc_w[e], g.fc_b[e], &ws.dh[(size_t)s0 * F], &a.x[(size_t)s0 * C],
+                            p.fc_w[e], n, C, F);
+        }
+    });
     for (int m = 0; m < M; m++)
         for (int j = 0; j < K; j++) {
             int s = a.slot_of[(size_t)m * K + j];
@@ -1147,7 +1159,9 @@ static void model_backward(Model& m) {
 //   p -= lr * wd * p                               decoupled weight decay
 //   m  = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2
 //   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-// Weight decay applies to every parameter, as in makemore.
+// Weight decay applies to every parameter, as in makemore. The gradient is
+// zeroed as it is used, ready for the next backward pass: a second sweep
+// over all the parameters just to zero them would cost as much again.
 struct AdamW {
     float lr = 5e-4f, weight_decay = 0.01f, beta1 = 0.9f, beta2 = 0.99f, eps = 1e-8f;
 };
@@ -1157,13 +1171,13 @@ static void adamw_update(Model& m, const AdamW& o, int64_t t) {
     const real decay = (real)(1 - (double)o.lr * o.weight_decay);
     const real b1 = o.beta1, b2 = o.beta2, eps = o.eps;
     const int chunk = 4096, n_chunks = (int)((m.n_params + chunk - 1) / chunk);
-    real *p = m.params.data(), *mm = m.adam_m.data(), *vv = m.adam_v.data();
-    const real* gr = m.grads.data();
+    real *p = m.params.data(), *mm = m.adam_m.data(), *vv = m.adam_v.data(), *gr = m.grads.data();
     const size_t n = m.n_params;
     parallel_for(n_chunks, [=](int c0, int c1) {
         size_t end = std::min(n, (size_t)c1 * chunk);
         for (size_t i = (size_t)c0 * chunk; i < end; i++) {
             real g = gr[i];
+            gr[i] = 0;
             mm[i] = b1 * mm[i] + (1 - b1) * g;
             vv[i] = b2 * vv[i] + (1 - b2) * g * g;
             p[i] = p[i] * decay - step_size * mm[i] / (std::sqrt(vv[i]) / bc2_sqrt + eps);
@@ -2233,8 +2247,7 @@ static std::string print_load(const std::vector<double>& load) {
         if (!std::isfinite(loss))
             fail("the loss became " + std::to_string(loss) + " at step " + std::to_string(step + 1) +
                  "; the checkpoints on disk are from before it. Try a lower --learning-rate");
-        std::fill(m.grads.begin(), m.grads.end(), (real)0);
-        model_backward(m);
+        model_backward(m);  // the gradients are zero: model_init and adamw_update leave them so
         adamw_update(m, opt, ++step);
         t_log += now_ms() - t0, tok_log += m.n_targets, n_log++;
         loss_log += loss, ce_log += m.ce, aux_log += m.aux_sum / N_LAYER;

@@ -8,7 +8,7 @@
 static int g_checks = 0, g_failures = 0;
 
 // Record one check; print the failures, and the passes when `verbose`.
-static bool check(bool ok, const char* fmt, ...) {
+[[maybe_unused]] static bool check(bool ok, const char* fmt, ...) {
     g_checks++;
     if (!ok) g_failures++;
     std::va_list ap;
@@ -20,7 +20,7 @@ static bool check(bool ok, const char* fmt, ...) {
     return ok;
 }
 
-static int report(const char* name) {
+[[maybe_unused]] static int report(const char* name) {
     std::printf("%s: %d checks, %d failed\n", name, g_checks, g_failures);
     return g_failures ? 1 : 0;
 }

@@ -1,0 +1,126 @@
+// The benchmark. Each build of this file (one per model shape, see
+// CMakeLists.txt) prints one row of a table:
+//   training:  median ms per step (forward, backward, AdamW; 30 steps after 10
+//              of warm-up), tokens/s, model GFLOP/s (counted from the shapes),
+//              peak memory beside what the model needs, and a checksum of the
+//              weights after those steps (equal for every thread count);
+//   sampling:  the time to make token 10 and token 250 of a sample with the
+//              KV cache (median over 5 samples), and tokens/s.
+//
+//   bench header
+//   bench train NAME DATA lines|text BATCH THREADS
+//   bench sample NAME DATA THREADS
+#include "common.h"
+
+#include <sys/resource.h>  // getrusage: peak memory (POSIX)
+
+static double peak_mb() {
+    rusage r;
+    getrusage(RUSAGE_SELF, &r);
+    return r.ru_maxrss / 1024.0;  // Linux reports kilobytes
+}
+
+// What the model needs: its four parameter-sized buffers and the activations
+// saved by the forward pass (and the backward pass's scratch).
+static double model_mb(const Model& m) {
+    size_t bytes = 4 * m.n_params * sizeof(real);
+    auto add = [&](const auto& v) { bytes += v.capacity() * sizeof(v[0]); };
+    for (const auto& a : m.L) {
+        for (const auto* v : {&a.x, &a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.att, &a.atty, &a.x_mid, &a.ln2,
+                              &a.ln2_mean, &a.ln2_rstd, &a.probs, &a.gate, &a.f, &a.moe_out, &a.moe.x, &a.moe.h,
+                              &a.moe.th, &a.moe.hg, &a.moe.y})
+            add(*v);
+        add(a.chosen), add(a.moe.slot_of), add(a.moe.slot_src);
+    }
+    for (const auto* v : {&m.x_out, &m.lnf, &m.lnf_mean, &m.lnf_rstd, &m.router_logits, &m.logits, &m.probs}) add(*v);
+    for (const auto* v : {&g_bw.dres, &g_bw.dln, &g_bw.datty, &g_bw.dqkv, &g_bw.dlogits, &g_bw.dgate, &g_bw.dprobs,
+                          &g_bw.drouter, &g_bw.moe.dy, &g_bw.moe.dhg, &g_bw.moe.dh, &g_bw.moe.dx})
+        add(*v);
+    return bytes / (1024.0 * 1024.0);
+}
+
+static double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+}
+
+static std::string shape() {
+    char b[96];
+    std::snprintf(b, sizeof b, "L%d C%d E%d K%d T%d", N_LAYER, C, E, K, BLOCK_SIZE);
+    return b;
+}
+
+static void bench_train(const std::string& name, const std::string& data, bool text, int B, int threads) {
+    set_threads(threads);
+    Dataset d = load_dataset(data, text, 1, "");
+    Model m;
+    model_init(m, (int)d.vocab.size() + 1);
+    Rng init = make_rng(1, STREAM_INIT), rng = make_rng(1, STREAM_TRAIN);
+    init_params(m.params, m.tensors, init);
+    AdamW opt;
+    std::vector<int> in, tg;
+    std::vector<double> ms;
+    int64_t tokens = 0, flops = 0;
+    for (int step = 1; step <= 40; step++) {
+        g_flops = 0;
+        double t0 = now_ms();
+        train_batch(in, tg, d, B, rng);
+        model_forward(m, in.data(), tg.data(), B, d.T, AUX_COEF);
+        model_backward(m);
+        adamw_update(m, opt, step);
+        if (step > 10) ms.push_back(now_ms() - t0), tokens += m.n_targets, flops += g_flops;
+    }
+    double med = median(ms), total = std::accumulate(ms.begin(), ms.end(), 0.0);
+    uint64_t hash = 1469598103934665603ull;  // FNV-1a of the weights' bytes
+    for (real w : m.params) {
+        unsigned char b[sizeof(real)];
+        std::memcpy(b, &w, sizeof b);
+        for (unsigned char c : b) hash = (hash ^ c) * 1099511628211ull;
+    }
+    std::printf("| %-10s | %-20s | %d | %8.2f | %9.0f | %7.1f | %7.1f | %7.1f | %016llx |\n", name.c_str(),
+                shape().c_str(), threads, med, tokens / (total / 1000), flops / (total / 1000) / 1e9, peak_mb(),
+                model_mb(m), (unsigned long long)hash);
+}
+
+static void bench_sample(const std::string& name, const std::string& data, int threads) {
+    set_threads(threads);
+    Dataset d = load_dataset(data, true, 1, "");
+    Model m;
+    model_init(m, (int)d.vocab.size() + 1);
+    Rng init = make_rng(1, STREAM_INIT), rng = make_rng(1, STREAM_SAMPLE);
+    init_params(m.params, m.tensors, init);
+    const int n = std::min(255, BLOCK_SIZE - 1);
+    std::vector<double> t10, t250, all;
+    for (int rep = 0; rep < 6; rep++) {
+        std::vector<double> t;
+        generate(m, {d.train_text[0]}, n, false, BLOCK_SIZE, 1.0, 0, rng, [&](int, double dt) { t.push_back(dt); });
+        if (rep == 0) continue;  // warm-up
+        t10.push_back(t[9]), t250.push_back(t[std::min(n, 250) - 1]);
+        all.insert(all.end(), t.begin(), t.end());
+    }
+    double a = median(t10), b = median(t250);
+    std::printf("| %-10s | %-20s | %d | token 10: %.3f ms | token %d: %.3f ms | ratio %.2f | %.0f tokens/s |\n",
+                name.c_str(), shape().c_str(), threads, a, std::min(n, 250), b, b / a,
+                all.size() / (std::accumulate(all.begin(), all.end(), 0.0) / 1000));
+}
+
+int main(int argc, char** argv) {
+    std::string mode = argc > 1 ? argv[1] : "";
+    try {
+        if (mode == "header") {
+            std::printf("| config     | shape                | threads | ms/step | tokens/s | GFLOP/s | peak MB | model MB | weights checksum |\n");
+            std::printf("|---|---|---|---|---|---|---|---|---|\n");
+        } else if (mode == "train" && argc == 7) {
+            bench_train(argv[2], argv[3], std::string(argv[4]) == "text", std::atoi(argv[5]), std::atoi(argv[6]));
+        } else if (mode == "sample" && argc == 5) {
+            bench_sample(argv[2], argv[3], std::atoi(argv[4]));
+        } else {
+            std::fprintf(stderr, "usage: bench header | train NAME DATA lines|text BATCH THREADS | sample NAME DATA THREADS\n");
+            return 2;
+        }
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+    return 0;
+}
