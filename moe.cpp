@@ -535,17 +535,11 @@ static void layernorm_backward(real* dinp, real* dw, real* db, const real* dout,
 #endif
 
 // --- Linear, as PyTorch's nn.Linear: out[M,OUT] = inp[M,IN] . w^T + b,
-// w is [OUT, IN], b is [OUT] or null. The product wants w^T as a row-major
-// [IN, OUT] matrix; transposing w costs IN*OUT, against M*IN*OUT for the
-// product, so the forward pass copies it into a scratch buffer.
-static void linear_forward(real* out, const real* inp, const real* w, const real* b, int M, int IN, int OUT) {
-    static thread_local std::vector<real> wt;  // scratch, not an activation: nothing reads it later
-    wt.resize((size_t)IN * OUT);
-    for (int o0 = 0; o0 < OUT; o0 += 16)  // in 16x16 blocks, so reads and writes both stay in cache
-        for (int i0 = 0; i0 < IN; i0 += 16)
-            for (int o = o0; o < std::min(OUT, o0 + 16); o++)
-                for (int i = i0; i < std::min(IN, i0 + 16); i++) wt[(size_t)i * OUT + o] = w[(size_t)o * IN + i];
-    matmul(out, inp, IN, 1, wt.data(), M, OUT, IN, b, false);
+// w is [OUT, IN], b is [OUT] or null. The product wants w^T, a row-major
+// [IN, OUT] matrix: the forward pass is given wt = w^T, which the model keeps
+// ready (see refresh_forward_params); the backward pass uses w itself.
+static void linear_forward(real* out, const real* inp, const real* wt, const real* b, int M, int IN, int OUT) {
+    matmul(out, inp, IN, 1, wt, M, OUT, IN, b, false);
 }
 #if !MOE_INFERENCE_ONLY
 // out = inp . w^T + b, so
@@ -561,6 +555,55 @@ static void linear_backward(real* dinp, real* dw, real* db, const real* dout, co
             for (int o = 0; o < OUT; o++) db[o] += dout[(int64_t)m * OUT + o];
 }
 #endif
+
+// --- exp, written so the compiler can vectorise it (the C library's expf is
+// one function call per element, and attention and the GELU make many).
+// Write x = n ln2 + r with n an integer and |r| <= ln2/2; then
+// exp(x) = 2^n exp(r), exp(r) is its Taylor polynomial of degree 6 (error
+// r^7/7! < 2e-7, a float's precision), and 2^n is written straight into the
+// float's exponent bits. (The double build, used by the gradient check,
+// keeps std::exp.)
+[[maybe_unused]] static inline float exp_poly(float x) {  // for -87 < x < 88
+    // round(x / ln2): adding then subtracting 1.5 * 2^23 leaves no fraction
+    // bits, so the float rounds to the nearest integer (std::floor or
+    // std::round here would stop the compiler from vectorising the loop).
+    float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
+    float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, ln2 split in two for precision
+    float p = 1 + r * (1 + r * (0.5f + r * (1 / 6.f + r * (1 / 24.f + r * (1 / 120.f + r * (1 / 720.f))))));
+    int32_t bits = ((int32_t)n + 127) << 23;  // the float 2^n
+    float scale;
+    std::memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+static inline real exp_fast(real x) {  // for x <= 0, as in a softmax after subtracting the max
+#if MOE_DOUBLE
+    return std::exp(x);
+#else
+    return exp_poly(x < -87.f ? -87.f : x);  // exp(-87) is 1.6e-38: zero, for a softmax
+#endif
+}
+
+// Softmax of one row of attention scores, in place. The max is subtracted
+// first so exp cannot overflow. The max and the sum run as eight interleaved
+// partial results: one running total makes each step wait for the last,
+// eight independent ones the CPU overlaps (and vectorises).
+static void softmax_row(real* a, int n) {
+    real mx[8], sm[8] = {};
+    for (int j = 0; j < 8; j++) mx[j] = a[0];
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) mx[j] = a[i + j] > mx[j] ? a[i + j] : mx[j];
+    real maxv = a[0];
+    for (int j = 0; j < 8; j++) maxv = mx[j] > maxv ? mx[j] : maxv;
+    for (int r = i; r < n; r++) maxv = a[r] > maxv ? a[r] : maxv;
+    for (int s = 0; s < n; s++) a[s] = exp_fast(a[s] - maxv);
+    for (i = 0; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) sm[j] += a[i + j];
+    real sum = 0;
+    for (int j = 0; j < 8; j++) sum += sm[j];
+    for (int r = i; r < n; r++) sum += a[r];
+    for (int s = 0; s < n; s++) a[s] /= sum;
+}
 
 // --- Causal self-attention over packed rows. qkv[M,3C] comes from c_attn
 // (q in channels 0..C, k in C..2C, v in 2C..3C; head h owns channels
@@ -580,17 +623,13 @@ static void attention_forward(real* y, real* att, const real* qkv, const int* st
             for (int t = 0; t < T; t++) {
                 const real* q = base + (int64_t)t * 3 * C + h * HS;
                 real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
-                real maxv = -1e30f;
                 for (int s = 0; s <= t; s++) {
                     const real* k = base + (int64_t)s * 3 * C + C + h * HS;
                     real dot = 0;
                     for (int j = 0; j < HS; j++) dot += q[j] * k[j];
                     a[s] = dot * scale;
-                    maxv = std::max(maxv, a[s]);
                 }
-                real sum = 0;
-                for (int s = 0; s <= t; s++) sum += (a[s] = std::exp(a[s] - maxv));  // minus max: no overflow
-                for (int s = 0; s <= t; s++) a[s] /= sum;
+                softmax_row(a, t + 1);
                 for (int s = t + 1; s < T; s++) a[s] = 0;
                 real* yt = y + ((int64_t)start[b] + t) * C + h * HS;
                 for (int j = 0; j < HS; j++) yt[j] = 0;
@@ -648,27 +687,12 @@ static void attention_backward(real* dqkv, const real* dy, const real* att, cons
 // --- GELU, the tanh form GPT-2 uses:
 //   gelu(x) = x/2 (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
 // The experts evaluate it S*F times per layer, so it has to be fast, and the
-// C library's tanhf and expf are one function call per element. In float,
-// tanh(u) = 1 - 2 / (exp(2u) + 1) with an exp the compiler can vectorise:
-// write x = n ln2 + r with n an integer and |r| <= ln2/2; then
-// exp(x) = 2^n exp(r), exp(r) is its Taylor polynomial of degree 6 (error
-// r^7/7! < 2e-7, a float's precision), and 2^n is written straight into the
-// float's exponent bits. u is clamped to +-9, where tanh is 1 in float.
+// C library's tanhf is one function call per element. In float,
+// tanh(u) = 1 - 2 / (exp(2u) + 1) with the vectorisable exp above; u is
+// clamped to +-9, where tanh is 1 in float.
 // tanh(u) is saved for the backward pass, which then needs no exp at all.
 // (The double build, used by the gradient check, keeps std::tanh.)
 static constexpr real GELU_S = (real)0.7978845608028654;  // sqrt(2/pi)
-[[maybe_unused]] static inline float exp_poly(float x) {  // for |x| < 80
-    // round(x / ln2): adding then subtracting 1.5 * 2^23 leaves no fraction
-    // bits, so the float rounds to the nearest integer (std::floor or
-    // std::round here would stop the compiler from vectorising the loop).
-    float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
-    float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, ln2 split in two for precision
-    float p = 1 + r * (1 + r * (0.5f + r * (1 / 6.f + r * (1 / 24.f + r * (1 / 120.f + r * (1 / 720.f))))));
-    int32_t bits = ((int32_t)n + 127) << 23;  // the float 2^n
-    float scale;
-    std::memcpy(&scale, &bits, 4);
-    return p * scale;
-}
 static inline real tanh_fast(real u) {
 #if MOE_DOUBLE
     return std::tanh(u);
@@ -865,7 +889,8 @@ struct MoeActs {  // what one MoE layer saves for backward
     std::vector<real> y;        // [S, C] expert outputs, before the gate
 };
 
-// out[M,C] = sum_j gate[m,j] * expert_{chosen[m,j]}(inp[m])
+// out[M,C] = sum_j gate[m,j] * expert_{chosen[m,j]}(inp[m]); p is the
+// layer's forward view of the weights (Linear weights transposed).
 static void experts_forward(real* out, MoeActs& a, const real* inp, const int* chosen, const real* gate,
                             const LayerParams& p, int M) {
     a.offset.assign(E + 1, 0);
@@ -1010,6 +1035,12 @@ struct Model {
     size_t n_params = 0;
     std::vector<real> params;
     Params p;
+    // The forward pass reads the weights through pt: a copy of params in
+    // which every Linear weight is stored transposed, [in, out], as
+    // linear_forward wants it. Refreshed at each forward pass (the weights
+    // change at every step), and once per sample when sampling.
+    std::vector<real> params_t;
+    Params pt;
 #if !MOE_INFERENCE_ONLY
     std::vector<real> grads, adam_m, adam_v;  // same layout as params
     Params g;
@@ -1037,10 +1068,37 @@ static void model_init(Model& m, int V) {
     m.n_params = m.tensors.back().offset + m.tensors.back().size;
     m.params.assign(m.n_params, 0);
     point_params(m.p, m.params.data(), m.tensors);
+    m.params_t.assign(m.n_params, 0);
+    point_params(m.pt, m.params_t.data(), m.tensors);
 #if !MOE_INFERENCE_ONLY
     m.grads.assign(m.n_params, 0), m.adam_m.assign(m.n_params, 0), m.adam_v.assign(m.n_params, 0);
     point_params(m.g, m.grads.data(), m.tensors);
 #endif
+}
+
+// dst[cols, rows] = src[rows, cols] transposed, in 16x16 blocks so that
+// both the reads and the writes stay in cache.
+static void transpose(real* dst, const real* src, int rows, int cols) {
+    for (int r0 = 0; r0 < rows; r0 += 16)
+        for (int c0 = 0; c0 < cols; c0 += 16)
+            for (int r = r0; r < std::min(rows, r0 + 16); r++)
+                for (int c = c0; c < std::min(cols, c0 + 16); c++) dst[(size_t)c * rows + r] = src[(size_t)r * cols + c];
+}
+
+// params_t = params, with every Linear weight (a 2-D tensor that is not an
+// embedding table) transposed. The tensors are shared out among the threads.
+static void refresh_forward_params(Model& m) {
+    const TensorInfo* t = m.tensors.data();
+    const real* src = m.params.data();
+    real* dst = m.params_t.data();
+    parallel_for((int)m.tensors.size(), [=](int i0, int i1) {
+        for (int i = i0; i < i1; i++) {
+            bool linear = t[i].shape.size() == 2 && t[i].name.find(".wte.") == std::string::npos &&
+                          t[i].name.find(".wpe.") == std::string::npos;
+            if (linear) transpose(dst + t[i].offset, src + t[i].offset, t[i].shape[0], t[i].shape[1]);
+            else std::memcpy(dst + t[i].offset, src + t[i].offset, t[i].size * sizeof(real));
+        }
+    });
 }
 
 // inputs, targets: [B,T]. targets may be null (sampling): then every position
@@ -1076,11 +1134,12 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
     m.x_out.resize((size_t)M * C), m.lnf.resize((size_t)M * C), m.lnf_mean.resize(M), m.lnf_rstd.resize(M);
     m.router_logits.resize((size_t)M * E), m.logits.resize((size_t)M * V), m.probs.resize((size_t)M * V);
 
-    encoder_forward(m.L[0].x.data(), m.tok.data(), m.pos.data(), m.p.wte, m.p.wpe, M);
+    refresh_forward_params(m);
+    encoder_forward(m.L[0].x.data(), m.tok.data(), m.pos.data(), m.pt.wte, m.pt.wpe, M);
     m.aux_sum = 0;
     for (int l = 0; l < N_LAYER; l++) {
         LayerActs& a = m.L[l];
-        const LayerParams& w = m.p.h[l];
+        const LayerParams& w = m.pt.h[l];
         layernorm_forward(a.ln1.data(), a.ln1_mean.data(), a.ln1_rstd.data(), a.x.data(), w.ln1_w, w.ln1_b, M);
         linear_forward(a.qkv.data(), a.ln1.data(), w.attn_w, w.attn_b, M, C, 3 * C);
         attention_forward(a.atty.data(), a.att.data(), a.qkv.data(), m.start.data(), m.len.data(), m.att_off.data(), B);
@@ -1096,8 +1155,8 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
         real* next = l + 1 < N_LAYER ? m.L[l + 1].x.data() : m.x_out.data();
         for (size_t i = 0; i < (size_t)M * C; i++) next[i] = a.x_mid[i] + a.moe_out[i];
     }
-    layernorm_forward(m.lnf.data(), m.lnf_mean.data(), m.lnf_rstd.data(), m.x_out.data(), m.p.lnf_w, m.p.lnf_b, M);
-    linear_forward(m.logits.data(), m.lnf.data(), m.p.lm_head, nullptr, M, C, V);
+    layernorm_forward(m.lnf.data(), m.lnf_mean.data(), m.lnf_rstd.data(), m.x_out.data(), m.pt.lnf_w, m.pt.lnf_b, M);
+    linear_forward(m.logits.data(), m.lnf.data(), m.pt.lm_head, nullptr, M, C, V);
     m.ce_sum = 0, m.ce = 0, m.n_targets = 0;
     if (!targets) return 0;
     m.ce_sum = crossentropy_forward(m.probs.data(), m.logits.data(), m.targets.data(), M, V, &m.n_targets);
@@ -1900,7 +1959,8 @@ static int sample_token(const real* logits, int V, double temperature, int top_k
 // token alone through the same layer functions, attending over the cache:
 // the cost of a token grows with t (the attention), not with t^2.
 struct KVCache {
-    std::vector<real> k[N_LAYER], v[N_LAYER];  // [BLOCK_SIZE, C] per layer
+    std::vector<real> kt[N_LAYER];  // [C, BLOCK_SIZE] per layer: keys, stored transposed (see model_step)
+    std::vector<real> v[N_LAYER];   // [BLOCK_SIZE, C] per layer: values
     int len = 0;                               // positions cached
     // one token's activations, reused by every step
     std::vector<real> x, ln, qkv, y, att, proj, probs, gate, out, logits;
@@ -1909,6 +1969,7 @@ struct KVCache {
 };
 
 // Run token `tok` at position cache.len; leaves its logits in cache.logits.
+// Reads the weights through m.pt: call refresh_forward_params first.
 static void model_step(Model& m, KVCache& c, int tok) {
     const int pos = c.len;
     const uint8_t valid = 1;
@@ -1916,27 +1977,27 @@ static void model_step(Model& m, KVCache& c, int tok) {
     c.x.resize(C), c.ln.resize(C), c.qkv.resize(3 * C), c.y.resize(C), c.att.resize(BLOCK_SIZE), c.proj.resize(C);
     c.probs.resize(E), c.gate.resize(K), c.chosen.resize(K), c.out.resize(C), c.logits.resize(m.V);
     std::vector<real> logits(E);
-    encoder_forward(c.x.data(), &tok, &pos, m.p.wte, m.p.wpe, 1);
+    encoder_forward(c.x.data(), &tok, &pos, m.pt.wte, m.pt.wpe, 1);
     const real scale = 1 / std::sqrt((real)HS);
     for (int l = 0; l < N_LAYER; l++) {
-        const LayerParams& w = m.p.h[l];
+        const LayerParams& w = m.pt.h[l];
         layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), w.ln1_w, w.ln1_b, 1);
         linear_forward(c.qkv.data(), c.ln.data(), w.attn_w, w.attn_b, 1, C, 3 * C);
-        c.k[l].resize((size_t)BLOCK_SIZE * C), c.v[l].resize((size_t)BLOCK_SIZE * C);
-        std::memcpy(&c.k[l][(size_t)pos * C], &c.qkv[C], C * sizeof(real));
+        c.kt[l].resize((size_t)C * BLOCK_SIZE), c.v[l].resize((size_t)BLOCK_SIZE * C);
+        for (int i = 0; i < C; i++) c.kt[l][(size_t)i * BLOCK_SIZE + pos] = c.qkv[C + i];
         std::memcpy(&c.v[l][(size_t)pos * C], &c.qkv[2 * C], C * sizeof(real));
         for (int h = 0; h < N_HEAD; h++) {  // attention_forward's loop body, for the last position only
             const real* q = &c.qkv[h * HS];
-            real maxv = -1e30f, sum = 0;
-            for (int s = 0; s <= pos; s++) {
-                const real* k = &c.k[l][(size_t)s * C + h * HS];
-                real dot = 0;
-                for (int j = 0; j < HS; j++) dot += q[j] * k[j];
-                c.att[s] = dot * scale;
-                maxv = std::max(maxv, c.att[s]);
+            // The scores q . k_s for all s at once: with the keys transposed,
+            // the inner loop runs over s and vectorises (the same sums, in the
+            // same order, as attention_forward's dot products).
+            for (int s = 0; s <= pos; s++) c.att[s] = 0;
+            for (int j = 0; j < HS; j++) {
+                const real* kj = &c.kt[l][(size_t)(h * HS + j) * BLOCK_SIZE];
+                for (int s = 0; s <= pos; s++) c.att[s] += q[j] * kj[s];
             }
-            for (int s = 0; s <= pos; s++) sum += (c.att[s] = std::exp(c.att[s] - maxv));
-            for (int s = 0; s <= pos; s++) c.att[s] /= sum;
+            for (int s = 0; s <= pos; s++) c.att[s] *= scale;
+            softmax_row(c.att.data(), pos + 1);
             real* y = &c.y[h * HS];
             for (int j = 0; j < HS; j++) y[j] = 0;
             for (int s = 0; s <= pos; s++)
@@ -1951,8 +2012,8 @@ static void model_step(Model& m, KVCache& c, int tok) {
         experts_forward(c.out.data(), c.moe, c.ln.data(), c.chosen.data(), c.gate.data(), w, 1);
         for (int i = 0; i < C; i++) c.x[i] += c.out[i];
     }
-    layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), m.p.lnf_w, m.p.lnf_b, 1);
-    linear_forward(c.logits.data(), c.ln.data(), m.p.lm_head, nullptr, 1, C, m.V);
+    layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), m.pt.lnf_w, m.pt.lnf_b, 1);
+    linear_forward(c.logits.data(), c.ln.data(), m.pt.lm_head, nullptr, 1, C, m.V);
     c.len++;
 }
 
@@ -1964,6 +2025,7 @@ static std::vector<int> generate(Model& m, std::vector<int> ctx, int max_new, bo
                                  double temperature, int top_k, Rng& rng,
                                  const std::function<void(int, double)>& emit) {
     KVCache cache;
+    refresh_forward_params(m);
     size_t fed = ctx.size() - std::min<size_t>(ctx.size(), BLOCK_SIZE);  // ctx[fed..] is in the cache
     for (size_t i = fed; i < ctx.size(); i++) model_step(m, cache, ctx[i]);
     for (int i = 0; i < max_new; i++) {

@@ -137,9 +137,10 @@ static void check_layers() {
         [&](const std::vector<real>& x) { std::vector<real> y(M * C); layernorm_forward(y.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), M); return y; },
         [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * C); layernorm_backward(dx.data(), dw.data(), db.data(), d.data(), x.data(), w.data(), mean.data(), rstd.data(), M); return dx; }, 1);
 
-    std::vector<real> W = randv(OUT * IN, 0.5), bias = randv(OUT, 0.5), dW(OUT * IN), dbias(OUT);
+    std::vector<real> W = randv(OUT * IN, 0.5), Wt(IN * OUT), bias = randv(OUT, 0.5), dW(OUT * IN), dbias(OUT);
+    transpose(Wt.data(), W.data(), OUT, IN);  // the forward pass takes the weight transposed
     check_input("linear", randv(M * IN, 1),
-        [&](const std::vector<real>& x) { std::vector<real> y(M * OUT); linear_forward(y.data(), x.data(), W.data(), bias.data(), M, IN, OUT); return y; },
+        [&](const std::vector<real>& x) { std::vector<real> y(M * OUT); linear_forward(y.data(), x.data(), Wt.data(), bias.data(), M, IN, OUT); return y; },
         [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * IN); linear_backward(dx.data(), dW.data(), dbias.data(), d.data(), x.data(), W.data(), M, IN, OUT); return dx; }, 2);
 
     // two packed sequences of different lengths, 4 + 2 = M rows
@@ -182,14 +183,15 @@ static void check_layers() {
 
     Model m;
     random_model(m, 5, 11);
+    refresh_forward_params(m);  // experts_forward reads m.pt, experts_backward m.p
     MoeActs acts;
     MoeGrad ws;
     std::vector<real> x0 = randv(M * C, 1), g0 = gate;
     check_input("experts (x)", x0,
-        [&](const std::vector<real>& x) { std::vector<real> y(M * C); experts_forward(y.data(), acts, x.data(), chosen.data(), g0.data(), m.p.h[0], M); return y; },
+        [&](const std::vector<real>& x) { std::vector<real> y(M * C); experts_forward(y.data(), acts, x.data(), chosen.data(), g0.data(), m.pt.h[0], M); return y; },
         [&](const std::vector<real>& x, const std::vector<real>& d) { (void)x; std::vector<real> dx(M * C), dg(M * K); experts_backward(dx.data(), dg.data(), m.g.h[0], ws, d.data(), acts, g0.data(), m.p.h[0], M); return dx; }, 8);
     check_input("experts (gate)", g0,
-        [&](const std::vector<real>& g) { std::vector<real> y(M * C); experts_forward(y.data(), acts, x0.data(), chosen.data(), g.data(), m.p.h[0], M); return y; },
+        [&](const std::vector<real>& g) { std::vector<real> y(M * C); experts_forward(y.data(), acts, x0.data(), chosen.data(), g.data(), m.pt.h[0], M); return y; },
         [&](const std::vector<real>& g, const std::vector<real>& d) { std::vector<real> dx(M * C), dg(M * K); experts_backward(dx.data(), dg.data(), m.g.h[0], ws, d.data(), acts, g.data(), m.p.h[0], M); return dg; }, 9);
 
     std::vector<int> targets = {1, 0, -1, 5, 2, 3};

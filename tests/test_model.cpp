@@ -50,7 +50,8 @@ static void test_dense() {
     for (auto& v : x) v = (real)r.normal();
     std::vector<int> chosen(M * K);
     std::vector<uint8_t> valid(M, 1);
-    const LayerParams& p = m.p.h[0];
+    refresh_forward_params(m);
+    const LayerParams& p = m.pt.h[0];  // the forward view: Linear weights transposed
     linear_forward(logits.data(), x.data(), p.router_w, nullptr, M, C, E);
     softmax_forward(probs.data(), logits.data(), M, E);
     topk_forward(chosen.data(), gate.data(), probs.data(), valid.data(), M);
