@@ -20,10 +20,11 @@ static double peak_mb() {
     return r.ru_maxrss / 1024.0;  // Linux reports kilobytes
 }
 
-// What the model needs: its four parameter-sized buffers and the activations
-// saved by the forward pass (and the backward pass's scratch).
+// What the model needs: its five parameter-sized buffers (weights, their
+// transposed copy for the forward pass, gradients, two AdamW moments) and the
+// activations saved by the forward pass (and the backward pass's scratch).
 static double model_mb(const Model& m) {
-    size_t bytes = 4 * m.n_params * sizeof(real);
+    size_t bytes = 5 * m.n_params * sizeof(real);
     auto add = [&](const auto& v) { bytes += v.capacity() * sizeof(v[0]); };
     for (const auto& a : m.L) {
         for (const auto* v : {&a.x, &a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.att, &a.atty, &a.x_mid, &a.ln2,
