@@ -48,6 +48,7 @@ F expert hidden width (4C), N positions that carry a target, S routing slots.
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -1276,18 +1277,29 @@ struct Dataset {
 
 // The whole file as bytes. The checks come first so that the common
 // mistakes get a message that says what to do, not just "cannot open".
-static std::string read_file(const std::string& path) {
+// Files are read whole, so a size limit keeps a wrong path (a disk image, a
+// FIFO that never ends) from becoming an out-of-memory kill.
+constexpr uint64_t MAX_FILE_BYTES = (uint64_t)1 << 30;
+static std::string read_file(const std::string& path, uint64_t max_bytes = MAX_FILE_BYTES) {
     namespace fs = std::filesystem;
     std::error_code ec;
     if (!fs::exists(path, ec)) fail("cannot open '" + path + "': no such file (check the path given with -i/--input-file)");
     if (fs::is_directory(path, ec)) fail("'" + path + "' is a directory, not a file: give a text file with -i/--input-file");
+    if (!fs::is_regular_file(path, ec))
+        fail("'" + path + "' is not a regular file (a FIFO or a device?): give a file on disk");
+    uint64_t size = fs::file_size(path, ec);
+    if (ec) fail("cannot read the size of '" + path + "': " + ec.message());
+    if (size > max_bytes)
+        fail("'" + path + "' has " + std::to_string(size) + " bytes; moe.cpp reads its inputs into memory and takes at most " +
+             std::to_string(max_bytes) + " here: use a smaller file");
     std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), std::fclose);
     if (!f) fail("cannot open '" + path + "': " + std::strerror(errno));
     std::string s;
     char buf[1 << 16];
     size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, f.get())) > 0) s.append(buf, n);
+    while ((n = std::fread(buf, 1, sizeof buf, f.get())) > 0 && s.size() <= max_bytes) s.append(buf, n);
     if (std::ferror(f.get())) fail("error reading '" + path + "': " + std::strerror(errno));
+    if (s.size() > max_bytes) fail("'" + path + "' grew past " + std::to_string(max_bytes) + " bytes while being read");
     return s;
 }
 
@@ -1363,10 +1375,11 @@ static std::vector<std::vector<int>> encode_lines(const std::vector<Line>& lines
 }
 
 // vocab: the checkpoint's when resuming, else empty (taken from the file).
-static Dataset load_dataset(const std::string& path, bool text, uint64_t seed, const std::string& vocab) {
+// The bytes `raw` of a file named `path` (for messages) as a data set.
+static Dataset dataset_from_bytes(const std::string& raw, const std::string& path, bool text, uint64_t seed,
+                                  const std::string& vocab) {
     Dataset d;
     d.text = text;
-    std::string raw = read_file(path);
     if (raw.empty()) fail("'" + path + "' is empty: give a file with one example per line, or any text with --text");
     if (text) {  // one stream: the first 90% trains, the last 10% tests
         d.vocab = vocab.empty() ? vocab_of(raw) : vocab;
@@ -1384,6 +1397,10 @@ static Dataset load_dataset(const std::string& path, bool text, uint64_t seed, c
     }
     std::vector<Line> lines = split_lines(raw);
     if (lines.empty()) fail("'" + path + "' has no non-empty lines: line mode needs one example per line");
+    for (const auto& l : lines)
+        if (l.text.find('\0') != std::string::npos)
+            fail(path + ":" + std::to_string(l.number) +
+                 ": a NUL byte: this looks like a binary file, not lines of text (use --text to train on raw bytes)");
     std::string bytes;
     size_t longest = 0;
     for (const auto& l : lines) bytes += l.text, longest = std::max(longest, l.text.size());
@@ -1403,6 +1420,10 @@ static Dataset load_dataset(const std::string& path, bool text, uint64_t seed, c
         (is_test ? d.test_lines : d.train_lines).insert(lines[perm[i]].text);
     }
     return d;
+}
+
+static Dataset load_dataset(const std::string& path, bool text, uint64_t seed, const std::string& vocab) {
+    return dataset_from_bytes(read_file(path), path, text, seed, vocab);
 }
 
 // Fill inputs/targets [n, T] with the lines numbered in `which`, in the
@@ -1690,24 +1711,21 @@ static uint64_t json_uint(const Json& j, const std::string& what) {
     return std::stoull(j.s);
 }
 
-// Read and validate a safetensors file: the header length fits the file,
-// the header is a JSON object, each tensor is F32 with offsets inside the
-// data that agree with its shape, and the tensors tile the data exactly
+// Validate a safetensors file given as bytes: the header length fits the
+// file, the header is a JSON object, each tensor is F32 with offsets inside
+// the data that agree with its shape, and the tensors tile the data exactly
 // (no overlap, no gap, nothing left over). Which tensors must be there is
-// load_model's business.
-static Checkpoint read_safetensors(const std::string& path) {
-    namespace fs = std::filesystem;
-    std::error_code ec;
-    if (!fs::exists(path, ec))
-        fail("checkpoint '" + path + "' does not exist: train first (./moe), or point to one with -o/--work-dir or --checkpoint");
+// load_model's business. (The fuzzer calls this directly.)
+static Checkpoint parse_safetensors(const std::string& raw, const std::string& path) {
     Checkpoint ck;
     ck.path = path;
-    std::string raw = read_file(path);
+    const uint64_t max_header = 1 << 20;
     auto bad = [&](const std::string& why) { fail("checkpoint '" + path + "' is not a valid safetensors file: " + why); };
     if (raw.size() < 8) bad("shorter than the 8-byte header length (truncated?)");
     uint64_t n = 0;
     for (int i = 7; i >= 0; i--) n = n << 8 | (unsigned char)raw[i];
     if (n > raw.size() - 8) bad("header length " + std::to_string(n) + " runs past the end of the file (truncated?)");
+    if (n > max_header) bad("header length " + std::to_string(n) + " is absurd (more than 1 MiB)");
     std::string header = raw.substr(8, n);
     ck.data = raw.substr(8 + n);
     Json root;
@@ -1767,6 +1785,23 @@ static Checkpoint read_safetensors(const std::string& path) {
     }
     if (at != ck.data.size()) bad("the data section has " + std::to_string(ck.data.size() - at) + " stray bytes");
     return ck;
+}
+
+// Read a checkpoint file, refusing at once one too large to be a checkpoint.
+static Checkpoint read_safetensors(const std::string& path) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    if (!fs::exists(path, ec))
+        fail("checkpoint '" + path + "' does not exist: train first (./moe), or point to one with -o/--work-dir or --checkpoint");
+    // The largest checkpoint this build can write: a vocabulary of all 256
+    // bytes, weights and both AdamW moments, and a generous header.
+    const std::vector<TensorInfo> layout = param_layout(MAX_VOCAB);
+    const uint64_t max_header = 1 << 20, max_size = 8 + max_header + 3 * 4 * (layout.back().offset + layout.back().size);
+    if (fs::file_size(path, ec) > max_size && !ec)
+        fail("checkpoint '" + path + "' has " + std::to_string(fs::file_size(path, ec)) +
+             " bytes, more than any checkpoint of this build (" + std::to_string(max_size) +
+             "): it is not one, or it was made with larger -DMOE_... constants");
+    return parse_safetensors(read_file(path, max_size), path);
 }
 
 // Copy tensor `name` of shape `shape` into dst, converting float32 to real.
@@ -2198,6 +2233,26 @@ static std::string config_string() {
 }
 
 #if !MOE_INFERENCE_ONLY
+// Ctrl-C (SIGINT) or SIGTERM: the handler only records it; the training loop
+// finishes its step, saves a checkpoint to resume from, and exits with
+// 128 + the signal number. A second signal exits at once: the checkpoint on
+// disk is still whole, since checkpoints are only ever renamed into place.
+static volatile std::sig_atomic_t g_signal = 0;
+extern "C" void on_signal(int sig) {
+    if (g_signal) std::_Exit(128 + sig);
+    g_signal = sig;
+}
+
+// The first parameter tensor whose gradient holds a NaN or an infinity, or
+// null. Checked every step, so a run that blows up stops before a bad update
+// reaches the weights (and the checkpoints).
+static const TensorInfo* bad_gradient(const Model& m) {
+    for (const auto& t : m.tensors)
+        for (size_t i = 0; i < t.size; i++)
+            if (!std::isfinite(m.grads[t.offset + i])) return &t;
+    return nullptr;
+}
+
 // The metadata every checkpoint carries: the shape (checked on load), the
 // data mode and vocabulary (needed to use the model), and where training was.
 // %.17g prints a double that reads back exactly.
@@ -2239,7 +2294,7 @@ static std::string print_load(const std::vector<double>& load) {
     return s;
 }
 
-[[maybe_unused]] static void train(const Options& o) {
+[[maybe_unused]] static int train(const Options& o) {
     namespace fs = std::filesystem;
     const std::string last = (fs::path(o.work_dir) / "last.safetensors").string();
     const std::string best_path = (fs::path(o.work_dir) / "model.safetensors").string();
@@ -2293,6 +2348,18 @@ static std::string print_load(const std::vector<double>& load) {
     std::printf("training: batch %d, AdamW lr %g wd %g, aux_coef %g, steps %lld\n", o.batch_size, o.learning_rate,
                 o.weight_decay, o.aux_coef, (long long)o.max_steps);
 
+    // last.safetensors: everything --resume needs to continue exactly.
+    auto save_last = [&] {
+        Meta meta = model_meta(d.vocab, d.text, d.T, step, seed, best);
+        meta["rng"] = std::to_string(rng.state);
+        std::vector<SaveTensor> ts = model_tensors(m);
+        ts.push_back({"adamw.m", {(int64_t)m.n_params}, m.adam_m.data()});
+        ts.push_back({"adamw.v", {(int64_t)m.n_params}, m.adam_v.data()});
+        write_safetensors(last, ts, meta);
+    };
+    std::signal(SIGINT, on_signal);
+    std::signal(SIGTERM, on_signal);
+
     // The training loop: a batch, the forward pass (loss), zeroed gradients,
     // the backward pass, one AdamW step. Every log interval, the averages
     // since the last line; every eval interval, the train and test loss, the
@@ -2311,6 +2378,10 @@ static std::string print_load(const std::vector<double>& load) {
             fail("the loss became " + std::to_string(loss) + " at step " + std::to_string(step + 1) +
                  "; the checkpoints on disk are from before it. Try a lower --learning-rate");
         model_backward(m);  // the gradients are zero: model_init and adamw_update leave them so
+        if (const TensorInfo* t = bad_gradient(m))
+            fail("the gradient of " + t->name + " became NaN or infinite at step " + std::to_string(step + 1) +
+                 " (loss " + std::to_string(loss) + "); the checkpoints on disk are from before it. Try a lower "
+                 "--learning-rate");
         adamw_update(m, opt, ++step);
         t_log += now_ms() - t0, tok_log += m.n_targets, n_log++;
         loss_log += loss, ce_log += m.ce, aux_log += m.aux_sum / N_LAYER;
@@ -2333,14 +2404,15 @@ static std::string print_load(const std::vector<double>& load) {
                 write_safetensors(best_path, model_tensors(m), model_meta(d.vocab, d.text, d.T, step, seed, best));
                 std::printf("step %6lld | new best test loss, saved %s\n", (long long)step, best_path.c_str());
             }
-            // last.safetensors: everything --resume needs to continue exactly
-            Meta meta = model_meta(d.vocab, d.text, d.T, step, seed, best);
-            meta["rng"] = std::to_string(rng.state);
-            std::vector<SaveTensor> ts = model_tensors(m);
-            ts.push_back({"adamw.m", {(int64_t)m.n_params}, m.adam_m.data()});
-            ts.push_back({"adamw.v", {(int64_t)m.n_params}, m.adam_v.data()});
-            write_safetensors(last, ts, meta);
+            save_last();
             std::fflush(stdout);
+        }
+        if (g_signal) {
+            save_last();
+            std::printf("stopped by %s after step %lld: saved %s\ncontinue with the same command and --resume\n",
+                        g_signal == SIGINT ? "Ctrl-C" : "SIGTERM", (long long)step, last.c_str());
+            std::fflush(stdout);
+            return 128 + g_signal;
         }
     }
     // Samples from the final weights, from a generator of their own.
@@ -2354,6 +2426,7 @@ static std::string print_load(const std::vector<double>& load) {
     } else {
         print_line_samples(m, d.vocab, d.T, o.num_samples, o.temperature, o.top_k, srng, &d);
     }
+    return 0;
 }
 #endif
 
@@ -2427,7 +2500,8 @@ static std::string print_load(const std::vector<double>& load) {
 
 #ifndef MOE_NO_MAIN  // tests include this file and bring their own main
 // Exit codes: 0 done, 1 an error in the data, a checkpoint or the disk
-// (the message says which), 2 a mistake on the command line.
+// (the message says which), 2 a mistake on the command line, 130 or 143
+// stopped by Ctrl-C or SIGTERM (with a checkpoint to resume from).
 int main(int argc, char** argv) {
     try {
         Options o = parse_args(argc, argv);
@@ -2435,7 +2509,7 @@ int main(int argc, char** argv) {
         if (!o.eval_files.empty()) eval_files(o);
         else if (o.sample_only || o.have_prompt || INFERENCE_ONLY) sample_only(o);
 #if !MOE_INFERENCE_ONLY
-        else train(o);
+        else return train(o);
 #endif
         return 0;
     } catch (const UsageError& e) {
