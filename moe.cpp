@@ -173,6 +173,8 @@ struct ThreadPool {
     std::atomic<uint64_t> generation{0};  // bumped once per parallel_for
     std::atomic<bool> quit{false};
 
+    // Thread 0 is the caller; threads 1..n-1 are workers that live as long
+    // as the program.
     void start(int n_threads) {
         for (int i = 1; i < n_threads; i++) workers.emplace_back([this, i] { loop(i); });
     }
@@ -196,6 +198,8 @@ struct ThreadPool {
             }
         }
     }
+    // Publish the job, bump the generation (which is what the workers wait
+    // for), run chunk 0 here, then wait until every worker has reported.
     void run(int n, const std::function<void(int)>& f) {  // f(0) .. f(n-1), n <= threads
         job = &f;
         n_jobs.store(n), pending.store(n - 1);
@@ -208,7 +212,7 @@ struct ThreadPool {
         for (int spins = 0; pending.load(std::memory_order_acquire) != 0; spins++)
             if (spins > 1000) std::this_thread::yield();
     }
-    ~ThreadPool() {
+    ~ThreadPool() {  // at exit: wake every worker with quit set, and join them
         {
             std::lock_guard<std::mutex> lock(mu);
             quit = true;
@@ -373,7 +377,7 @@ struct Params {
 // The tensor table for vocabulary size V, in state_dict order.
 static std::vector<TensorInfo> param_layout(int V) {
     std::vector<TensorInfo> t;
-    size_t off = 0;
+    size_t off = 0;  // tensors follow each other in the buffer, in this order
     auto add = [&](const std::string& name, std::vector<int> shape) {
         size_t n = 1;
         for (int d : shape) n *= (size_t)d;
@@ -410,7 +414,7 @@ static std::vector<TensorInfo> param_layout(int V) {
 // Point the named fields at their tensors inside `base` (the parameters, or
 // the gradients, which share the layout). The order matches param_layout.
 static void point_params(Params& p, real* base, const std::vector<TensorInfo>& t) {
-    size_t i = 0;
+    size_t i = 0;  // walks the table in the order param_layout wrote it
     auto next = [&] { return base + t[i++].offset; };
     p.wte = next(), p.wpe = next();
     for (auto& L : p.h) {
@@ -434,6 +438,7 @@ static void init_params(std::vector<real>& params, const std::vector<TensorInfo>
         real* w = params.data() + ti.offset;
         const std::string& n = ti.name;
         auto ends = [&](const char* s) { return n.size() >= strlen(s) && n.compare(n.size() - strlen(s), strlen(s), s) == 0; };
+        // The tensor's role is in its name, as in PyTorch's module tree.
         if (n.find(".wte.") != std::string::npos || n.find(".wpe.") != std::string::npos) {
             for (size_t i = 0; i < ti.size; i++) w[i] = (real)rng.normal();
         } else if (n.find("ln_") != std::string::npos) {
@@ -1124,6 +1129,8 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
         }
     }
     const int M = m.M = (int)m.tok.size(), V = m.V;
+    // Size every saved activation for these M rows. resize keeps the memory
+    // of a larger batch, so after the first step nothing is allocated.
     m.valid.resize(M);
     for (int i = 0; i < M; i++) m.valid[i] = targets ? m.targets[i] >= 0 : 1;
     for (auto& a : m.L) {
@@ -1136,6 +1143,8 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
     m.x_out.resize((size_t)M * C), m.lnf.resize((size_t)M * C), m.lnf_mean.resize(M), m.lnf_rstd.resize(M);
     m.router_logits.resize((size_t)M * E), m.logits.resize((size_t)M * V), m.probs.resize((size_t)M * V);
 
+    // The forward pass proper: each layer reads the previous one's output
+    // and writes its own named activations.
     refresh_forward_params(m);
     encoder_forward(m.L[0].x.data(), m.tok.data(), m.pos.data(), m.pt.wte, m.pt.wpe, M);
     m.aux_sum = 0;
@@ -1146,7 +1155,7 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
         linear_forward(a.qkv.data(), a.ln1.data(), w.attn_w, w.attn_b, M, C, 3 * C);
         attention_forward(a.atty.data(), a.att.data(), a.qkv.data(), m.start.data(), m.len.data(), m.att_off.data(), B);
         linear_forward(a.x_mid.data(), a.atty.data(), w.attn_proj_w, w.attn_proj_b, M, C, C);
-        for (size_t i = 0; i < (size_t)M * C; i++) a.x_mid[i] += a.x[i];
+        for (size_t i = 0; i < (size_t)M * C; i++) a.x_mid[i] += a.x[i];  // the residual connection
         layernorm_forward(a.ln2.data(), a.ln2_mean.data(), a.ln2_rstd.data(), a.x_mid.data(), w.ln2_w, w.ln2_b, M);
         linear_forward(m.router_logits.data(), a.ln2.data(), w.router_w, nullptr, M, C, E);
         softmax_forward(a.probs.data(), m.router_logits.data(), M, E);
@@ -1159,6 +1168,8 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
     }
     layernorm_forward(m.lnf.data(), m.lnf_mean.data(), m.lnf_rstd.data(), m.x_out.data(), m.pt.lnf_w, m.pt.lnf_b, M);
     linear_forward(m.logits.data(), m.lnf.data(), m.pt.lm_head, nullptr, M, C, V);
+    // The loss: mean cross-entropy over the positions with a target, plus
+    // the weighted load-balancing loss of every layer.
     m.ce_sum = 0, m.ce = 0, m.n_targets = 0;
     if (!targets) return 0;
     m.ce_sum = crossentropy_forward(m.probs.data(), m.logits.data(), m.targets.data(), M, V, &m.n_targets);
@@ -1180,6 +1191,8 @@ struct Backward {  // scratch for gradients flowing between layers; reused by ev
 static void model_backward(Model& m) {
     const int M = m.M, V = m.V;
     Backward& w = g_bw;
+    // Zero the buffers this pass accumulates into, then start from the loss:
+    // cross-entropy -> lm_head -> ln_f, which gives dres at the top.
     w.dres.assign((size_t)M * C, 0);
     w.dlogits.assign((size_t)M * V, 0);
     w.dln.assign((size_t)M * C, 0);
@@ -1266,6 +1279,7 @@ static void adamw_update(Model& m, const AdamW& o, int64_t t) {
 // bytes; the first 90% trains, the rest tests, and a training example is a
 // random window of T = BLOCK_SIZE inputs and the T bytes that follow them.
 
+// A data set after splitting and encoding, for either mode.
 struct Dataset {
     bool text = false;
     std::string vocab;  // token i+1 is byte vocab[i]
@@ -1303,6 +1317,7 @@ static std::string read_file(const std::string& path, uint64_t max_bytes = MAX_F
     return s;
 }
 
+// A line of a file, with its number for error messages.
 struct Line {
     std::string text;
     int64_t number;  // 1-based line number in the file, for error messages
@@ -1454,7 +1469,7 @@ static void train_batch(std::vector<int>& inputs, std::vector<int>& targets, con
         lines_batch(inputs.data(), targets.data(), d.train, which, d.T);
         return;
     }
-    for (int b = 0; b < B; b++) {
+    for (int b = 0; b < B; b++) {  // text mode: a random window and the byte after each position
         size_t s = rng.below(d.train_text.size() - d.T);
         for (int t = 0; t < d.T; t++) inputs[b * d.T + t] = d.train_text[s + t], targets[b * d.T + t] = d.train_text[s + t + 1];
     }
@@ -1550,7 +1565,7 @@ static void write_safetensors(const std::string& path, const std::vector<SaveTen
     {
         std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(tmp.c_str(), "wb"), std::fclose);
         if (!f) bad("open " + tmp);
-        unsigned char len[8];
+        unsigned char len[8];  // the header length, little-endian
         for (int i = 0; i < 8; i++) len[i] = (unsigned char)((uint64_t)h.size() >> (8 * i));
         bool ok = std::fwrite(len, 1, 8, f.get()) == 8 && std::fwrite(h.data(), 1, h.size(), f.get()) == h.size();
         std::vector<unsigned char> buf;
@@ -1566,11 +1581,13 @@ static void write_safetensors(const std::string& path, const std::vector<SaveTen
             }
             ok = ok && std::fwrite(buf.data(), 1, buf.size(), f.get()) == buf.size();
         }
+        // fwrite may buffer: only a successful fflush means the bytes reached
+        // the kernel, and only fsync that they reached the disk.
         if (!ok || std::fflush(f.get()) != 0) bad("write");
 #if defined(__unix__) || defined(__APPLE__)
         if (fsync(fileno(f.get())) != 0) bad("fsync");
 #endif
-        FILE* raw = f.release();
+        FILE* raw = f.release();  // close by hand: its error matters too
         if (std::fclose(raw) != 0) bad("close");
     }
     std::error_code ec;
@@ -1593,13 +1610,19 @@ struct Json {
     std::vector<std::pair<std::string, Json>> obj;
 };
 
+// A recursive-descent parser: value() looks at one character and hands over
+// to the rule for an object, an array, a string, a number or a literal; each
+// rule consumes exactly its own text and leaves i just after it. Every read
+// checks i against the end first, so truncated input is an error, not a read
+// past the buffer.
 struct JsonParser {
     const std::string& s;
-    size_t i = 0;
+    size_t i = 0;  // the next byte to read
     [[noreturn]] void error(const std::string& what) { fail("invalid JSON at byte " + std::to_string(i) + ": " + what); }
-    void ws() {
+    void ws() {  // skip whitespace, as JSON allows between any two tokens
         while (i < s.size() && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) i++;
     }
+    // A string, with its escapes decoded. Raw control bytes are invalid JSON.
     std::string str() {
         if (s[i] != '"') error("expected a string");
         std::string o;
@@ -1643,6 +1666,9 @@ struct JsonParser {
         i++;
         return o;
     }
+    // Any value. depth counts the enclosing objects and arrays: a header is
+    // two deep, so a limit of 8 stops a file of ten thousand '[' from
+    // exhausting the stack.
     Json value(int depth) {
         if (depth > 8) error("nested too deeply");
         ws();
@@ -1680,7 +1706,7 @@ struct JsonParser {
             }
         }
         if (c == '"') return j.kind = Json::STR, j.s = str(), j;
-        if (c == '-' || (c >= '0' && c <= '9')) {
+        if (c == '-' || (c >= '0' && c <= '9')) {  // kept as text; json_uint checks it where it is used
             size_t b = i;
             while (i < s.size() && (std::isdigit((unsigned char)s[i]) || strchr("+-.eE", s[i]))) i++;
             return j.kind = Json::NUM, j.s = s.substr(b, i - b), j;
@@ -1721,11 +1747,13 @@ static Checkpoint parse_safetensors(const std::string& raw, const std::string& p
     ck.path = path;
     const uint64_t max_header = 1 << 20;
     auto bad = [&](const std::string& why) { fail("checkpoint '" + path + "' is not a valid safetensors file: " + why); };
+    // The first 8 bytes: the header length, little-endian whatever the host.
     if (raw.size() < 8) bad("shorter than the 8-byte header length (truncated?)");
     uint64_t n = 0;
     for (int i = 7; i >= 0; i--) n = n << 8 | (unsigned char)raw[i];
     if (n > raw.size() - 8) bad("header length " + std::to_string(n) + " runs past the end of the file (truncated?)");
     if (n > max_header) bad("header length " + std::to_string(n) + " is absurd (more than 1 MiB)");
+    // Then the JSON header, then the data, which the offsets index from 0.
     std::string header = raw.substr(8, n);
     ck.data = raw.substr(8 + n);
     Json root;
@@ -1737,6 +1765,7 @@ static Checkpoint parse_safetensors(const std::string& raw, const std::string& p
     } catch (const std::runtime_error& e) {
         bad(std::string("header: ") + e.what());
     }
+    // The header maps names to tensors, plus "__metadata__" (strings only).
     if (root.kind != Json::OBJ) bad("the header is not a JSON object");
     std::vector<std::pair<uint64_t, uint64_t>> ranges;  // each tensor's [begin, end), to check the tiling
     for (const auto& kv : root.obj) {
@@ -1751,6 +1780,9 @@ static Checkpoint parse_safetensors(const std::string& raw, const std::string& p
         }
         if (ck.tensors.count(name)) bad("tensor '" + name + "' appears twice");
         if (kv.second.kind != Json::OBJ) bad("entry '" + name + "' is not an object");
+        // A tensor: its dtype, shape and data_offsets, each checked before
+        // anything is computed from it (the shape's size in particular, so a
+        // crafted shape cannot overflow or ask for terabytes).
         StTensor t;
         const Json *dt = nullptr, *sh = nullptr, *of = nullptr;
         for (const auto& f : kv.second.obj) {
@@ -1777,6 +1809,7 @@ static Checkpoint parse_safetensors(const std::string& raw, const std::string& p
         ranges.push_back({t.begin, t.end});
         ck.tensors[name] = t;
     }
+    // Sorted by offset, the tensors must cover the data exactly once.
     std::sort(ranges.begin(), ranges.end());
     uint64_t at = 0;
     for (const auto& r : ranges) {
@@ -1819,6 +1852,8 @@ static bool copy_tensor(real* dst, const Checkpoint& ck, const std::string& name
         fail("checkpoint '" + ck.path + "': tensor '" + name + "' has shape [" + got + "] but this build expects [" +
              want + "]");
     }
+    // Decode little-endian float32 byte by byte (right on any host) and
+    // refuse non-finite weights: a NaN would only surface steps later.
     const char* src = ck.data.data() + it->second.begin;
     int64_t n = (int64_t)((it->second.end - it->second.begin) / 4);
     for (int64_t i = 0; i < n; i++) {
@@ -1867,6 +1902,8 @@ static void load_model(Model& m, const Checkpoint& ck) {
                  " (g++ -D" + c.macro + "=" + std::to_string(v) + " ... or cmake -B build -D" + c.macro + "=" +
                  std::to_string(v) + ")");
     }
+    // The data mode and the vocabulary: the vocabulary sets V, the size of
+    // wte and lm_head, so it is validated before the model is built from it.
     std::string mode = meta_get(ck, "mode");
     if (mode != "lines" && mode != "text") fail("checkpoint '" + ck.path + "': metadata 'mode' must be lines or text");
     std::string hex = meta_get(ck, "vocab"), vocab;
@@ -1878,6 +1915,8 @@ static void load_model(Model& m, const Checkpoint& ck) {
     }
     if (vocab.empty() || vocab_of(vocab) != vocab)
         fail("checkpoint '" + ck.path + "': metadata 'vocab' must list distinct bytes in increasing order");
+    // Every tensor of this build must be present with its exact shape; the
+    // only others allowed are the optimizer's.
     model_init(m, (int)vocab.size() + 1);
     std::set<std::string> known = {"adamw.m", "adamw.v"};
     for (const auto& t : m.tensors) {
@@ -1952,6 +1991,8 @@ static EvalResult eval_text(Model& m, const std::vector<int>& toks, size_t limit
     double sum = 0;
     std::vector<int> in, tg;
     size_t windows = 0;
+    // Windows of one length go 16 to a batch; the final, shorter window of the
+    // stream gets a batch of its own.
     for (size_t s = 0; s + 1 < toks.size() && windows < limit;) {
         int B = 0, T = (int)std::min<size_t>(BLOCK_SIZE, toks.size() - 1 - s);
         in.clear(), tg.clear();
@@ -1971,6 +2012,7 @@ static EvalResult eval_text(Model& m, const std::vector<int>& toks, size_t limit
 // Pick the next token from the logits of one position. temperature 0 takes
 // the most likely token; top_k > 0 keeps only the k most likely.
 static int sample_token(const real* logits, int V, double temperature, int top_k, Rng& rng) {
+    // temperature 0: the argmax (the first of equal maxima)
     if (temperature <= 0) return (int)(std::max_element(logits, logits + V) - logits);
     std::vector<double> z(logits, logits + V);
     if (top_k > 0 && top_k < V) {
@@ -1982,6 +2024,7 @@ static int sample_token(const real* logits, int V, double temperature, int top_k
     }
     double maxv = *std::max_element(z.begin(), z.end()), sum = 0;
     for (double& v : z) sum += (v = std::exp((v - maxv) / temperature));
+    // Inverse transform sampling: walk the cumulative weights until they pass u.
     double u = rng.uniform() * sum;
     for (int i = 0; i < V; i++)
         if ((u -= z[i]) < 0) return i;
@@ -2015,6 +2058,8 @@ static void model_step(Model& m, KVCache& c, int tok) {
     std::vector<real> logits(E);
     encoder_forward(c.x.data(), &tok, &pos, m.pt.wte, m.pt.wpe, 1);
     const real scale = 1 / std::sqrt((real)HS);
+    // The same layers as model_forward, for one row; the new key and value
+    // go into the cache before the attention reads it.
     for (int l = 0; l < N_LAYER; l++) {
         const LayerParams& w = m.pt.h[l];
         layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), w.ln1_w, w.ln1_b, 1);
@@ -2114,6 +2159,7 @@ static void print_line_samples(Model& m, const std::string& vocab, int context, 
 // ----------------------------------------------------------------------------
 // 11. Command line and main
 
+// Everything a run can be told on the command line, with the defaults.
 struct Options {
     std::string input = "names.txt", work_dir = "out", checkpoint, prompt;
     int64_t max_steps = 5000, seed = 3407;
@@ -2183,7 +2229,7 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
 [[maybe_unused]] static Options parse_args(int argc, char** argv) {
     Options o;
     // val() takes the flag's argument, so "--seed" at the end is an error, not a crash.
-    for (int i = 1; i < argc; i++) {
+    for (int i = 1; i < argc; i++) {  // flags in any order; the last of a repeated flag wins
         std::string a = argv[i];
         auto val = [&]() -> const char* {
             if (i + 1 >= argc) throw UsageError(a + " needs a value");
@@ -2212,7 +2258,7 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
         else if (a == "--prompt") o.prompt = val(), o.have_prompt = true;
         else if (a == "--max-new-tokens") o.max_new_tokens = (int)parse_int(a, val(), 0, 100000000);
         else if (a == "--threads") o.threads = (int)parse_int(a, val(), 1, 256);
-        else if (a == "--eval") {
+        else if (a == "--eval") {  // takes every following argument up to the next flag
             while (i + 1 < argc && argv[i + 1][0] != '-') o.eval_files.push_back(argv[++i]);
             if (o.eval_files.empty()) throw UsageError("--eval needs at least one file");
         } else throw UsageError("unknown option '" + a + "'");
@@ -2313,6 +2359,10 @@ static std::string print_load(const std::vector<double>& load) {
     namespace fs = std::filesystem;
     const std::string last = (fs::path(o.work_dir) / "last.safetensors").string();
     const std::string best_path = (fs::path(o.work_dir) / "model.safetensors").string();
+    // A fresh run initialises the model from the seed. --resume rebuilds it
+    // from a checkpoint instead, with the checkpoint's seed (so the test
+    // split is the same) and, when the checkpoint holds it, the training
+    // state: step, generator, best loss and AdamW moments.
     Model m;
     Checkpoint ck;
     int64_t seed = o.seed, step = 0;
@@ -2345,11 +2395,15 @@ static std::string print_load(const std::vector<double>& load) {
     } else {
         std::printf("fine-tuning %s: it holds no optimizer state, so AdamW starts fresh at step 0\n", ck.path.c_str());
     }
+    // The work dir is made now, before a long run, so that a bad -o fails at
+    // once rather than at the first checkpoint.
     std::error_code ec;
     fs::create_directories(o.work_dir, ec);
     if (!fs::is_directory(o.work_dir, ec))
         fail("cannot use work dir '" + o.work_dir + "': it is not a directory and could not be created (-o)");
 
+    // The configuration and the parameter counts: total, and active per
+    // token (everything but the E - K experts a token does not use).
     int64_t expert = expert_params() * N_LAYER;  // one expert in every layer
     std::printf("moe.cpp: %s | threads %d\n", config_string().c_str(), g_threads);
     if (d.text)
@@ -2382,6 +2436,7 @@ static std::string print_load(const std::vector<double>& load) {
     AdamW opt;
     opt.lr = (float)o.learning_rate, opt.weight_decay = (float)o.weight_decay;
     std::vector<int> in, tg;
+    // Sums since the last log line; aux is printed as its mean per layer.
     double t_log = 0, aux_log = 0, loss_log = 0, ce_log = 0;
     int64_t tok_log = 0, n_log = 0;
     if (step >= o.max_steps) std::printf("already at step %lld: nothing to train (raise --max-steps)\n", (long long)step);
@@ -2406,6 +2461,8 @@ static std::string print_load(const std::vector<double>& load) {
             std::fflush(stdout);
             t_log = aux_log = loss_log = ce_log = 0, tok_log = n_log = 0;
         }
+        // Evaluation: up to 1000 training lines and the whole test split (256
+        // windows each in text mode); the expert load is that of the test set.
         if (step % o.eval_interval == 0 || step == o.max_steps) {
             EvalResult tr = d.text ? eval_text(m, d.train_text, 256) : eval_lines(m, d.train, d.T, 1000);
             EvalResult te = d.text ? eval_text(m, d.test_text, 256) : eval_lines(m, d.test, d.T, 1000);
@@ -2458,6 +2515,7 @@ static std::string print_load(const std::vector<double>& load) {
     int context = (int)meta_int(ck, "context");
     if (context < 2 || context > BLOCK_SIZE) fail("checkpoint '" + ck.path + "': metadata 'context' is out of range");
     Rng rng = make_rng((uint64_t)o.seed, STREAM_SAMPLE);
+    // A prompt, or text mode: one continuation, printed as it is made.
     if (o.have_prompt || text) {
         std::vector<int> ctx = text ? std::vector<int>{} : std::vector<int>{0};
         std::vector<int> p = encode(o.prompt, vocab, "--prompt");
@@ -2497,6 +2555,9 @@ static std::string print_load(const std::vector<double>& load) {
     load_model(m, ck);
     std::string vocab = checkpoint_vocab(ck);
     bool text = meta_get(ck, "mode") == "text";
+    // Each file is read with the checkpoint's vocabulary and context: in line
+    // mode every line, padded to the file's longest; in text mode consecutive
+    // windows. The loss is the mean over every predicted byte (and end marker).
     for (const auto& f : o.eval_files) {
         std::string raw = read_file(f);
         EvalResult r;
