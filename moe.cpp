@@ -497,18 +497,20 @@ static void encoder_backward(real* dwte, real* dwpe, const real* dout, const int
 // out = (x - mean) * rstd * w + b with rstd = 1 / sqrt(var + eps), var biased.
 static void layernorm_forward(real* out, real* mean, real* rstd, const real* inp, const real* w, const real* b,
                               int M) {
-    for (int m = 0; m < M; m++) {
-        const real* x = inp + (int64_t)m * C;
-        real mu = 0, var = 0;
-        for (int i = 0; i < C; i++) mu += x[i];
-        mu /= C;
-        for (int i = 0; i < C; i++) var += (x[i] - mu) * (x[i] - mu);
-        var /= C;
-        real rs = 1 / std::sqrt(var + (real)1e-5);
-        real* o = out + (int64_t)m * C;
-        for (int i = 0; i < C; i++) o[i] = (x[i] - mu) * rs * w[i] + b[i];
-        mean[m] = mu, rstd[m] = rs;
-    }
+    parallel_for(M, [=](int m0, int m1) {  // rows are independent
+        for (int m = m0; m < m1; m++) {
+            const real* x = inp + (int64_t)m * C;
+            real mu = 0, var = 0;
+            for (int i = 0; i < C; i++) mu += x[i];
+            mu /= C;
+            for (int i = 0; i < C; i++) var += (x[i] - mu) * (x[i] - mu);
+            var /= C;
+            real rs = 1 / std::sqrt(var + (real)1e-5);
+            real* o = out + (int64_t)m * C;
+            for (int i = 0; i < C; i++) o[i] = (x[i] - mu) * rs * w[i] + b[i];
+            mean[m] = mu, rstd[m] = rs;
+        }
+    });
 }
 #if !MOE_INFERENCE_ONLY
 // With n = (x - mean) * rstd and out = n * w + b:
@@ -910,7 +912,11 @@ static void experts_forward(real* out, MoeActs& a, const real* inp, const int* c
     for (int i = 0; i < M * K; i++)  // in token order, so each expert's rows keep it
         if (chosen[i] >= 0) a.slot_of[i] = fill[chosen[i]]++, a.slot_src[a.slot_of[i]] = i;
     a.x.resize((size_t)S * C), a.h.resize((size_t)S * F), a.th.resize((size_t)S * F), a.hg.resize((size_t)S * F), a.y.resize((size_t)S * C);
-    for (int s = 0; s < S; s++) std::memcpy(&a.x[(size_t)s * C], inp + (int64_t)(a.slot_src[s] / K) * C, C * sizeof(real));
+    real* xs = a.x.data();
+    const int* src = a.slot_src.data();
+    parallel_for(S, [=](int s0, int s1) {  // gather: each slot copies its token's row
+        for (int s = s0; s < s1; s++) std::memcpy(xs + (size_t)s * C, inp + (int64_t)(src[s] / K) * C, C * sizeof(real));
+    });
     // The experts are independent (their own weights, their own rows), so
     // the threads share them out, each running whole experts.
     parallel_for(E, [&a, &p](int e0, int e1) {
@@ -922,16 +928,20 @@ static void experts_forward(real* out, MoeActs& a, const real* inp, const int* c
             linear_forward(&a.y[(size_t)s0 * C], &a.hg[(size_t)s0 * F], p.proj_w[e], p.proj_b[e], n, F, C);
         }
     });
-    for (int m = 0; m < M; m++) {  // each token gathers its own K outputs: no write conflicts
-        real* o = out + (int64_t)m * C;
-        for (int i = 0; i < C; i++) o[i] = 0;
-        for (int j = 0; j < K; j++) {
-            int s = a.slot_of[(size_t)m * K + j];
-            if (s < 0) continue;
-            real g = gate[(size_t)m * K + j];
-            for (int i = 0; i < C; i++) o[i] += g * a.y[(size_t)s * C + i];
+    const int* slot_of = a.slot_of.data();
+    const real* y = a.y.data();
+    parallel_for(M, [=](int m0, int m1) {  // each token sums its own K outputs: no write conflicts
+        for (int m = m0; m < m1; m++) {
+            real* o = out + (int64_t)m * C;
+            for (int i = 0; i < C; i++) o[i] = 0;
+            for (int j = 0; j < K; j++) {
+                int s = slot_of[(size_t)m * K + j];
+                if (s < 0) continue;
+                real g = gate[(size_t)m * K + j];
+                for (int i = 0; i < C; i++) o[i] += g * y[(size_t)s * C + i];
+            }
         }
-    }
+    });
 }
 #if !MOE_INFERENCE_ONLY
 // out_m = sum_j g_mj y_s (s the slot of (m, j)), so
@@ -949,14 +959,19 @@ static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& w
     ws.dy.resize((size_t)S * C);  // every element is set below: no need to zero it
     ws.dhg.assign((size_t)S * F, 0), ws.dh.assign((size_t)S * F, 0);
     ws.dx.assign((size_t)S * C, 0);
-    for (int s = 0; s < S; s++) {
-        int i = a.slot_src[s];
-        const real* d = dout + (int64_t)(i / K) * C;
-        const real* y = &a.y[(size_t)s * C];
-        real dot = 0;
-        for (int c = 0; c < C; c++) dot += d[c] * y[c], ws.dy[(size_t)s * C + c] = gate[i] * d[c];
-        dgate[i] += dot;
-    }
+    const int* src = a.slot_src.data();
+    const real* ys = a.y.data();
+    real* dys = ws.dy.data();
+    parallel_for(S, [=](int s0, int s1) {  // each slot is one (token, j): its own dgate and dy row
+        for (int s = s0; s < s1; s++) {
+            int i = src[s];
+            const real* d = dout + (int64_t)(i / K) * C;
+            const real* y = ys + (size_t)s * C;
+            real dot = 0;
+            for (int c = 0; c < C; c++) dot += d[c] * y[c], dys[(size_t)s * C + c] = gate[i] * d[c];
+            dgate[i] += dot;
+        }
+    });
     parallel_for(E, [&a, &p, &g, &ws](int e0, int e1) {  // each expert's gradients are its own
         for (int e = e0; e < e1; e++) {
             int s0 = a.offset[e], n = a.offset[e + 1] - s0;
@@ -969,12 +984,16 @@ static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& w
                             p.fc_w[e], n, C, F);
         }
     });
-    for (int m = 0; m < M; m++)
-        for (int j = 0; j < K; j++) {
-            int s = a.slot_of[(size_t)m * K + j];
-            if (s < 0) continue;
-            for (int c = 0; c < C; c++) dinp[(int64_t)m * C + c] += ws.dx[(size_t)s * C + c];
-        }
+    const int* slot_of = a.slot_of.data();
+    const real* dx = ws.dx.data();
+    parallel_for(M, [=](int m0, int m1) {  // each token adds up its own slots, in j order
+        for (int m = m0; m < m1; m++)
+            for (int j = 0; j < K; j++) {
+                int s = slot_of[(size_t)m * K + j];
+                if (s < 0) continue;
+                for (int c = 0; c < C; c++) dinp[(int64_t)m * C + c] += dx[(size_t)s * C + c];
+            }
+    });
 }
 #endif
 
