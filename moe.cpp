@@ -184,16 +184,24 @@ struct ThreadPool {
     void loop(int me) {
         uint64_t seen = 0;
         for (;;) {
-            uint64_t g;
-            for (int spins = 0; (g = generation.load(std::memory_order_acquire)) == seen && !quit; spins++) {
+            for (int spins = 0; generation.load(std::memory_order_acquire) == seen && !quit; spins++) {
                 if (spins < 50000) continue;
                 std::unique_lock<std::mutex> lock(mu);
                 wake.wait(lock, [&] { return quit || generation.load() != seen; });
             }
             if (quit) return;
-            seen = g;
-            if (me < n_jobs.load(std::memory_order_acquire)) {
-                (*job)(me);
+            // Read the job and its size together with the generation they
+            // belong to, under the lock run() publishes them with: a worker
+            // that sat out one job (me >= n) may wake only after the next one
+            // is posted, and must not mix one job's size with another's.
+            const std::function<void(int)>* f;
+            int n;
+            {
+                std::lock_guard<std::mutex> lock(mu);
+                seen = generation.load(), f = job, n = n_jobs.load();
+            }
+            if (me < n) {
+                (*f)(me);
                 pending.fetch_sub(1, std::memory_order_acq_rel);
             }
         }
@@ -201,10 +209,10 @@ struct ThreadPool {
     // Publish the job, bump the generation (which is what the workers wait
     // for), run chunk 0 here, then wait until every worker has reported.
     void run(int n, const std::function<void(int)>& f) {  // f(0) .. f(n-1), n <= threads
-        job = &f;
-        n_jobs.store(n), pending.store(n - 1);
         {
-            std::lock_guard<std::mutex> lock(mu);  // so that no worker misses the wake-up
+            std::lock_guard<std::mutex> lock(mu);  // no worker misses the wake-up or sees half a job
+            job = &f;
+            n_jobs.store(n), pending.store(n - 1);
             generation.fetch_add(1, std::memory_order_acq_rel);
         }
         wake.notify_all();
