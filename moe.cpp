@@ -1824,8 +1824,9 @@ static Checkpoint parse_safetensors(const std::string& raw, const std::string& p
         uint64_t numel = 1;
         for (const auto& d : sh->arr) {
             t.shape.push_back((int64_t)json_uint(d, "a dimension of '" + name + "'"));
-            numel *= (uint64_t)t.shape.back();
-            if (numel > (uint64_t)1 << 40) bad("tensor '" + name + "' is absurdly large");
+            uint64_t dim = (uint64_t)t.shape.back();
+            if (dim && numel > ((uint64_t)1 << 40) / dim) bad("tensor '" + name + "' is absurdly large");
+            numel *= dim;  // checked first, so it cannot overflow
         }
         t.begin = json_uint(of->arr[0], "data_offsets of '" + name + "'");
         t.end = json_uint(of->arr[1], "data_offsets of '" + name + "'");
@@ -2139,6 +2140,7 @@ static std::vector<int> generate(Model& m, std::vector<int> ctx, int max_new, bo
     for (int i = 0; i < max_new; i++) {
         if (lines && (int)ctx.size() >= context) break;
         double t0 = now_ms();
+        if (!lines) cache.logits[0] = -INFINITY;  // token 0 marks lines; a byte stream never holds it
         int next = sample_token(cache.logits.data(), m.V, temperature, top_k, rng);
         if (lines && next == 0) break;
         ctx.push_back(next);
@@ -2415,8 +2417,15 @@ static std::string print_load(const std::vector<double>& load) {
         copy_tensor(m.adam_m.data(), ck, "adamw.m", flat, true);
         copy_tensor(m.adam_v.data(), ck, "adamw.v", flat, true);
         step = meta_int(ck, "step");
-        rng.state = std::stoull(meta_get(ck, "rng"));
-        best = std::strtod(meta_get(ck, "best_test_loss").c_str(), nullptr);
+        std::string r = meta_get(ck, "rng"), b = meta_get(ck, "best_test_loss");
+        char* end = nullptr;
+        errno = 0;
+        rng.state = std::strtoull(r.c_str(), &end, 10);
+        bool rng_ok = !r.empty() && std::isdigit((unsigned char)r[0]) && !*end && !errno;
+        best = std::strtod(b.c_str(), &end);
+        if (step < 0 || step > 1000000000 || !rng_ok || b.empty() || *end || std::isnan(best))
+            fail("checkpoint '" + ck.path + "': its training state (step, rng, best_test_loss) is damaged; "
+                 "resume from another checkpoint, or train afresh");
         std::printf("resuming from %s at step %lld (seed %lld from the checkpoint)\n", ck.path.c_str(), (long long)step,
                     (long long)seed);
     } else {
@@ -2589,6 +2598,7 @@ static std::string print_load(const std::vector<double>& load) {
         std::string raw = read_file(f);
         EvalResult r;
         if (text) {
+            if (raw.size() < 2) fail("'" + f + "' has fewer than 2 bytes: nothing to predict");
             r = eval_text(m, encode(raw, vocab, f), SIZE_MAX);
         } else {
             std::vector<Line> lines = split_lines(raw);
