@@ -39,7 +39,7 @@ The file reads top to bottom; each idea is explained where it first appears.
 
 Shapes in comments: B batch, T time (positions), C channels (N_EMBD),
 H heads, hs head size, V vocabulary, E experts, K experts chosen per token,
-F expert hidden width (4C), N positions that carry a target, S routing slots.
+F expert hidden width (4C unless MOE_FF), N positions that carry a target, S routing slots.
 */
 
 #include <algorithm>
@@ -93,6 +93,9 @@ F expert hidden width (4C), N positions that carry a target, S routing slots.
 #ifndef MOE_BLOCK_SIZE
 #define MOE_BLOCK_SIZE 32  // longest context; the size of the position table
 #endif
+#ifndef MOE_FF  // hidden width of each expert (GPT's MLP uses 4C)
+#define MOE_FF (4 * MOE_N_EMBD)
+#endif
 #ifndef MOE_NORM_TOPK  // renormalise the K chosen probabilities to sum to 1?
 #define MOE_NORM_TOPK (MOE_TOP_K > 1)
 #endif
@@ -109,13 +112,13 @@ constexpr int C = MOE_N_EMBD;
 constexpr int HS = C / N_HEAD;  // head size
 constexpr int E = MOE_N_EXPERTS;
 constexpr int K = MOE_TOP_K;
-constexpr int F = 4 * C;  // expert hidden width, as in GPT's MLP
+constexpr int F = MOE_FF;  // expert hidden width
 constexpr int BLOCK_SIZE = MOE_BLOCK_SIZE;
 constexpr bool NORM_TOPK = MOE_NORM_TOPK;
 constexpr bool INFERENCE_ONLY = MOE_INFERENCE_ONLY;
 constexpr float AUX_COEF = 0.01f;  // default weight of the load-balancing loss
 constexpr int MAX_VOCAB = 257;     // 256 byte values + the start/end marker
-static_assert(N_LAYER >= 1 && N_HEAD >= 1 && C >= 1 && BLOCK_SIZE >= 2, "sizes must be positive");
+static_assert(N_LAYER >= 1 && N_HEAD >= 1 && C >= 1 && F >= 1 && BLOCK_SIZE >= 2, "sizes must be positive");
 static_assert(C % N_HEAD == 0, "MOE_N_EMBD must be a multiple of MOE_N_HEAD");
 static_assert(E >= 1 && K >= 1 && K <= E, "need 1 <= MOE_TOP_K <= MOE_N_EXPERTS");
 
@@ -1547,6 +1550,45 @@ static std::string hex_encode(const std::string& bytes) {
     return o;
 }
 
+// Write a file so that a crash never leaves half of it: body() writes
+// everything to path.tmp, which is forced to the disk (fsync) and only then
+// renamed over path. A rename is atomic, so readers see the old file or the
+// new one. Any failure removes the temporary file, leaves the old one as it
+// was, and names `what` was being written.
+static void write_atomic(const std::string& path, const std::string& what, const std::function<bool(FILE*)>& body) {
+    namespace fs = std::filesystem;
+    std::string tmp = path + ".tmp";
+    auto bad = [&](const std::string& step) {
+        std::string err = std::strerror(errno);
+        std::error_code ec;
+        fs::remove(tmp, ec);
+        fail("cannot write " + what + " '" + path + "' (" + step + ": " + err + "); the previous " + what +
+             ", if any, is untouched. Check the disk space and the permissions of the work dir (-o)");
+    };
+    {
+        std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(tmp.c_str(), "wb"), std::fclose);
+        if (!f) bad("open " + tmp);
+        bool ok = body(f.get());
+        // fwrite may buffer: only a successful fflush means the bytes reached
+        // the kernel, and only fsync that they reached the disk.
+        if (!ok || std::fflush(f.get()) != 0) bad("write");
+#if defined(__unix__) || defined(__APPLE__)
+        if (fsync(fileno(f.get())) != 0) bad("fsync");
+#endif
+        FILE* raw = f.release();  // close by hand: its error matters too
+        if (std::fclose(raw) != 0) bad("close");
+    }
+    std::error_code ec;
+    fs::rename(tmp, path, ec);
+    if (ec) {
+        errno = ec.value();
+        bad("rename to " + path);
+    }
+}
+static void write_text_atomic(const std::string& path, const std::string& what, const std::string& text) {
+    write_atomic(path, what, [&](FILE* f) { return std::fwrite(text.data(), 1, text.size(), f) == text.size(); });
+}
+
 // One tensor to save: its name, its shape, and where its values are.
 struct SaveTensor {
     std::string name;
@@ -1576,25 +1618,10 @@ static void write_safetensors(const std::string& path, const std::vector<SaveTen
     h += "}";
     while (h.size() % 8) h += ' ';  // keeps the data 8-byte aligned, as the reference writer does
 
-    // Write everything to path.tmp, force it to the disk (fsync), and only
-    // then rename it over path. Any failure removes the temporary file and
-    // leaves the previous checkpoint as it was.
-    namespace fs = std::filesystem;
-    std::string tmp = path + ".tmp";
-    auto bad = [&](const std::string& what) {
-        std::string err = std::strerror(errno);
-        std::error_code ec;
-        fs::remove(tmp, ec);
-        fail("cannot write checkpoint '" + path + "' (" + what + ": " + err +
-             "); the previous checkpoint, if any, is untouched. Check the disk space and the permissions of the "
-             "work dir (-o)");
-    };
-    {
-        std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(tmp.c_str(), "wb"), std::fclose);
-        if (!f) bad("open " + tmp);
+    write_atomic(path, "checkpoint", [&](FILE* f) {
         unsigned char len[8];  // the header length, little-endian
         for (int i = 0; i < 8; i++) len[i] = (unsigned char)((uint64_t)h.size() >> (8 * i));
-        bool ok = std::fwrite(len, 1, 8, f.get()) == 8 && std::fwrite(h.data(), 1, h.size(), f.get()) == h.size();
+        bool ok = std::fwrite(len, 1, 8, f) == 8 && std::fwrite(h.data(), 1, h.size(), f) == h.size();
         std::vector<unsigned char> buf;
         for (const auto& t : ts) {
             int64_t n = 1;
@@ -1606,23 +1633,10 @@ static void write_safetensors(const std::string& path, const std::vector<SaveTen
                 std::memcpy(&u, &v, 4);
                 for (int b = 0; b < 4; b++) buf[(size_t)i * 4 + b] = (unsigned char)(u >> (8 * b));
             }
-            ok = ok && std::fwrite(buf.data(), 1, buf.size(), f.get()) == buf.size();
+            ok = ok && std::fwrite(buf.data(), 1, buf.size(), f) == buf.size();
         }
-        // fwrite may buffer: only a successful fflush means the bytes reached
-        // the kernel, and only fsync that they reached the disk.
-        if (!ok || std::fflush(f.get()) != 0) bad("write");
-#if defined(__unix__) || defined(__APPLE__)
-        if (fsync(fileno(f.get())) != 0) bad("fsync");
-#endif
-        FILE* raw = f.release();  // close by hand: its error matters too
-        if (std::fclose(raw) != 0) bad("close");
-    }
-    std::error_code ec;
-    fs::rename(tmp, path, ec);
-    if (ec) {
-        errno = ec.value();
-        bad("rename to " + path);
-    }
+        return ok;
+    });
 }
 #endif
 
@@ -1914,16 +1928,19 @@ static int64_t meta_int(const Checkpoint& ck, const std::string& key) {
 // Build the model a checkpoint describes: its configuration must match the
 // constants this binary was compiled with, and the error says how to rebuild.
 static void load_model(Model& m, const Checkpoint& ck) {
+    // Keys added after the first release may be absent: such a checkpoint
+    // was written before the constant existed, with its default value.
     struct {
         const char* key;
         int compiled;
         const char* macro;
-    } consts[] = {{"n_layer", N_LAYER, "MOE_N_LAYER"},     {"n_head", N_HEAD, "MOE_N_HEAD"},
-                  {"n_embd", C, "MOE_N_EMBD"},             {"n_experts", E, "MOE_N_EXPERTS"},
-                  {"top_k", K, "MOE_TOP_K"},               {"block_size", BLOCK_SIZE, "MOE_BLOCK_SIZE"},
-                  {"norm_topk", NORM_TOPK ? 1 : 0, "MOE_NORM_TOPK"}};
+        int if_absent;  // -1: the key must be present
+    } consts[] = {{"n_layer", N_LAYER, "MOE_N_LAYER", -1},     {"n_head", N_HEAD, "MOE_N_HEAD", -1},
+                  {"n_embd", C, "MOE_N_EMBD", -1},             {"n_experts", E, "MOE_N_EXPERTS", -1},
+                  {"top_k", K, "MOE_TOP_K", -1},               {"block_size", BLOCK_SIZE, "MOE_BLOCK_SIZE", -1},
+                  {"norm_topk", NORM_TOPK ? 1 : 0, "MOE_NORM_TOPK", -1}, {"ff", F, "MOE_FF", 4 * C}};
     for (const auto& c : consts) {
-        int64_t v = meta_int(ck, c.key);
+        int64_t v = c.if_absent != -1 && !ck.meta.count(c.key) ? c.if_absent : meta_int(ck, c.key);
         if (v != c.compiled)
             fail("checkpoint '" + ck.path + "' has " + c.key + "=" + std::to_string(v) + " but this binary was built with " +
                  c.macro + "=" + std::to_string(c.compiled) + ": rebuild with -D" + c.macro + "=" + std::to_string(v) +
@@ -1974,12 +1991,57 @@ struct EvalResult {
 // Evaluation is the forward pass alone, with aux_coef 0, summing the
 // cross-entropy over every predicted token. It touches no generator.
 
-// Routing counts of the last forward pass, added to load[N_LAYER * E].
-static void add_load(std::vector<double>& load, const Model& m) {
+// Expert load per layer, e.g. "L0 0.25 0.25 0.25 0.25 | L1 ...": balanced
+// routing reads 1/E everywhere; a collapsed layer has one entry near 1.
+static std::string print_load(const std::vector<double>& load) {
+    std::string s;
+    char b[32];
+    for (int l = 0; l < N_LAYER; l++) {
+        s += l ? " | L" + std::to_string(l) : "L" + std::to_string(l);
+        for (int e = 0; e < E; e++) std::snprintf(b, sizeof b, " %.2f", load[(size_t)l * E + e]), s += b;
+    }
+    return s;
+}
+
+// --- what the router did. The load says how much each expert gets; to see
+// WHAT each expert gets, evaluation can also count, per layer, where each
+// token's first choice went, split by the kind of byte the token is reading
+// (its input): does one expert take the digits and another the letters?
+// A Routing collects those counts over any number of forward passes.
+enum { CLS_MARKER, CLS_LETTER, CLS_DIGIT, CLS_OPERATOR, CLS_OTHER, N_CLASS };
+static const char* const CLASS_NAMES[N_CLASS] = {"marker", "letters", "digits", "operators", "punct/space"};
+struct Routing {
+    std::vector<int> cls;          // [V] class of each token
+    std::vector<double> first;     // [N_LAYER, E] tokens whose first choice was expert e
+    std::vector<double> by_class;  // [N_LAYER, N_CLASS, E] the same, per class of the input byte
+};
+static Routing routing_for(const std::string& vocab) {
+    Routing r;
+    r.cls.push_back(CLS_MARKER);  // token 0 starts (and ends) every line
+    for (unsigned char c : vocab)
+        r.cls.push_back(std::isalpha(c) || c >= 0x80 ? CLS_LETTER  // UTF-8 bytes count as letters
+                        : std::isdigit(c)            ? CLS_DIGIT
+                        : std::strchr("+-*/=<>%", c) ? CLS_OPERATOR
+                                                     : CLS_OTHER);
+    r.first.assign((size_t)N_LAYER * E, 0), r.by_class.assign((size_t)N_LAYER * N_CLASS * E, 0);
+    return r;
+}
+// Routing counts of the last forward pass: the load into load[N_LAYER * E],
+// the first choices into rt (if any).
+static void add_routing(std::vector<double>& load, Routing* rt, const Model& m) {
     load.resize((size_t)N_LAYER * E);
-    for (int l = 0; l < N_LAYER; l++)
-        for (int c : m.L[l].chosen)
+    for (int l = 0; l < N_LAYER; l++) {
+        const std::vector<int>& ch = m.L[l].chosen;
+        for (int c : ch)
             if (c >= 0) load[(size_t)l * E + c] += 1;
+        if (!rt) continue;
+        for (int i = 0; i < m.M; i++) {
+            int e = ch[(size_t)i * K];
+            if (e < 0) continue;
+            rt->first[(size_t)l * E + e] += 1;
+            rt->by_class[((size_t)l * N_CLASS + rt->cls[m.tok[i]]) * E + e] += 1;
+        }
+    }
 }
 // Turn sums into means: loss per token, and each layer's counts into fractions.
 static void finish(EvalResult& r, double sum) {
@@ -1992,7 +2054,8 @@ static void finish(EvalResult& r, double sum) {
 }
 
 // Line mode: the first `limit` lines (all, if fewer), 64 lines per forward pass.
-static EvalResult eval_lines(Model& m, const std::vector<std::vector<int>>& lines, int T, size_t limit) {
+static EvalResult eval_lines(Model& m, const std::vector<std::vector<int>>& lines, int T, size_t limit,
+                             Routing* rt = nullptr) {
     EvalResult r;
     r.load.assign((size_t)N_LAYER * E, 0);
     double sum = 0;
@@ -2005,7 +2068,7 @@ static EvalResult eval_lines(Model& m, const std::vector<std::vector<int>>& line
         lines_batch(in.data(), tg.data(), lines, which, T);
         model_forward(m, in.data(), tg.data(), (int)which.size(), T, 0);
         sum += m.ce_sum, r.tokens += m.n_targets;
-        add_load(r.load, m);
+        add_routing(r.load, rt, m);
     }
     finish(r, sum);
     return r;
@@ -2013,7 +2076,7 @@ static EvalResult eval_lines(Model& m, const std::vector<std::vector<int>>& line
 
 // Text mode: consecutive windows of BLOCK_SIZE (the last one may be shorter),
 // at most `limit` windows.
-static EvalResult eval_text(Model& m, const std::vector<int>& toks, size_t limit) {
+static EvalResult eval_text(Model& m, const std::vector<int>& toks, size_t limit, Routing* rt = nullptr) {
     EvalResult r;
     r.load.assign((size_t)N_LAYER * E, 0);
     double sum = 0;
@@ -2031,7 +2094,7 @@ static EvalResult eval_text(Model& m, const std::vector<int>& toks, size_t limit
         }
         model_forward(m, in.data(), tg.data(), B, T, 0);
         sum += m.ce_sum, r.tokens += m.n_targets;
-        add_load(r.load, m);
+        add_routing(r.load, rt, m);
     }
     finish(r, sum);
     return r;
@@ -2185,6 +2248,411 @@ static void print_line_samples(Model& m, const std::string& vocab, int context, 
     std::printf("--------------------------------------------------------------------------------\n");
 }
 
+// --- reports for a reader: routing tables, arithmetic accuracy, and the
+// routing explorer. Colours are ANSI escape codes, used only when stdout is
+// a terminal (a pipe or a file gets plain text; NO_COLOR turns them off).
+static bool stdout_is_terminal() {
+#if defined(__unix__) || defined(__APPLE__)
+    return isatty(fileno(stdout)) && !std::getenv("NO_COLOR");
+#else
+    return false;
+#endif
+}
+
+// One table per layer: a row per name (a file, a character class), a column
+// per expert, each cell the share of that row's tokens whose first choice
+// was the expert, then the row's token count. counts[row] is [N_LAYER, E].
+// On a terminal the cells are shaded, darker for a larger share, so a glance
+// shows which expert took what.
+static void print_routing(const std::string& title, const std::vector<std::string>& rows,
+                          const std::vector<std::vector<double>>& counts) {
+    const bool tty = stdout_is_terminal();
+    int w = 8;
+    for (const auto& r : rows) w = std::max(w, (int)r.size());
+    std::printf("%s\n", title.c_str());
+    for (int l = 0; l < N_LAYER; l++) {
+        std::printf("layer %-*d", w - 4, l);
+        for (int e = 0; e < E; e++) std::printf("   e%-3d", e);
+        std::printf("   tokens\n");
+        for (size_t r = 0; r < rows.size(); r++) {
+            double n = 0;
+            for (int e = 0; e < E; e++) n += counts[r][(size_t)l * E + e];
+            if (n == 0) continue;
+            std::printf("  %-*s", w, rows[r].c_str());
+            for (int e = 0; e < E; e++) {
+                double v = counts[r][(size_t)l * E + e] / n;
+                if (tty)  // 256-colour greys: 255 is white, 236 nearly black
+                    std::printf(" \x1b[48;5;%dm\x1b[38;5;%dm %.3f\x1b[0m", 255 - (int)std::lround(v * 19),
+                                v > 0.5 ? 255 : 232, v);
+                else
+                    std::printf("  %.3f", v);
+            }
+            std::printf(" %8.0f\n", n);
+        }
+    }
+}
+// The same counts by character class: Routing.by_class as rows.
+static void print_routing_by_class(const Routing& rt) {
+    std::vector<std::string> rows(CLASS_NAMES, CLASS_NAMES + N_CLASS);
+    std::vector<std::vector<double>> counts(N_CLASS, std::vector<double>((size_t)N_LAYER * E));
+    for (int l = 0; l < N_LAYER; l++)
+        for (int c = 0; c < N_CLASS; c++)
+            for (int e = 0; e < E; e++) counts[c][(size_t)l * E + e] = rt.by_class[((size_t)l * N_CLASS + c) * E + e];
+    print_routing("routing by the class of the byte read: share of tokens whose first choice is expert e", rows, counts);
+}
+
+// --- arithmetic: a line "a+b=c", "a-b=c" or "a*b=c" is right when c is the
+// decimal value of a op b. parse_arith splits a line of that shape (c may be
+// anything) and returns false for any other line.
+static bool parse_arith(const std::string& s, int64_t* value, std::string* prompt, std::string* answer) {
+    size_t i = 0;
+    auto number = [&](int64_t* v) {
+        size_t j = i;
+        for (*v = 0; i < s.size() && i - j < 9 && std::isdigit((unsigned char)s[i]); i++) *v = *v * 10 + (s[i] - '0');
+        return i > j;
+    };
+    int64_t a, b;
+    if (!number(&a) || i >= s.size() || !std::strchr("+-*", s[i]) || s[i] == 0) return false;
+    char op = s[i++];
+    if (!number(&b) || i >= s.size() || s[i] != '=') return false;
+    *value = op == '+' ? a + b : op == '-' ? a - b : a * b;
+    *prompt = s.substr(0, i + 1), *answer = s.substr(i + 1);
+    return true;
+}
+
+constexpr int ARITH_SAMPLES = 1000;  // lines sampled for the sampled accuracy
+
+// Two measures. Sampled: of ARITH_SAMPLES free samples, those that are
+// arithmetic, and how many of those are right (the model chooses its own,
+// maybe easy, problems). Greedy: the model completes the held-out prompts
+// "a op b=" of `file` with its most likely tokens, and the answer must be
+// exact: the harder and fairer test. Returns the greedy accuracy.
+static double arith_report(Model& m, const std::string& vocab, int context, const std::string& file, Rng& rng) {
+    int total = 0, right = 0;
+    std::vector<std::string> wrong;
+    for (const auto& l : split_lines(read_file(file))) {
+        int64_t value;
+        std::string prompt, answer;
+        if (!parse_arith(l.text, &value, &prompt, &answer)) continue;
+        std::vector<int> ctx = {0}, p = encode(prompt, vocab, file + ":" + std::to_string(l.number));
+        ctx.insert(ctx.end(), p.begin(), p.end());
+        std::string got = decode(generate(m, ctx, BLOCK_SIZE, true, context, 0, 0, rng, nullptr), vocab).substr(prompt.size());
+        total++;
+        if (got == std::to_string(value)) right++;
+        else if (wrong.size() < 5) wrong.push_back(prompt + got + " (want " + std::to_string(value) + ")");
+    }
+    if (!total) fail("--arith: '" + file + "' has no lines of the form a+b=c, a-b=c or a*b=c");
+    std::printf("arith greedy: %d / %d held-out prompts completed correctly (%.1f%%)\n", right, total, 100.0 * right / total);
+    for (const auto& w : wrong) std::printf("  wrong: %s\n", w.c_str());
+    int parsed = 0, correct = 0;
+    for (int i = 0; i < ARITH_SAMPLES; i++) {
+        std::string s = decode(generate(m, {0}, BLOCK_SIZE, true, context, 1.0, 0, rng, nullptr), vocab), prompt, answer;
+        int64_t value;
+        if (!parse_arith(s, &value, &prompt, &answer)) continue;
+        parsed++, correct += answer == std::to_string(value);
+    }
+    std::printf("arith sampled: %d samples, %d are arithmetic, %d of those correct (%.1f%%)\n", ARITH_SAMPLES, parsed,
+                correct, parsed ? 100.0 * correct / parsed : 0.0);
+    return (double)right / total;
+}
+
+// --- the routing explorer: run one line of text through the model and show,
+// layer by layer, the expert each byte went to first (on a terminal, each
+// byte coloured by its expert; otherwise a row of expert numbers under the
+// text), and with `gates` every chosen expert and its gate weight, per byte.
+static const int EXPERT_COLOURS[16] = {196, 46, 33, 226, 201, 51, 208, 93, 118, 250, 124, 22, 17, 136, 53, 30};
+static char expert_digit(int e) { return e < 0 ? '.' : e < 10 ? (char)('0' + e) : e < 36 ? (char)('a' + e - 10) : '#'; }
+static void route_line(Model& m, const std::string& vocab, bool text_mode, const std::string& s, bool gates) {
+    std::vector<int> toks = text_mode ? std::vector<int>{} : std::vector<int>{0}, p = encode(s, vocab, "--route");
+    toks.insert(toks.end(), p.begin(), p.end());
+    if (toks.empty()) fail("--route: nothing to route: give some text");
+    if ((int)toks.size() > BLOCK_SIZE)
+        fail("--route: '" + s + "' has " + std::to_string(s.size()) + " bytes; this model sees at most " +
+             std::to_string(BLOCK_SIZE - !text_mode) + ": route a shorter text, or rebuild with a larger -DMOE_BLOCK_SIZE");
+    const int T = (int)toks.size();
+    model_forward(m, toks.data(), nullptr, 1, T, 0);
+    std::string shown;  // ^ for the line marker, ? for bytes that would upset a terminal
+    for (int t : toks) shown += t == 0 ? '^' : std::isprint((unsigned char)vocab[t - 1]) ? vocab[t - 1] : '?';
+    const bool tty = stdout_is_terminal();
+    std::printf("route \"%s\"%s\n", s.c_str(), text_mode ? "" : "  (^ is the line start)");
+    if (!tty) std::printf("       %s\n", shown.c_str());
+    for (int l = 0; l < N_LAYER; l++) {
+        std::printf("  L%-3d ", l);
+        for (int i = 0; i < T; i++) {
+            int e = m.L[l].chosen[(size_t)i * K];
+            if (tty) std::printf("\x1b[48;5;%dm\x1b[38;5;%dm%c\x1b[0m", EXPERT_COLOURS[e % 16], 232, shown[i]);
+            else std::putchar(expert_digit(e));
+        }
+        std::putchar('\n');
+    }
+    if (tty) {
+        std::printf("  experts:");
+        for (int e = 0; e < E; e++) std::printf(" \x1b[48;5;%dm\x1b[38;5;232m %d \x1b[0m", EXPERT_COLOURS[e % 16], e);
+        std::printf("\n");
+    } else {
+        std::printf("  (each digit: the first-choice expert of the byte above it, in that layer)\n");
+    }
+    if (!gates) return;
+    std::printf("  byte ");
+    for (int l = 0; l < N_LAYER; l++) std::printf(" | L%-*d", 8 * K - 2, l);
+    std::printf("\n");
+    for (int i = 0; i < T; i++) {
+        std::printf("  %-4c ", shown[i]);
+        for (int l = 0; l < N_LAYER; l++) {
+            std::printf(" |");
+            for (int j = 0; j < K; j++)
+                std::printf(" e%-2d%.2f", m.L[l].chosen[(size_t)i * K + j], (double)m.L[l].gate[(size_t)i * K + j]);
+        }
+        std::printf("\n");
+    }
+}
+
+// --- pictures. SVG is text: a figure is a few hundred lines, rectangles,
+// polylines and text elements, and any browser shows it. Two kinds are
+// enough here: line plots (curves over training) and heatmaps (routing).
+struct Series {
+    std::string name, colour;
+    bool dashed = false;
+    std::vector<std::pair<double, double>> pts;  // (x, y), x increasing
+};
+static const char* const PALETTE[10] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+                                        "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
+
+static std::string svg_escape(const std::string& s) {
+    std::string o;
+    for (unsigned char c : s)
+        o += c == '<' ? "&lt;" : c == '>' ? "&gt;" : c == '&' ? "&amp;" : c == '"' ? "&quot;" : std::string(1, (char)c);
+    return o;
+}
+static std::string fmt(const char* f, double v) {
+    char b[64];
+    std::snprintf(b, sizeof b, f, v);
+    return b;
+}
+static void svg_text(std::string& o, double x, double y, const std::string& t, const char* attrs = "") {
+    o += "<text x=\"" + fmt("%.1f", x) + "\" y=\"" + fmt("%.1f", y) + "\" " + attrs + ">" + svg_escape(t) + "</text>\n";
+}
+// A round tick spacing giving about n ticks over `range`: 1, 2 or 5 x 10^k.
+static double nice_step(double range, double n) {
+    double raw = range / std::max(n, 2.0), p = std::pow(10, std::floor(std::log10(raw))), f = raw / p;
+    return (f < 1.5 ? 1 : f < 3.5 ? 2 : f < 7.5 ? 5 : 10) * p;
+}
+
+// A line plot in the box (x, y, w, h): axes with ticks, one polyline per
+// series, the legend in a column on the right (if `legend`). y0, y1 fix the
+// y range (NAN: fit the data).
+static void svg_plot(std::string& o, double x, double y, double w, double h, const std::string& title,
+                     const std::string& xlabel, const std::vector<Series>& ss, bool legend = true, double y0 = NAN,
+                     double y1 = NAN) {
+    double xmin = INFINITY, xmax = -INFINITY, ymin = INFINITY, ymax = -INFINITY;
+    for (const auto& s : ss)
+        for (auto [px, py] : s.pts)
+            if (std::isfinite(py)) xmin = std::min(xmin, px), xmax = std::max(xmax, px), ymin = std::min(ymin, py), ymax = std::max(ymax, py);
+    if (!(xmin <= xmax)) xmin = 0, xmax = 1, ymin = 0, ymax = 1;  // nothing to draw yet
+    if (xmax == xmin) xmax = xmin + 1;
+    if (!std::isnan(y0)) ymin = y0;
+    if (!std::isnan(y1)) ymax = y1;
+    if (ymax - ymin < 1e-9) ymin -= 0.5, ymax += 0.5;
+    double pad = std::isnan(y0) ? 0.04 * (ymax - ymin) : 0;
+    ymin -= pad, ymax += pad;
+    const double legend_w = legend ? 150 : 20, px0 = x + 52, px1 = x + w - legend_w, py0 = y + 24, py1 = y + h - 34;
+    auto X = [&](double v) { return px0 + (v - xmin) / (xmax - xmin) * (px1 - px0); };
+    auto Y = [&](double v) { return py1 - (v - ymin) / (ymax - ymin) * (py1 - py0); };
+    svg_text(o, x + 4, y + 15, title, "font-weight=\"bold\"");
+    o += "<rect x=\"" + fmt("%.1f", px0) + "\" y=\"" + fmt("%.1f", py0) + "\" width=\"" + fmt("%.1f", px1 - px0) +
+         "\" height=\"" + fmt("%.1f", py1 - py0) + "\" fill=\"none\" stroke=\"#888\"/>\n";
+    for (int axis = 0; axis < 2; axis++) {  // gridlines and tick labels: x, then y
+        double lo = axis ? ymin : xmin, hi = axis ? ymax : xmax;
+        double st = nice_step(hi - lo, axis ? (py1 - py0) / 40 : (px1 - px0) / 70);
+        for (double v = std::ceil(lo / st) * st; v <= hi + 1e-9 * st; v += st) {
+            std::string label = fmt(st >= 1 ? "%.0f" : st >= 0.1 ? "%.1f" : st >= 0.01 ? "%.2f" : "%.3f", v);
+            if (axis == 0) {
+                o += "<line x1=\"" + fmt("%.1f", X(v)) + "\" x2=\"" + fmt("%.1f", X(v)) + "\" y1=\"" + fmt("%.1f", py0) +
+                     "\" y2=\"" + fmt("%.1f", py1) + "\" stroke=\"#eee\"/>\n";
+                svg_text(o, X(v), py1 + 14, label, "text-anchor=\"middle\"");
+            } else {
+                o += "<line x1=\"" + fmt("%.1f", px0) + "\" x2=\"" + fmt("%.1f", px1) + "\" y1=\"" + fmt("%.1f", Y(v)) +
+                     "\" y2=\"" + fmt("%.1f", Y(v)) + "\" stroke=\"#eee\"/>\n";
+                svg_text(o, px0 - 4, Y(v) + 4, label, "text-anchor=\"end\"");
+            }
+        }
+    }
+    svg_text(o, (px0 + px1) / 2, py1 + 28, xlabel, "text-anchor=\"middle\" fill=\"#555\"");
+    for (size_t i = 0; i < ss.size(); i++) {
+        std::string pts;
+        for (auto [px, py] : ss[i].pts)
+            if (std::isfinite(py)) pts += fmt("%.1f", X(px)) + "," + fmt("%.1f", Y(std::clamp(py, ymin, ymax))) + " ";
+        std::string dash = ss[i].dashed ? "\" stroke-dasharray=\"5,3" : "";
+        o += "<polyline fill=\"none\" stroke-width=\"1.6\" stroke=\"" + ss[i].colour + dash + "\" points=\"" + pts + "\"/>\n";
+        if (!legend) continue;
+        double ly = py0 + 8 + 16 * (double)i;
+        o += "<line x1=\"" + fmt("%.1f", px1 + 10) + "\" x2=\"" + fmt("%.1f", px1 + 30) + "\" y1=\"" + fmt("%.1f", ly) +
+             "\" y2=\"" + fmt("%.1f", ly) + "\" stroke-width=\"2\" stroke=\"" + ss[i].colour + dash + "\"/>\n";
+        svg_text(o, px1 + 34, ly + 4, ss[i].name);
+    }
+}
+
+// A heatmap at (x, y): a row per name, a column per name, each cell shaded
+// from white (lo) to dark blue (hi) and labelled with its value. Returns the
+// height used.
+static double svg_heatmap(std::string& o, double x, double y, double label_w, double cell_w, const std::string& title,
+                          const std::vector<std::string>& rows, const std::vector<std::string>& cols,
+                          const std::vector<std::vector<double>>& v, double lo, double hi, const char* format) {
+    const double cell_h = 20;
+    svg_text(o, x, y + 14, title, "font-weight=\"bold\"");
+    for (size_t c = 0; c < cols.size(); c++)
+        svg_text(o, x + label_w + (c + 0.5) * cell_w, y + 32, cols[c], "text-anchor=\"middle\" fill=\"#555\"");
+    for (size_t r = 0; r < rows.size(); r++) {
+        double ry = y + 38 + r * cell_h;
+        svg_text(o, x + label_w - 6, ry + 14, rows[r], "text-anchor=\"end\"");
+        for (size_t c = 0; c < cols.size(); c++) {
+            double t = std::isfinite(v[r][c]) ? std::clamp((v[r][c] - lo) / (hi - lo > 0 ? hi - lo : 1), 0.0, 1.0) : 0;
+            char fill[16];
+            std::snprintf(fill, sizeof fill, "#%02x%02x%02x", (int)(255 - t * 222), (int)(255 - t * 175), (int)(255 - t * 95));
+            double cx = x + label_w + c * cell_w;
+            o += "<rect x=\"" + fmt("%.1f", cx) + "\" y=\"" + fmt("%.1f", ry) + "\" width=\"" + fmt("%.1f", cell_w - 1) +
+                 "\" height=\"" + fmt("%.1f", cell_h - 1) + "\" fill=\"" + fill + "\"/>\n";
+            svg_text(o, cx + cell_w / 2, ry + 14, std::isfinite(v[r][c]) ? fmt(format, v[r][c]) : "-",
+                     t > 0.55 ? "text-anchor=\"middle\" fill=\"white\"" : "text-anchor=\"middle\"");
+        }
+    }
+    return 38 + rows.size() * cell_h + 12;
+}
+static std::string svg_begin(double w, double h) {
+    return "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + fmt("%.0f", w) + "\" height=\"" + fmt("%.0f", h) +
+           "\" viewBox=\"0 0 " + fmt("%.0f", w) + " " + fmt("%.0f", h) +
+           "\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
+}
+
+// --- the training report. Every evaluation adds a row to the history: the
+// losses and the expert load. The history is kept in DIR/log.tsv (so that
+// --resume continues it) and drawn, with the routing of the latest
+// evaluation, in DIR/report.svg.
+struct LogRow {
+    int64_t step = 0;
+    double train = NAN, test = NAN;
+    std::vector<double> val;   // the loss on each --val file
+    std::vector<double> load;  // [N_LAYER * E] on the test split
+};
+static std::string log_tsv(const std::vector<LogRow>& hist, const std::vector<std::string>& val_names) {
+    std::string s = "step\ttrain\ttest";
+    for (const auto& v : val_names) s += "\tval:" + v;
+    for (int l = 0; l < N_LAYER; l++)
+        for (int e = 0; e < E; e++) s += "\tload:L" + std::to_string(l) + "e" + std::to_string(e);
+    s += "\n";
+    for (const auto& r : hist) {
+        s += std::to_string(r.step) + fmt("\t%.6f", r.train) + fmt("\t%.6f", r.test);
+        for (double v : r.val) s += fmt("\t%.6f", v);
+        for (double v : r.load) s += fmt("\t%.5f", v);
+        s += "\n";
+    }
+    return s;
+}
+// The rows of a log written by log_tsv with the same columns, up to step
+// up_to (a resumed run repeats the steps after its checkpoint). Empty if the
+// file is missing or not such a log.
+static std::vector<LogRow> read_log(const std::string& path, const std::vector<std::string>& val_names, int64_t up_to) {
+    std::vector<LogRow> hist;
+    std::string raw;
+    try {
+        raw = read_file(path);
+    } catch (const std::runtime_error&) {
+        return hist;
+    }
+    std::vector<Line> lines = split_lines(raw);
+    if (lines.empty() || lines[0].text + "\n" != log_tsv({}, val_names)) return hist;
+    for (size_t i = 1; i < lines.size(); i++) {
+        std::vector<double> f;
+        const char* p = lines[i].text.c_str();
+        for (char* end;; p = end + (*end == '\t')) {
+            f.push_back(std::strtod(p, &end));
+            if (end == p || (*end != '\t' && *end)) return {};
+            if (!*end) break;
+        }
+        if (f.size() != 3 + val_names.size() + (size_t)N_LAYER * E) return {};
+        LogRow r;
+        r.step = (int64_t)f[0], r.train = f[1], r.test = f[2];
+        r.val.assign(f.begin() + 3, f.begin() + 3 + val_names.size());
+        r.load.assign(f.begin() + 3 + val_names.size(), f.end());
+        if (r.step <= up_to) hist.push_back(r);
+    }
+    return hist;
+}
+
+// Shares of first choices [row][e] for one layer, from counts [N_LAYER * E].
+static std::vector<double> shares(const std::vector<double>& counts, int l) {
+    std::vector<double> v(counts.begin() + (size_t)l * E, counts.begin() + (size_t)(l + 1) * E);
+    double n = std::accumulate(v.begin(), v.end(), 0.0);
+    for (double& x : v) x = n > 0 ? x / n : NAN;
+    return v;
+}
+
+// report.svg: the loss curves, the expert load of each layer over training,
+// and per layer the routing heatmaps (by --val file, and by byte class).
+static std::string training_svg(const std::string& title, const std::vector<LogRow>& hist,
+                                const std::vector<std::string>& val_names, const std::vector<std::vector<double>>& by_file,
+                                const Routing& rt) {
+    const double W = 980;
+    const int ncol = std::min(N_LAYER, 4), nrow = (N_LAYER + ncol - 1) / ncol;
+    const double label_w = 80, cell_w = 36, heat_w = label_w + E * cell_w + 20;
+    const int hcol = std::max(1, std::min(N_LAYER, (int)(W / heat_w)));
+    std::vector<std::string> cols;
+    for (int e = 0; e < E; e++) cols.push_back("e" + std::to_string(e));
+    std::vector<std::string> class_rows;
+    for (int c = 0; c < N_CLASS; c++) {
+        double n = 0;
+        for (int e = 0; e < E; e++) n += rt.by_class[(size_t)c * E + e];  // layer 0: every layer sees the same tokens
+        if (n > 0) class_rows.push_back(CLASS_NAMES[c]);
+    }
+    const double heat_h = (val_names.empty() ? 0 : 38 + 20 * val_names.size() + 12) + 38 + 20 * class_rows.size() + 12;
+    const double H = 40 + 320 + 14 * ((E - 1) / 12) + nrow * 190 + 30 + ((N_LAYER + hcol - 1) / hcol) * heat_h + 10;
+    std::string o = svg_begin(W, H);
+    svg_text(o, 10, 22, title, "font-size=\"14\" font-weight=\"bold\"");
+    std::vector<Series> loss = {{"train", PALETTE[0], false, {}}, {"test", PALETTE[1], false, {}}};
+    for (size_t v = 0; v < val_names.size(); v++) loss.push_back({val_names[v], PALETTE[(2 + v) % 10], true, {}});
+    for (const auto& r : hist) {
+        loss[0].pts.push_back({(double)r.step, r.train}), loss[1].pts.push_back({(double)r.step, r.test});
+        for (size_t v = 0; v < r.val.size() && v < val_names.size(); v++) loss[2 + v].pts.push_back({(double)r.step, r.val[v]});
+    }
+    svg_plot(o, 0, 40, W, 300, "loss (nats per token)", "step", loss);
+    for (int l = 0; l < N_LAYER; l++) {
+        std::vector<Series> load;
+        for (int e = 0; e < E; e++) {
+            load.push_back({"expert " + std::to_string(e), PALETTE[e % 10], e >= 10, {}});
+            for (const auto& r : hist) load.back().pts.push_back({(double)r.step, r.load[(size_t)l * E + e]});
+        }
+        double w = W / ncol;
+        svg_plot(o, (l % ncol) * w, 360 + 14 * ((E - 1) / 12) + (l / ncol) * 190, w, 190, "layer " + std::to_string(l) + ": expert load",
+                 "step", load, false, 0, 1);
+    }
+    // one legend for all the load panels, in a row above them
+    for (int e = 0; e < E; e++) {
+        double lx = 10 + 80 * (e % 12), ly = 350 + 14 * (e / 12);
+        o += "<rect x=\"" + fmt("%.0f", lx) + "\" y=\"" + fmt("%.0f", ly - 9) + "\" width=\"14\" height=\"10\" fill=\"" +
+             PALETTE[e % 10] + "\"/>\n";
+        svg_text(o, lx + 18, ly, "expert " + std::to_string(e));
+    }
+    double y0 = 360 + 14 * ((E - 1) / 12) + nrow * 190 + 10;
+    svg_text(o, 10, y0 + 14, "routing on the last evaluation: share of each row's tokens whose first choice is expert e",
+             "font-weight=\"bold\"");
+    for (int l = 0; l < N_LAYER; l++) {
+        double x = (l % hcol) * heat_w, y = y0 + 20 + (l / hcol) * heat_h;
+        if (!val_names.empty()) {
+            std::vector<std::vector<double>> v;
+            for (const auto& f : by_file) v.push_back(shares(f, l));
+            y += svg_heatmap(o, x, y, label_w, cell_w, "layer " + std::to_string(l) + ", by file", val_names, cols, v, 0, 1, "%.2f");
+        }
+        std::vector<std::vector<double>> v;
+        for (int c = 0; c < N_CLASS; c++) {
+            std::vector<double> counts(rt.by_class.begin() + ((size_t)l * N_CLASS + c) * E,
+                                       rt.by_class.begin() + ((size_t)l * N_CLASS + c + 1) * E);
+            if (std::accumulate(counts.begin(), counts.end(), 0.0) > 0) v.push_back(shares(counts, 0));
+        }
+        svg_heatmap(o, x, y, label_w, cell_w, "layer " + std::to_string(l) + ", by byte read", class_rows, cols, v, 0, 1, "%.2f");
+    }
+    return o + "</svg>\n";
+}
+
 // ----------------------------------------------------------------------------
 // 11. Command line and main
 
@@ -2198,7 +2666,9 @@ struct Options {
     double temperature = 1.0;
     int top_k = 0, num_samples = 20, max_new_tokens = 500;
     int threads = (int)std::max(1u, std::thread::hardware_concurrency());
-    std::vector<std::string> eval_files;
+    std::vector<std::string> eval_files, val_files;
+    std::string arith_file, route;
+    bool have_route = false, gates = false;
 };
 
 static const char* USAGE =
@@ -2215,6 +2685,8 @@ static const char* USAGE =
     "  --eval-interval N       steps between evaluations and checkpoints (default 500)\n"
     "  --log-interval N        steps between progress lines (default 100)\n"
     "  --text                  text mode: the file is one byte stream (default: one example per line)\n"
+    "  --val FILE...           also evaluate these files (e.g. one per domain) at every evaluation; their\n"
+    "                          losses go in the log and DIR/report.svg, their routing in the final tables\n"
     "  --resume                continue from DIR/last.safetensors (or --checkpoint)\n"
     "Sampling and evaluation:\n"
     "  --sample-only           sample from DIR/model.safetensors (or --checkpoint), no training\n"
@@ -2224,7 +2696,13 @@ static const char* USAGE =
     "  --top-k N               sample only from the N most likely tokens (default 0: all)\n"
     "  --prompt TEXT           continue TEXT, printing tokens as they are made\n"
     "  --max-new-tokens N      tokens to generate in text mode or after a prompt (default 500)\n"
-    "  --eval FILE...          print 'eval FILE loss X tokens N' for each file, X in nats per token\n"
+    "  --eval FILE...          print 'eval FILE loss X tokens N' for each file, X in nats per token,\n"
+    "                          its expert load, and tables of where each file's tokens were routed\n"
+    "  --arith FILE            arithmetic accuracy: complete the prompts 'a+b=' of FILE greedily, and\n"
+    "                          check 1000 free samples that look like sums\n"
+    "  --route TEXT            show which expert each byte of TEXT goes to, layer by layer ('-': each\n"
+    "                          line of standard input)\n"
+    "  --gates                 with --route: also every chosen expert and its gate weight\n"
     "Other:\n"
     "  --threads N             worker threads (default: all cores); results do not depend on it\n"
     "  -h, --help              this text\n";
@@ -2287,9 +2765,13 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
         else if (a == "--prompt") o.prompt = val(), o.have_prompt = true;
         else if (a == "--max-new-tokens") o.max_new_tokens = (int)parse_int(a, val(), 0, 100000000);
         else if (a == "--threads") o.threads = (int)parse_int(a, val(), 1, 256);
-        else if (a == "--eval") {  // takes every following argument up to the next flag
-            while (i + 1 < argc && argv[i + 1][0] != '-') o.eval_files.push_back(argv[++i]);
-            if (o.eval_files.empty()) throw UsageError("--eval needs at least one file");
+        else if (a == "--arith") o.arith_file = val();
+        else if (a == "--route") o.route = val(), o.have_route = true;
+        else if (a == "--gates") o.gates = true;
+        else if (a == "--eval" || a == "--val") {  // take every following argument up to the next flag
+            auto& files = a == "--eval" ? o.eval_files : o.val_files;
+            while (i + 1 < argc && argv[i + 1][0] != '-') files.push_back(argv[++i]);
+            if (files.empty()) throw UsageError(a + " needs at least one file");
         } else throw UsageError("unknown option '" + a + "'");
     }
     if (INFERENCE_ONLY && o.resume)
@@ -2356,6 +2838,7 @@ static Meta model_meta(const std::string& vocab, bool text, int context, int64_t
             {"n_experts", std::to_string(E)},
             {"top_k", std::to_string(K)},
             {"norm_topk", NORM_TOPK ? "1" : "0"},
+            {"ff", std::to_string(F)},
             {"block_size", std::to_string(BLOCK_SIZE)},
             {"mode", text ? "text" : "lines"},
             {"context", std::to_string(context)},
@@ -2370,18 +2853,6 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
     for (const auto& t : m.tensors)
         ts.push_back({t.name, std::vector<int64_t>(t.shape.begin(), t.shape.end()), m.params.data() + t.offset});
     return ts;
-}
-
-// Expert load per layer, e.g. "L0 0.25 0.25 0.25 0.25 | L1 ...": balanced
-// routing reads 1/E everywhere; a collapsed layer has one entry near 1.
-static std::string print_load(const std::vector<double>& load) {
-    std::string s;
-    char b[32];
-    for (int l = 0; l < N_LAYER; l++) {
-        s += l ? " | L" + std::to_string(l) : "L" + std::to_string(l);
-        for (int e = 0; e < E; e++) std::snprintf(b, sizeof b, " %.2f", load[(size_t)l * E + e]), s += b;
-    }
-    return s;
 }
 
 [[maybe_unused]] static int train(const Options& o) {
@@ -2431,6 +2902,20 @@ static std::string print_load(const std::vector<double>& load) {
     } else {
         std::printf("fine-tuning %s: it holds no optimizer state, so AdamW starts fresh at step 0\n", ck.path.c_str());
     }
+    // --val files (one per domain, say): evaluated beside the test split at
+    // every evaluation, with the training vocabulary.
+    std::vector<std::string> val_names;
+    std::vector<std::vector<std::vector<int>>> val_sets;
+    std::vector<int> val_T;
+    for (const auto& f : o.val_files) {
+        if (d.text) fail("--val works in line mode, where a file is a set of examples; in text mode use --eval later");
+        std::vector<Line> lines = split_lines(read_file(f));
+        if (lines.empty()) fail("--val: '" + f + "' has no non-empty lines to evaluate");
+        size_t longest = 0;
+        for (const auto& l : lines) longest = std::max(longest, l.text.size());
+        val_sets.push_back(encode_lines(lines, d.vocab, f)), val_T.push_back((int)longest + 1);
+        val_names.push_back(fs::path(f).stem().string());
+    }
     // The work dir is made now, before a long run, so that a bad -o fails at
     // once rather than at the first checkpoint.
     std::error_code ec;
@@ -2464,6 +2949,18 @@ static std::string print_load(const std::vector<double>& load) {
     };
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
+    // The history of evaluations, for DIR/log.tsv and DIR/report.svg.
+    const std::string log_path = (fs::path(o.work_dir) / "log.tsv").string();
+    const std::string svg_path = (fs::path(o.work_dir) / "report.svg").string();
+    std::vector<LogRow> hist;
+    if (o.resume) {
+        hist = read_log(log_path, val_names, step);
+        if (hist.empty() && step > 0)
+            std::printf("(no log.tsv with these --val files in %s: the report starts at step %lld)\n",
+                        o.work_dir.c_str(), (long long)step);
+    }
+    Routing rt_test = routing_for(d.vocab);  // routing of the latest evaluation
+    std::vector<std::vector<double>> rt_val;
 
     // The training loop: a batch, the forward pass (loss), zeroed gradients,
     // the backward pass, one AdamW step. Every log interval, the averages
@@ -2501,11 +2998,28 @@ static std::string print_load(const std::vector<double>& load) {
         // windows each in text mode); the expert load is that of the test set.
         if (step % o.eval_interval == 0 || step == o.max_steps) {
             EvalResult tr = d.text ? eval_text(m, d.train_text, 256) : eval_lines(m, d.train, d.T, 1000);
-            EvalResult te = d.text ? eval_text(m, d.test_text, 256) : eval_lines(m, d.test, d.T, 1000);
             // With fewer than 10 lines there is no test split; the train loss picks the best model then.
             bool no_test = d.text ? d.test_text.size() < 2 : d.test.empty();
+            rt_test = routing_for(d.vocab);
+            EvalResult te = d.text ? eval_text(m, d.test_text, 256, &rt_test)
+                                   : eval_lines(m, no_test ? d.train : d.test, d.T, 1000, &rt_test);
             std::printf("step %6lld | train loss %.4f | test loss %.4f | expert load %s\n", (long long)step, tr.loss,
-                        te.loss, print_load(no_test ? tr.load : te.load).c_str());
+                        no_test ? NAN : te.loss, print_load(te.load).c_str());
+            LogRow row{step, tr.loss, no_test ? NAN : te.loss, {}, te.load};
+            rt_val.clear();
+            for (size_t v = 0; v < val_sets.size(); v++) {
+                Routing rt = routing_for(d.vocab);
+                row.val.push_back(eval_lines(m, val_sets[v], val_T[v], SIZE_MAX, &rt).loss);
+                rt_val.push_back(rt.first);
+                if (!v) std::printf("step %6lld | val", (long long)step);
+                std::printf("%s %s %.4f", v ? " |" : "", val_names[v].c_str(), row.val.back());
+            }
+            if (!val_sets.empty()) std::printf("\n");
+            hist.push_back(row);
+            write_text_atomic(log_path, "log", log_tsv(hist, val_names));
+            write_text_atomic(svg_path, "report",
+                              training_svg("moe.cpp: " + config_string() + " | " + o.input + " | step " + std::to_string(step),
+                                           hist, val_names, rt_val, rt_test));
             double score = no_test ? tr.loss : te.loss;
             if (score < best) {
                 best = score;
@@ -2523,7 +3037,15 @@ static std::string print_load(const std::vector<double>& load) {
             return 128 + g_signal;
         }
     }
-    // Samples from the final weights, from a generator of their own.
+    // Where the tokens went at the last evaluation, then samples from the
+    // final weights, from a generator of their own.
+    if (E > 1 && !hist.empty()) {
+        if (!val_names.empty())
+            print_routing("routing by --val file: share of each file's tokens whose first choice is expert e", val_names,
+                          rt_val);
+        print_routing_by_class(rt_test);
+        std::printf("report: %s (loss curves, expert load, routing)\n", svg_path.c_str());
+    }
     Rng srng = make_rng((uint64_t)seed, STREAM_SAMPLE);
     if (d.text) {
         std::printf("--- sample ---\n");
@@ -2538,18 +3060,26 @@ static std::string print_load(const std::vector<double>& load) {
 }
 #endif
 
-// Sampling from a checkpoint: samples (makemore style, sorted against the
-// data file when it is there), or the continuation of --prompt.
-[[maybe_unused]] static void sample_only(const Options& o) {
+// The model that sampling, evaluation and routing use: --checkpoint, or the
+// work dir's best one. Returns the checkpoint, whose metadata has the rest.
+static Checkpoint load_for_use(const Options& o, Model& m) {
     namespace fs = std::filesystem;
     Checkpoint ck = read_safetensors(o.checkpoint.empty() ? (fs::path(o.work_dir) / "model.safetensors").string()
                                                           : o.checkpoint);
-    Model m;
     load_model(m, ck);
-    std::string vocab = checkpoint_vocab(ck);
-    bool text = meta_get(ck, "mode") == "text";
-    int context = (int)meta_int(ck, "context");
+    int64_t context = meta_int(ck, "context");
     if (context < 2 || context > BLOCK_SIZE) fail("checkpoint '" + ck.path + "': metadata 'context' is out of range");
+    return ck;
+}
+
+// Sampling from a checkpoint: samples (makemore style, sorted against the
+// data file when it is there), or the continuation of --prompt.
+[[maybe_unused]] static void sample_only(const Options& o) {
+    Model m;
+    const Checkpoint ck = load_for_use(o, m);
+    const std::string vocab = checkpoint_vocab(ck);
+    const bool text = meta_get(ck, "mode") == "text";
+    const int context = (int)meta_int(ck, "context");
     Rng rng = make_rng((uint64_t)o.seed, STREAM_SAMPLE);
     // A prompt, or text mode: one continuation, printed as it is made.
     if (o.have_prompt || text) {
@@ -2584,31 +3114,63 @@ static std::string print_load(const std::vector<double>& load) {
 }
 
 [[maybe_unused]] static void eval_files(const Options& o) {
-    namespace fs = std::filesystem;
-    Checkpoint ck = read_safetensors(o.checkpoint.empty() ? (fs::path(o.work_dir) / "model.safetensors").string()
-                                                          : o.checkpoint);
     Model m;
-    load_model(m, ck);
-    std::string vocab = checkpoint_vocab(ck);
-    bool text = meta_get(ck, "mode") == "text";
+    const Checkpoint ck = load_for_use(o, m);
+    const std::string vocab = checkpoint_vocab(ck);
+    const bool text = meta_get(ck, "mode") == "text";
     // Each file is read with the checkpoint's vocabulary and context: in line
     // mode every line, padded to the file's longest; in text mode consecutive
     // windows. The loss is the mean over every predicted byte (and end marker).
+    std::vector<std::vector<double>> by_file;
+    Routing all = routing_for(vocab);
     for (const auto& f : o.eval_files) {
         std::string raw = read_file(f);
         EvalResult r;
+        Routing rt = routing_for(vocab);
         if (text) {
             if (raw.size() < 2) fail("'" + f + "' has fewer than 2 bytes: nothing to predict");
-            r = eval_text(m, encode(raw, vocab, f), SIZE_MAX);
+            r = eval_text(m, encode(raw, vocab, f), SIZE_MAX, &rt);
         } else {
             std::vector<Line> lines = split_lines(raw);
             if (lines.empty()) fail("'" + f + "' has no non-empty lines to evaluate");
             size_t longest = 0;
             for (const auto& l : lines) longest = std::max(longest, l.text.size());
-            r = eval_lines(m, encode_lines(lines, vocab, f), (int)longest + 1, SIZE_MAX);
+            r = eval_lines(m, encode_lines(lines, vocab, f), (int)longest + 1, SIZE_MAX, &rt);
         }
         std::printf("eval %s loss %.6f tokens %lld\n", f.c_str(), r.loss, (long long)r.tokens);
+        std::printf("  expert load %s\n", print_load(r.load).c_str());
+        by_file.push_back(rt.first);
+        for (size_t i = 0; i < all.by_class.size(); i++) all.by_class[i] += rt.by_class[i];
     }
+    if (E > 1 && !o.eval_files.empty()) {
+        print_routing("routing by file: share of each file's tokens whose first choice is expert e", o.eval_files, by_file);
+        print_routing_by_class(all);
+    }
+    if (!o.arith_file.empty()) {
+        if (text) fail("--arith needs a line-mode model: its prompts are lines, and this checkpoint is text mode");
+        Rng rng = make_rng((uint64_t)o.seed, STREAM_SAMPLE);
+        arith_report(m, vocab, (int)meta_int(ck, "context"), o.arith_file, rng);
+    }
+}
+
+// --route: the routing explorer on TEXT, or on each line of standard input.
+[[maybe_unused]] static void route_mode(const Options& o) {
+    Model m;
+    const Checkpoint ck = load_for_use(o, m);
+    const std::string vocab = checkpoint_vocab(ck);
+    const bool text = meta_get(ck, "mode") == "text";
+    if (o.route != "-") return route_line(m, vocab, text, o.route, o.gates);
+    std::string line;
+    for (int c; (c = std::getchar()) != EOF;) {
+        if (c != '\n') {
+            line += (char)c;
+            continue;
+        }
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        if (!line.empty()) route_line(m, vocab, text, line, o.gates);
+        line.clear();
+    }
+    if (!line.empty()) route_line(m, vocab, text, line, o.gates);
 }
 
 #ifndef MOE_NO_MAIN  // tests include this file and bring their own main
@@ -2619,7 +3181,8 @@ int main(int argc, char** argv) {
     try {
         Options o = parse_args(argc, argv);
         set_threads(o.threads);
-        if (!o.eval_files.empty()) eval_files(o);
+        if (o.have_route) route_mode(o);
+        else if (!o.eval_files.empty() || !o.arith_file.empty()) eval_files(o);
         else if (o.sample_only || o.have_prompt || INFERENCE_ONLY) sample_only(o);
 #if !MOE_INFERENCE_ONLY
         else return train(o);

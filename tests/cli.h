@@ -34,7 +34,7 @@ static std::string slurp(const std::string& path) {
 static bool has(const std::string& s, const std::string& what) { return s.find(what) != std::string::npos; }
 
 // Train `steps` steps into dir with the small data set.
-static Run train(const std::string& dir, int steps, const std::string& extra = "") {
+[[maybe_unused]] static Run train(const std::string& dir, int steps, const std::string& extra = "") {
     return run(q(g_moe) + " -i " + q(g_small) + " -o " + q(dir) + " --max-steps " + std::to_string(steps) +
                " --eval-interval 20 --log-interval 10 --num-samples 3 " + extra);
 }
@@ -54,7 +54,7 @@ static Run train(const std::string& dir, int steps, const std::string& extra = "
 // Arguments: GROUP MOE MOE_INFER NAMES_TXT SCRATCH_DIR. Makes a fresh
 // scratch dir for the group and a small copy of names.txt (3000 lines keep
 // each run to a second or two). Returns the group.
-static std::string setup(int argc, char** argv, const char* groups) {
+[[maybe_unused]] static std::string setup(int argc, char** argv, const char* groups) {
     if (argc != 6) {
         std::fprintf(stderr, "usage: %s %s MOE MOE_INFER NAMES_TXT SCRATCH_DIR\n", argv[0], groups);
         std::exit(2);
