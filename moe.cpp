@@ -99,6 +99,20 @@ F expert hidden width (4C unless MOE_FF), N positions that carry a target, S rou
 #ifndef MOE_NORM_TOPK  // renormalise the K chosen probabilities to sum to 1?
 #define MOE_NORM_TOPK (MOE_TOP_K > 1)
 #endif
+// The MoE variants a reader can switch on, each explained where it lives
+// (section 5, "The Mixture of Experts"). All are off by default.
+#ifndef MOE_NOISY_GATE  // 1: noisy top-k gating while training (Shazeer et al. 2017)
+#define MOE_NOISY_GATE 0
+#endif
+#ifndef MOE_CAPACITY_FACTOR  // > 0: an expert takes at most ceil(CF * tokens * K / E) slots per batch (Switch)
+#define MOE_CAPACITY_FACTOR 0
+#endif
+#ifndef MOE_Z_COEF  // > 0: weight of the router z-loss (ST-MoE, Zoph et al. 2022)
+#define MOE_Z_COEF 0
+#endif
+#ifndef MOE_N_SHARED  // experts every token uses besides its K routed ones (DeepSeekMoE)
+#define MOE_N_SHARED 0
+#endif
 #ifndef MOE_INFERENCE_ONLY  // 1: no backward, no optimizer, no training
 #define MOE_INFERENCE_ONLY 0
 #endif
@@ -112,7 +126,11 @@ constexpr int C = MOE_N_EMBD;
 constexpr int HS = C / N_HEAD;  // head size
 constexpr int E = MOE_N_EXPERTS;
 constexpr int K = MOE_TOP_K;
-constexpr int F = MOE_FF;  // expert hidden width
+constexpr int F = MOE_FF;  // expert hidden width: fine-grained experts are many with a small F
+constexpr bool NOISY_GATE = MOE_NOISY_GATE;
+constexpr double CAPACITY_FACTOR = MOE_CAPACITY_FACTOR;
+constexpr double Z_COEF = MOE_Z_COEF;
+constexpr int NS = MOE_N_SHARED;
 constexpr int BLOCK_SIZE = MOE_BLOCK_SIZE;
 constexpr bool NORM_TOPK = MOE_NORM_TOPK;
 constexpr bool INFERENCE_ONLY = MOE_INFERENCE_ONLY;
@@ -121,6 +139,7 @@ constexpr int MAX_VOCAB = 257;     // 256 byte values + the start/end marker
 static_assert(N_LAYER >= 1 && N_HEAD >= 1 && C >= 1 && F >= 1 && BLOCK_SIZE >= 2, "sizes must be positive");
 static_assert(C % N_HEAD == 0, "MOE_N_EMBD must be a multiple of MOE_N_HEAD");
 static_assert(E >= 1 && K >= 1 && K <= E, "need 1 <= MOE_TOP_K <= MOE_N_EXPERTS");
+static_assert(NS >= 0 && CAPACITY_FACTOR >= 0 && Z_COEF >= 0, "MoE variant constants must not be negative");
 
 #if MOE_DOUBLE
 using real = double;
@@ -264,6 +283,13 @@ static void parallel_for(int n, const Fn& f) {
     g_pool.run(nt, chunk);
 }
 
+// One number formatted with printf's format f, as a string.
+[[maybe_unused]] static std::string fmt(const char* f, double v) {
+    char b[64];
+    std::snprintf(b, sizeof b, f, v);
+    return b;
+}
+
 [[maybe_unused]] static double now_ms() {
     using namespace std::chrono;
     return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
@@ -375,8 +401,10 @@ struct LayerParams {
     real *attn_proj_w, *attn_proj_b;  // [C, C], [C]
     real *ln2_w, *ln2_b;        // [C]
     real* router_w;             // [E, C], no bias
-    real *fc_w[E], *fc_b[E];    // per expert [F, C], [F]
-    real *proj_w[E], *proj_b[E];  // per expert [C, F], [C]
+    real* noise_w;              // [E, C], no bias: noisy gating only (else null)
+    // experts 0..E-1 are routed; E..E+NS-1 are the shared ones
+    real *fc_w[E + NS], *fc_b[E + NS];      // per expert [F, C], [F]
+    real *proj_w[E + NS], *proj_b[E + NS];  // per expert [C, F], [C]
 };
 struct Params {
     real *wte, *wpe;  // [V, C], [BLOCK_SIZE, C]
@@ -408,8 +436,9 @@ static std::vector<TensorInfo> param_layout(int V) {
         add(p + "ln_2.weight", {C});
         add(p + "ln_2.bias", {C});
         add(p + "moe.router.weight", {E, C});
-        for (int e = 0; e < E; e++) {
-            std::string q = p + "moe.experts." + std::to_string(e) + ".";
+        if (NOISY_GATE) add(p + "moe.noise.weight", {E, C});
+        for (int e = 0; e < E + NS; e++) {
+            std::string q = p + (e < E ? "moe.experts." + std::to_string(e) : "moe.shared." + std::to_string(e - E)) + ".";
             add(q + "c_fc.weight", {F, C});
             add(q + "c_fc.bias", {F});
             add(q + "c_proj.weight", {C, F});
@@ -434,7 +463,8 @@ static void point_params(Params& p, real* base, const std::vector<TensorInfo>& t
         L.attn_proj_w = next(), L.attn_proj_b = next();
         L.ln2_w = next(), L.ln2_b = next();
         L.router_w = next();
-        for (int e = 0; e < E; e++) L.fc_w[e] = next(), L.fc_b[e] = next(), L.proj_w[e] = next(), L.proj_b[e] = next();
+        L.noise_w = NOISY_GATE ? next() : nullptr;
+        for (int e = 0; e < E + NS; e++) L.fc_w[e] = next(), L.fc_b[e] = next(), L.proj_w[e] = next(), L.proj_b[e] = next();
     }
     p.lnf_w = next(), p.lnf_b = next();
     p.lm_head = next();
@@ -455,7 +485,7 @@ static void init_params(std::vector<real>& params, const std::vector<TensorInfo>
         } else if (n.find("ln_") != std::string::npos) {
             for (size_t i = 0; i < ti.size; i++) w[i] = ends(".weight") ? 1 : 0;
         } else {  // a Linear weight or bias: fan_in is the weight's second dimension
-            int fan_in = ti.shape.size() == 2 ? ti.shape[1] : (ends("c_proj.bias") && n.find("experts") != std::string::npos ? F : C);
+            int fan_in = ti.shape.size() == 2 ? ti.shape[1] : (ends("c_proj.bias") && n.find(".moe.") != std::string::npos ? F : C);
             double bound = 1.0 / std::sqrt((double)fan_in);
             for (size_t i = 0; i < ti.size; i++) w[i] = (real)((2 * rng.uniform() - 1) * bound);
         }
@@ -1008,6 +1038,112 @@ static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& w
 }
 #endif
 
+// --- the variants. Each is switched on by one constant in section 1 and
+// leaves the default build untouched when off.
+//
+// Noisy top-k gating (MOE_NOISY_GATE; Shazeer et al. 2017, makeMoE). Early
+// in training the router's scores are nearly equal, and a deterministic
+// top-k keeps sending a token to the same experts, so the others never get
+// the chance to become useful. Adding noise to the logits before the top-k
+// explores; the noise's scale is learned per token and expert:
+//   z' = z + eps * softplus(x . Wn^T),   eps ~ N(0, 1)
+// and the router softmax and the top-k read z'. Only while training: at
+// evaluation and sampling z' = z. (makeMoE keeps the noise on at evaluation
+// too, so its test loss is that of a randomly perturbed router: a known
+// mistake.) Backward, with u = x . Wn^T and s = softplus(u):
+//   dz += dz'   and   du = dz' * eps * sigmoid(u)     (softplus' = sigmoid)
+// and du goes through the noise Linear like any other.
+static inline real softplus(real u) { return u > 20 ? u : std::log1p(std::exp(u)); }
+static void noise_forward(real* noisy, real* eps, const real* logits, const real* u, const uint8_t* valid, int M,
+                          Rng& rng) {
+    for (int64_t i = 0; i < (int64_t)M * E; i++) {  // one draw per routed (row, expert), in order
+        eps[i] = valid[i / E] ? (real)rng.normal() : 0;
+        noisy[i] = logits[i] + eps[i] * softplus(u[i]);
+    }
+}
+#if !MOE_INFERENCE_ONLY
+static void noise_backward(real* du, const real* dnoisy, const real* eps, const real* u, int M) {
+    for (int64_t i = 0; i < (int64_t)M * E; i++) du[i] += dnoisy[i] * eps[i] / (1 + std::exp(-u[i]));
+}
+#endif
+
+// Expert capacity (MOE_CAPACITY_FACTOR; Switch Transformer). On hardware
+// that runs experts in parallel, each expert gets a buffer of fixed size:
+//   capacity = ceil(CF * N * K / E)    slots per expert per batch (N tokens)
+// and an expert chosen more often than that must drop the excess. A dropped
+// slot contributes nothing: its token's other experts still count, and if
+// all are dropped the token passes on through the residual connection
+// alone. Which slots to drop? makeMoE keeps the earliest tokens of the batch,
+// which biases against whatever comes late; here an expert keeps the slots
+// with the highest gate weights, the ones it matters most to. Training only
+// (evaluation and sampling give every token its experts). routed[M,K] is
+// chosen with the dropped slots set to -1; returns the number dropped. No
+// backward of its own: a dropped slot simply receives no gradient through
+// its gate, while topk_backward still sees it in the renormalisation.
+static int64_t capacity_forward(int* routed, const int* chosen, const real* gate, const uint8_t* valid, int M,
+                                double cf) {
+    int64_t n = 0, dropped = 0;
+    for (int m = 0; m < M; m++) n += valid[m];
+    const int64_t cap = (int64_t)std::ceil(cf * (double)n * K / E);
+    std::vector<std::vector<int>> slots(E);  // each expert's slots m*K + j, in token order
+    for (int i = 0; i < M * K; i++)
+        if ((routed[i] = chosen[i]) >= 0) slots[chosen[i]].push_back(i);
+    for (auto& s : slots) {
+        if ((int64_t)s.size() <= cap) continue;
+        // highest gate first; equal gates keep token order, so the result is deterministic
+        std::stable_sort(s.begin(), s.end(), [&](int a, int b) { return gate[a] > gate[b]; });
+        for (size_t r = (size_t)cap; r < s.size(); r++) routed[s[r]] = -1, dropped++;
+    }
+    return dropped;
+}
+
+// Router z-loss (MOE_Z_COEF; ST-MoE, Zoph et al. 2022). Nothing in the
+// softmax stops the router's logits from growing: softmax(z + c) is the same
+// for any c, and large logits make the probabilities saturate and, in low
+// precision, overflow. The z-loss penalises their size:
+//   zl = mean over routed tokens of lse(z)^2,   lse(z) = log sum_e exp(z_e)
+// on the raw logits (before any noise). With p = softmax(z):
+//   d zl / d z_e = 2 lse(z) p_e / N
+// The total loss adds Z_COEF * zl per layer. lse[M] is saved for backward.
+static real zloss_forward(real* lse, const real* logits, const uint8_t* valid, int M) {
+    double sum = 0;
+    int64_t n = 0;
+    for (int m = 0; m < M; m++) {
+        const real* z = logits + (int64_t)m * E;
+        real mx = *std::max_element(z, z + E), s = 0;
+        for (int e = 0; e < E; e++) s += std::exp(z[e] - mx);
+        lse[m] = mx + std::log(s);
+        if (valid[m]) sum += (double)lse[m] * lse[m], n++;
+    }
+    return n ? (real)(sum / (double)n) : 0;
+}
+#if !MOE_INFERENCE_ONLY
+static void zloss_backward(real* dlogits, const real* lse, const real* logits, const uint8_t* valid, int M, real dz) {
+    int64_t n = 0;
+    for (int m = 0; m < M; m++) n += valid[m];
+    for (int m = 0; m < M; m++) {
+        if (!valid[m]) continue;
+        for (int e = 0; e < E; e++)
+            dlogits[(int64_t)m * E + e] += dz * 2 * lse[m] * std::exp(logits[(int64_t)m * E + e] - lse[m]) / (real)n;
+    }
+}
+#endif
+
+// Shared experts (MOE_N_SHARED; DeepSeekMoE, Dai et al. 2024). Some
+// knowledge every token needs (here: spelling out common patterns); if each
+// routed expert must learn it, it is learned E times. NS shared experts
+// process every token with weight 1, beside its K routed ones, so the
+// routed experts are free to specialise:
+//   out = sum_s shared_s(x) + sum_j g_j expert_{top_j}(x)
+// Each is the same MLP as a routed expert, run over all M rows as a dense
+// layer; backward is the MLP's backward with dout passed through unchanged.
+//
+// Fine-grained experts (DeepSeekMoE) need no code: MOE_FF sets the expert
+// width F. E = 16, K = 4, F = C costs per token what E = 4, K = 1, F = 4C
+// does (4 experts of width C = 1 of width 4C), but there are many more ways
+// to combine experts. The parameter counts at start (total, and active per
+// token) show the equal cost.
+
 // --- cross-entropy of the next-token prediction, for positions whose target
 // is not -1. probs[M,V] (the softmax of the logits) is saved for backward.
 // Returns the summed loss (in double) and sets *count to the number of targets.
@@ -1045,6 +1181,7 @@ static void crossentropy_backward(real* dlogits, const real* probs, const int* t
 //       x = x + moe(ln_2(x))        router -> top-k -> gate-weighted experts
 //   logits = lm_head(ln_f(x))
 //   loss = mean cross-entropy + aux_coef * (sum over layers of aux)
+//          (+ Z_COEF * (sum over layers of the z-loss), if switched on)
 //
 // Every activation that backward needs is kept under its own name, per
 // layer, sized for the current batch.
@@ -1057,6 +1194,7 @@ struct LayerActs {
     std::vector<real> atty;                     // [M,C] attention output, before c_proj
     std::vector<real> x_mid;                    // [M,C] x + attn(ln_1(x))
     std::vector<real> ln2, ln2_mean, ln2_rstd;  // [M,C], [M], [M]
+    std::vector<real> logits;                   // [M,E] router logits
     std::vector<real> probs;                    // [M,E] router probabilities
     std::vector<int> chosen;                    // [M,K] chosen experts (-1: not routed)
     std::vector<real> gate;                     // [M,K] gate weights
@@ -1064,6 +1202,14 @@ struct LayerActs {
     real aux = 0;                               // this layer's load-balancing loss
     MoeActs moe;
     std::vector<real> moe_out;  // [M,C]
+    // the variants, when switched on
+    std::vector<real> noise_u, noise_eps, noisy;  // [M,E] x.Wn^T, the N(0,1) draws, the noisy logits
+    std::vector<int> routed;                      // [M,K] chosen minus the slots capacity dropped
+    int64_t dropped = 0;                          // slots dropped by capacity
+    std::vector<real> lse;                        // [M] logsumexp of the router logits, for the z-loss
+    real z = 0;                                   // this layer's z-loss
+    std::vector<real> sh_h, sh_th, sh_hg;         // [NS,M,F] the shared experts' hidden layers
+    bool noise_on = false;                        // noise was added in this forward pass
 };
 
 struct Model {
@@ -1090,14 +1236,61 @@ struct Model {
     std::vector<uint8_t> valid;        // [M] 1 where a target exists (all, when sampling)
     LayerActs L[N_LAYER];
     std::vector<real> x_out, lnf, lnf_mean, lnf_rstd;  // [M,C], [M,C], [M], [M]
-    std::vector<real> router_logits;                    // [M,E] scratch, not needed by backward
     std::vector<real> logits, probs;                    // [M,V]
     double ce_sum = 0, ce = 0;                          // summed and mean cross-entropy
     int64_t n_targets = 0;
     real aux_sum = 0, aux_coef = 0;
+    real z_sum = 0;        // summed router z-loss (MOE_Z_COEF)
+    int64_t dropped = 0, slots = 0;  // routing slots dropped by capacity, of all slots
+    // Set while training: noisy gating draws from it, and expert capacity
+    // applies. Null at evaluation and sampling.
+    Rng* train_rng = nullptr;
+    double capacity_factor = CAPACITY_FACTOR;  // a variable so a test can compare factors in one binary
 };
 
 [[maybe_unused]] static int64_t expert_params() { return (int64_t)F * C + F + (int64_t)C * F + C; }
+
+// The MoE block for M rows, x = ln_2 of the residual stream:
+//   router logits -> (noise) -> softmax -> top-k -> (capacity) -> aux loss,
+//   (z-loss) -> the routed experts -> (plus the shared experts) -> out[M,C]
+// model_forward runs it for a batch, model_step for one sampled token.
+static void moe_forward(real* out, LayerActs& a, const real* x, const LayerParams& w, const uint8_t* valid, int M,
+                        Rng* train_rng, double capacity_factor) {
+    a.logits.resize((size_t)M * E), a.probs.resize((size_t)M * E), a.chosen.resize((size_t)M * K);
+    a.gate.resize((size_t)M * K), a.f.resize(E);
+    linear_forward(a.logits.data(), x, w.router_w, nullptr, M, C, E);
+    const real* z = a.logits.data();
+    a.noise_on = NOISY_GATE && train_rng;
+    if (a.noise_on) {
+        a.noise_u.resize((size_t)M * E), a.noise_eps.resize((size_t)M * E), a.noisy.resize((size_t)M * E);
+        linear_forward(a.noise_u.data(), x, w.noise_w, nullptr, M, C, E);
+        noise_forward(a.noisy.data(), a.noise_eps.data(), a.logits.data(), a.noise_u.data(), valid, M, *train_rng);
+        z = a.noisy.data();
+    }
+    softmax_forward(a.probs.data(), z, M, E);
+    topk_forward(a.chosen.data(), a.gate.data(), a.probs.data(), valid, M);
+    const int* routed = a.chosen.data();
+    a.dropped = 0;
+    if (capacity_factor > 0 && train_rng) {
+        a.routed.resize((size_t)M * K);
+        a.dropped = capacity_forward(a.routed.data(), a.chosen.data(), a.gate.data(), valid, M, capacity_factor);
+        routed = a.routed.data();
+    }
+    a.aux = aux_forward(a.f.data(), a.probs.data(), a.chosen.data(), valid, M);
+    if (Z_COEF > 0) a.lse.resize(M), a.z = zloss_forward(a.lse.data(), a.logits.data(), valid, M);
+    experts_forward(out, a.moe, x, routed, a.gate.data(), w, M);
+    if (NS > 0) {
+        a.sh_h.resize((size_t)NS * M * F), a.sh_th.resize((size_t)NS * M * F), a.sh_hg.resize((size_t)NS * M * F);
+        std::vector<real> y((size_t)M * C);
+        for (int s = 0; s < NS; s++) {
+            real *h = &a.sh_h[(size_t)s * M * F], *th = &a.sh_th[(size_t)s * M * F], *hg = &a.sh_hg[(size_t)s * M * F];
+            linear_forward(h, x, w.fc_w[E + s], w.fc_b[E + s], M, C, F);
+            gelu_forward(hg, th, h, (int64_t)M * F);
+            linear_forward(y.data(), hg, w.proj_w[E + s], w.proj_b[E + s], M, F, C);
+            for (size_t i = 0; i < (size_t)M * C; i++) out[i] += y[i];
+        }
+    }
+}
 
 static void model_init(Model& m, int V) {
     m.V = V;
@@ -1167,17 +1360,16 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
         a.x.resize((size_t)M * C), a.ln1.resize((size_t)M * C), a.ln1_mean.resize(M), a.ln1_rstd.resize(M);
         a.qkv.resize((size_t)M * 3 * C), a.att.resize((size_t)att_size), a.atty.resize((size_t)M * C);
         a.x_mid.resize((size_t)M * C), a.ln2.resize((size_t)M * C), a.ln2_mean.resize(M), a.ln2_rstd.resize(M);
-        a.probs.resize((size_t)M * E), a.chosen.resize((size_t)M * K), a.gate.resize((size_t)M * K);
-        a.f.resize(E), a.moe_out.resize((size_t)M * C);
+        a.moe_out.resize((size_t)M * C);  // moe_forward sizes the router's activations
     }
     m.x_out.resize((size_t)M * C), m.lnf.resize((size_t)M * C), m.lnf_mean.resize(M), m.lnf_rstd.resize(M);
-    m.router_logits.resize((size_t)M * E), m.logits.resize((size_t)M * V), m.probs.resize((size_t)M * V);
+    m.logits.resize((size_t)M * V), m.probs.resize((size_t)M * V);
 
     // The forward pass proper: each layer reads the previous one's output
     // and writes its own named activations.
     refresh_forward_params(m);
     encoder_forward(m.L[0].x.data(), m.tok.data(), m.pos.data(), m.pt.wte, m.pt.wpe, M);
-    m.aux_sum = 0;
+    m.aux_sum = 0, m.z_sum = 0, m.dropped = 0, m.slots = 0;
     for (int l = 0; l < N_LAYER; l++) {
         LayerActs& a = m.L[l];
         const LayerParams& w = m.pt.h[l];
@@ -1187,12 +1379,9 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
         linear_forward(a.x_mid.data(), a.atty.data(), w.attn_proj_w, w.attn_proj_b, M, C, C);
         for (size_t i = 0; i < (size_t)M * C; i++) a.x_mid[i] += a.x[i];  // the residual connection
         layernorm_forward(a.ln2.data(), a.ln2_mean.data(), a.ln2_rstd.data(), a.x_mid.data(), w.ln2_w, w.ln2_b, M);
-        linear_forward(m.router_logits.data(), a.ln2.data(), w.router_w, nullptr, M, C, E);
-        softmax_forward(a.probs.data(), m.router_logits.data(), M, E);
-        topk_forward(a.chosen.data(), a.gate.data(), a.probs.data(), m.valid.data(), M);
-        a.aux = aux_forward(a.f.data(), a.probs.data(), a.chosen.data(), m.valid.data(), M);
-        m.aux_sum += a.aux;
-        experts_forward(a.moe_out.data(), a.moe, a.ln2.data(), a.chosen.data(), a.gate.data(), w, M);
+        moe_forward(a.moe_out.data(), a, a.ln2.data(), w, m.valid.data(), M, m.train_rng, m.capacity_factor);
+        m.aux_sum += a.aux, m.z_sum += a.z;
+        m.dropped += a.dropped, m.slots += a.moe.offset[E] + a.dropped;
         real* next = l + 1 < N_LAYER ? m.L[l + 1].x.data() : m.x_out.data();
         for (size_t i = 0; i < (size_t)M * C; i++) next[i] = a.x_mid[i] + a.moe_out[i];
     }
@@ -1204,14 +1393,44 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
     if (!targets) return 0;
     m.ce_sum = crossentropy_forward(m.probs.data(), m.logits.data(), m.targets.data(), M, V, &m.n_targets);
     m.ce = m.n_targets ? m.ce_sum / (double)m.n_targets : 0;
-    return m.ce + (double)aux_coef * m.aux_sum;
+    return m.ce + (double)aux_coef * m.aux_sum + Z_COEF * m.z_sum;
 }
 
 #if !MOE_INFERENCE_ONLY
 struct Backward {  // scratch for gradients flowing between layers; reused by every layer
     std::vector<real> dres, dln, datty, dqkv, dlogits, dgate, dprobs, drouter;
     MoeGrad moe;
+    std::vector<real> dnoise, sh_dhg, sh_dh;  // the variants' scratch
 } g_bw;
+
+// The MoE block's backward, in reverse: experts (and shared experts) give
+// the gradients of x and of the gates; the gates' flows through top-k into
+// the probabilities, joined by the aux loss's; the softmax turns it into the
+// logits' gradient, which (with the noise's and the z-loss's share) goes
+// through the router Linear into x. dx accumulates.
+static void moe_backward(real* dx, LayerParams& g, const real* dout, const LayerActs& a, const real* x,
+                         const LayerParams& p, const uint8_t* valid, int M, real aux_coef, real z_coef) {
+    Backward& w = g_bw;
+    w.dgate.assign((size_t)M * K, 0), w.dprobs.assign((size_t)M * E, 0), w.drouter.assign((size_t)M * E, 0);
+    experts_backward(dx, w.dgate.data(), g, w.moe, dout, a.moe, a.gate.data(), p, M);
+    for (int s = 0; s < NS; s++) {  // a shared expert's output enters with weight 1: dout passes straight in
+        const size_t o = (size_t)s * M * F;
+        w.sh_dhg.assign((size_t)M * F, 0), w.sh_dh.assign((size_t)M * F, 0);
+        linear_backward(w.sh_dhg.data(), g.proj_w[E + s], g.proj_b[E + s], dout, &a.sh_hg[o], p.proj_w[E + s], M, F, C);
+        gelu_backward(w.sh_dh.data(), &a.sh_h[o], &a.sh_th[o], w.sh_dhg.data(), (int64_t)M * F);
+        linear_backward(dx, g.fc_w[E + s], g.fc_b[E + s], w.sh_dh.data(), x, p.fc_w[E + s], M, C, F);
+    }
+    topk_backward(w.dprobs.data(), w.dgate.data(), a.chosen.data(), a.gate.data(), a.probs.data(), M);
+    aux_backward(w.dprobs.data(), a.f.data(), valid, M, aux_coef);
+    softmax_backward(w.drouter.data(), w.dprobs.data(), a.probs.data(), M, E);  // d(logits the softmax read)
+    if (a.noise_on) {
+        w.dnoise.assign((size_t)M * E, 0);
+        noise_backward(w.dnoise.data(), w.drouter.data(), a.noise_eps.data(), a.noise_u.data(), M);
+        linear_backward(dx, g.noise_w, nullptr, w.dnoise.data(), x, p.noise_w, M, C, E);
+    }
+    if (Z_COEF > 0) zloss_backward(w.drouter.data(), a.lse.data(), a.logits.data(), valid, M, z_coef);
+    linear_backward(dx, g.router_w, nullptr, w.drouter.data(), x, p.router_w, M, C, E);
+}
 
 // The backward pass walks the forward pass in reverse. dres carries the
 // gradient of the residual stream: a residual connection x + f(x) passes
@@ -1236,13 +1455,8 @@ static void model_backward(Model& m) {
         const LayerParams& p = m.p.h[l];
         LayerParams& g = m.g.h[l];
         // the MoE half: x_out = x_mid + moe(ln_2(x_mid))
-        w.dln.assign((size_t)M * C, 0), w.dgate.assign((size_t)M * K, 0);
-        w.dprobs.assign((size_t)M * E, 0), w.drouter.assign((size_t)M * E, 0);
-        experts_backward(w.dln.data(), w.dgate.data(), g, w.moe, w.dres.data(), a.moe, a.gate.data(), p, M);
-        topk_backward(w.dprobs.data(), w.dgate.data(), a.chosen.data(), a.gate.data(), a.probs.data(), M);
-        aux_backward(w.dprobs.data(), a.f.data(), m.valid.data(), M, m.aux_coef);
-        softmax_backward(w.drouter.data(), w.dprobs.data(), a.probs.data(), M, E);
-        linear_backward(w.dln.data(), g.router_w, nullptr, w.drouter.data(), a.ln2.data(), p.router_w, M, C, E);
+        w.dln.assign((size_t)M * C, 0);
+        moe_backward(w.dln.data(), g, w.dres.data(), a, a.ln2.data(), p, m.valid.data(), M, m.aux_coef, (real)Z_COEF);
         layernorm_backward(w.dres.data(), g.ln2_w, g.ln2_b, w.dln.data(), a.x_mid.data(), p.ln2_w, a.ln2_mean.data(),
                            a.ln2_rstd.data(), M);
         // the attention half: x_mid = x + c_proj(attention(c_attn(ln_1(x))))
@@ -1938,7 +2152,8 @@ static void load_model(Model& m, const Checkpoint& ck) {
     } consts[] = {{"n_layer", N_LAYER, "MOE_N_LAYER", -1},     {"n_head", N_HEAD, "MOE_N_HEAD", -1},
                   {"n_embd", C, "MOE_N_EMBD", -1},             {"n_experts", E, "MOE_N_EXPERTS", -1},
                   {"top_k", K, "MOE_TOP_K", -1},               {"block_size", BLOCK_SIZE, "MOE_BLOCK_SIZE", -1},
-                  {"norm_topk", NORM_TOPK ? 1 : 0, "MOE_NORM_TOPK", -1}, {"ff", F, "MOE_FF", 4 * C}};
+                  {"norm_topk", NORM_TOPK ? 1 : 0, "MOE_NORM_TOPK", -1}, {"ff", F, "MOE_FF", 4 * C},
+                  {"noisy_gate", NOISY_GATE, "MOE_NOISY_GATE", 0},       {"n_shared", NS, "MOE_N_SHARED", 0}};
     for (const auto& c : consts) {
         int64_t v = c.if_absent != -1 && !ck.meta.count(c.key) ? c.if_absent : meta_int(ck, c.key);
         if (v != c.compiled)
@@ -1946,6 +2161,17 @@ static void load_model(Model& m, const Checkpoint& ck) {
                  c.macro + "=" + std::to_string(c.compiled) + ": rebuild with -D" + c.macro + "=" + std::to_string(v) +
                  " (g++ -D" + c.macro + "=" + std::to_string(v) + " ... or cmake -B build -D" + c.macro + "=" +
                  std::to_string(v) + ")");
+    }
+    struct {  // and the two that change training but not the tensors
+        const char* key;
+        double compiled;
+        const char* macro;
+    } reals[] = {{"capacity_factor", CAPACITY_FACTOR, "MOE_CAPACITY_FACTOR"}, {"z_coef", Z_COEF, "MOE_Z_COEF"}};
+    for (const auto& c : reals) {
+        std::string v = ck.meta.count(c.key) ? meta_get(ck, c.key) : "0";
+        if (v != fmt("%g", c.compiled))
+            fail("checkpoint '" + ck.path + "' has " + c.key + "=" + v + " but this binary was built with " + c.macro +
+                 "=" + fmt("%g", c.compiled) + ": rebuild with -D" + c.macro + "=" + v);
     }
     // The data mode and the vocabulary: the vocabulary sets V, the size of
     // wte and lm_head, so it is validated before the model is built from it.
@@ -2133,9 +2359,8 @@ struct KVCache {
     std::vector<real> v[N_LAYER];   // [BLOCK_SIZE, C] per layer: values
     int len = 0;                               // positions cached
     // one token's activations, reused by every step
-    std::vector<real> x, ln, qkv, y, att, proj, probs, gate, out, logits;
-    std::vector<int> chosen;
-    MoeActs moe;
+    std::vector<real> x, ln, qkv, y, att, proj, out, logits;
+    LayerActs moe;  // the MoE block's activations for the one token (only the router's and experts' are used)
 };
 
 // Run token `tok` at position cache.len; leaves its logits in cache.logits.
@@ -2145,8 +2370,7 @@ static void model_step(Model& m, KVCache& c, int tok) {
     const uint8_t valid = 1;
     real mu, rs;  // layernorm statistics, not needed afterwards
     c.x.resize(C), c.ln.resize(C), c.qkv.resize(3 * C), c.y.resize(C), c.att.resize(BLOCK_SIZE), c.proj.resize(C);
-    c.probs.resize(E), c.gate.resize(K), c.chosen.resize(K), c.out.resize(C), c.logits.resize(m.V);
-    std::vector<real> logits(E);
+    c.out.resize(C), c.logits.resize(m.V);
     encoder_forward(c.x.data(), &tok, &pos, m.pt.wte, m.pt.wpe, 1);
     const real scale = 1 / std::sqrt((real)HS);
     // The same layers as model_forward, for one row; the new key and value
@@ -2178,10 +2402,7 @@ static void model_step(Model& m, KVCache& c, int tok) {
         linear_forward(c.proj.data(), c.y.data(), w.attn_proj_w, w.attn_proj_b, 1, C, C);
         for (int i = 0; i < C; i++) c.x[i] += c.proj[i];
         layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), w.ln2_w, w.ln2_b, 1);
-        linear_forward(logits.data(), c.ln.data(), w.router_w, nullptr, 1, C, E);
-        softmax_forward(c.probs.data(), logits.data(), 1, E);
-        topk_forward(c.chosen.data(), c.gate.data(), c.probs.data(), &valid, 1);
-        experts_forward(c.out.data(), c.moe, c.ln.data(), c.chosen.data(), c.gate.data(), w, 1);
+        moe_forward(c.out.data(), c.moe, c.ln.data(), w, &valid, 1, nullptr, 0);
         for (int i = 0; i < C; i++) c.x[i] += c.out[i];
     }
     layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), m.pt.lnf_w, m.pt.lnf_b, 1);
@@ -2423,11 +2644,6 @@ static std::string svg_escape(const std::string& s) {
     for (unsigned char c : s)
         o += c == '<' ? "&lt;" : c == '>' ? "&gt;" : c == '&' ? "&amp;" : c == '"' ? "&quot;" : std::string(1, (char)c);
     return o;
-}
-static std::string fmt(const char* f, double v) {
-    char b[64];
-    std::snprintf(b, sizeof b, f, v);
-    return b;
 }
 static void svg_text(std::string& o, double x, double y, const std::string& t, const char* attrs = "") {
     o += "<text x=\"" + fmt("%.1f", x) + "\" y=\"" + fmt("%.1f", y) + "\" " + attrs + ">" + svg_escape(t) + "</text>\n";
@@ -2782,10 +2998,14 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
 
 [[maybe_unused]] // One line describing the compiled model, for logs and tests.
 static std::string config_string() {
-    char buf[256];
-    std::snprintf(buf, sizeof buf, "layers %d, heads %d, n_embd %d, experts %d, top-k %d (%s), block %d, %s", N_LAYER,
-                  N_HEAD, C, E, K, NORM_TOPK ? "gates renormalised" : "gate = router probability", BLOCK_SIZE,
-                  MOE_DOUBLE ? "double" : "float32");
+    char buf[512];
+    std::snprintf(buf, sizeof buf,
+                  "layers %d, heads %d, n_embd %d, experts %d, top-k %d (%s), expert width %d, block %d, %s | "
+                  "noisy gate %s, capacity factor %s, z-loss %s, shared experts %d",
+                  N_LAYER, N_HEAD, C, E, K, NORM_TOPK ? "gates renormalised" : "gate = router probability", F,
+                  BLOCK_SIZE, MOE_DOUBLE ? "double" : "float32", NOISY_GATE ? "on" : "off",
+                  CAPACITY_FACTOR > 0 ? fmt("%g", CAPACITY_FACTOR).c_str() : "off",
+                  Z_COEF > 0 ? fmt("%g", Z_COEF).c_str() : "off", NS);
     return buf;
 }
 
@@ -2839,6 +3059,10 @@ static Meta model_meta(const std::string& vocab, bool text, int context, int64_t
             {"top_k", std::to_string(K)},
             {"norm_topk", NORM_TOPK ? "1" : "0"},
             {"ff", std::to_string(F)},
+            {"noisy_gate", NOISY_GATE ? "1" : "0"},
+            {"capacity_factor", fmt("%g", CAPACITY_FACTOR)},
+            {"z_coef", fmt("%g", Z_COEF)},
+            {"n_shared", std::to_string(NS)},
             {"block_size", std::to_string(BLOCK_SIZE)},
             {"mode", text ? "text" : "lines"},
             {"context", std::to_string(context)},
@@ -2933,8 +3157,9 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
     else
         std::printf("data: %s, line mode: %zu train / %zu test lines, vocab %d, context %d\n", o.input.c_str(),
                     d.train.size(), d.test.size(), m.V, d.T);
-    std::printf("parameters: %zu total, %lld active per token (%d of %d experts)\n", m.n_params,
-                (long long)(m.n_params - (size_t)(expert * (E - K))), K, E);
+    std::printf("parameters: %zu total, %lld active per token (%d of %d experts%s)\n", m.n_params,
+                (long long)(m.n_params - (size_t)(expert * (E - K))), K, E,
+                NS ? (", plus " + std::to_string(NS) + " shared").c_str() : "");
     std::printf("training: batch %d, AdamW lr %g wd %g, aux_coef %g, steps %lld\n", o.batch_size, o.learning_rate,
                 o.weight_decay, o.aux_coef, (long long)o.max_steps);
 
@@ -2970,13 +3195,15 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
     opt.lr = (float)o.learning_rate, opt.weight_decay = (float)o.weight_decay;
     std::vector<int> in, tg;
     // Sums since the last log line; aux is printed as its mean per layer.
-    double t_log = 0, aux_log = 0, loss_log = 0, ce_log = 0;
-    int64_t tok_log = 0, n_log = 0;
+    double t_log = 0, aux_log = 0, loss_log = 0, ce_log = 0, z_log = 0;
+    int64_t tok_log = 0, n_log = 0, dropped_log = 0, slots_log = 0;
     if (step >= o.max_steps) std::printf("already at step %lld: nothing to train (raise --max-steps)\n", (long long)step);
     while (step < o.max_steps) {
         double t0 = now_ms();
         train_batch(in, tg, d, o.batch_size, rng);
+        m.train_rng = &rng;  // training: noisy gating and capacity apply (when built in)
         double loss = model_forward(m, in.data(), tg.data(), o.batch_size, d.T, (real)o.aux_coef);
+        m.train_rng = nullptr;
         if (!std::isfinite(loss))
             fail("the loss became " + std::to_string(loss) + " at step " + std::to_string(step + 1) +
                  "; the checkpoints on disk are from before it. Try a lower --learning-rate");
@@ -2987,12 +3214,17 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
                  "--learning-rate");
         adamw_update(m, opt, ++step);
         t_log += now_ms() - t0, tok_log += m.n_targets, n_log++;
-        loss_log += loss, ce_log += m.ce, aux_log += m.aux_sum / N_LAYER;
+        loss_log += loss, ce_log += m.ce, aux_log += m.aux_sum / N_LAYER, z_log += m.z_sum / N_LAYER;
+        dropped_log += m.dropped, slots_log += m.slots;
         if (step % o.log_interval == 0 || step == o.max_steps) {
-            std::printf("step %6lld | loss %.4f | ce %.4f | aux %.4f | %.2f ms/step | %.0f tok/s\n", (long long)step,
-                        loss_log / n_log, ce_log / n_log, aux_log / n_log, t_log / n_log, tok_log / (t_log / 1000));
+            // the variants' figures, when built in: z-loss per layer, slots dropped by capacity
+            std::string extra = (Z_COEF > 0 ? fmt(" | z %.4f", z_log / n_log) : "") +
+                                (CAPACITY_FACTOR > 0 ? fmt(" | dropped %.2f%%", 100.0 * dropped_log / std::max<int64_t>(slots_log, 1)) : "");
+            std::printf("step %6lld | loss %.4f | ce %.4f | aux %.4f%s | %.2f ms/step | %.0f tok/s\n", (long long)step,
+                        loss_log / n_log, ce_log / n_log, aux_log / n_log, extra.c_str(), t_log / n_log,
+                        tok_log / (t_log / 1000));
             std::fflush(stdout);
-            t_log = aux_log = loss_log = ce_log = 0, tok_log = n_log = 0;
+            t_log = aux_log = loss_log = ce_log = z_log = 0, tok_log = n_log = dropped_log = slots_log = 0;
         }
         // Evaluation: up to 1000 training lines and the whole test split (256
         // windows each in text mode); the expert load is that of the test set.

@@ -114,9 +114,9 @@ static int g_checks = 0, g_failures = 0;
                 std::stable_sort(order.begin(), order.end(), [&](int a, int c) { return p[a] > p[c]; });
                 double gs = 0;
                 for (int j = 0; j < K; j++) gs += p[order[j]];
-                for (int j = 0; j < K; j++) {
-                    int e = order[j];
-                    double g = NORM_TOPK ? p[e] / gs : p[e];
+                for (int j = 0; j < K + NS; j++) {  // K routed experts, then the NS shared ones with weight 1
+                    int e = j < K ? order[j] : E + j - K;
+                    double g = j >= K ? 1 : NORM_TOPK ? p[e] / gs : p[e];
                     std::vector<double> hdn = lin(w.fc_w[e], w.fc_b[e], u, F);
                     for (auto& v : hdn) v = 0.5 * v * (1 + std::tanh(std::sqrt(2 / M_PI) * (v + 0.044715 * v * v * v)));
                     std::vector<double> y = lin(w.proj_w[e], w.proj_b[e], hdn, C);

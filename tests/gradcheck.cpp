@@ -1,7 +1,12 @@
 // Finite-difference gradient check of the whole model and of each layer's
 // input gradient, in double precision. Built several times by CMake with
-// small sizes: top-1 (gate = raw probability), top-2 (renormalised gates)
-// and the dense baseline (one expert).
+// small sizes: top-1 (gate = raw probability), top-2 (renormalised gates),
+// the dense baseline (one expert), and one build per MoE variant (noisy
+// gating, capacity, z-loss, shared experts, fine-grained experts).
+//
+// The model is run as in training (train_rng set), so noise and capacity
+// apply; every forward pass draws the same noise from a fresh copy of one
+// generator, which makes the loss a deterministic function of the weights.
 //
 // For every parameter tensor, a sample of coordinates is nudged by +-h and
 // the central difference (L(w+h) - L(w-h)) / 2h is compared with backward.
@@ -22,14 +27,26 @@ static double rel_err(double a, double n) { return std::fabs(a - n) / std::max(s
 
 static std::vector<int> all_choices(const Model& m) {
     std::vector<int> c;
-    for (const auto& a : m.L) c.insert(c.end(), a.chosen.begin(), a.chosen.end());
+    for (const auto& a : m.L) {
+        c.insert(c.end(), a.chosen.begin(), a.chosen.end());
+        if (CAPACITY_FACTOR > 0) c.insert(c.end(), a.routed.begin(), a.routed.end());  // drops can flip too
+    }
     return c;
+}
+
+// The forward pass as training runs it, with the same noise every time.
+static double train_forward(Model& m, const std::vector<int>& in, const std::vector<int>& tg, int B, int T, real aux) {
+    Rng noise = make_rng(77, STREAM_TRAIN);
+    m.train_rng = &noise;
+    double loss = model_forward(m, in.data(), tg.data(), B, T, aux);
+    m.train_rng = nullptr;
+    return loss;
 }
 
 // The tensor group a parameter belongs to, for the per-group report.
 static std::string group_of(const std::string& name) {
-    for (const char* g : {"wte", "wpe", "ln_1", "c_attn", "attn.c_proj", "ln_2", "router", "c_fc", "experts", "ln_f",
-                          "lm_head"})
+    for (const char* g : {"wte", "wpe", "ln_1", "c_attn", "attn.c_proj", "ln_2", "router", "noise", "shared", "c_fc",
+                          "experts", "ln_f", "lm_head"})
         if (name.find(g) != std::string::npos)
             return std::string(g) == "experts" ? "experts.c_proj" : g;
     return name;
@@ -50,8 +67,13 @@ static void check_model() {
     for (size_t i = 0; i < ref.size(); i++) worst = std::max(worst, std::fabs(ref[i] - m.logits[i]));
     check(worst < 1e-10, "forward matches the naive per-token reference: max |logit diff| %.2e", worst);
 
-    model_forward(m, in.data(), tg.data(), B, T, aux_coef);
+    train_forward(m, in, tg, B, T, aux_coef);
     std::vector<int> base = all_choices(m);
+    if (CAPACITY_FACTOR > 0)  // else the capacity build would check nothing new
+        check(m.dropped > 0, "capacity %.2f drops %lld of %lld routing slots in this batch", CAPACITY_FACTOR,
+              (long long)m.dropped, (long long)m.slots);
+    if (Z_COEF > 0)
+        check(m.z_sum * Z_COEF > 0.05 * m.ce, "z-loss term %.3f is a visible part of the loss (ce %.3f)", m.z_sum * Z_COEF, m.ce);
     std::fill(m.grads.begin(), m.grads.end(), 0.0);
     model_backward(m);
 
@@ -64,10 +86,10 @@ static void check_model() {
             size_t i = t.offset + (t.size <= 24 ? (size_t)s : r.below(t.size));
             double keep = m.params[i], lp, lm;
             m.params[i] = keep + H;
-            lp = model_forward(m, in.data(), tg.data(), B, T, aux_coef);
+            lp = train_forward(m, in, tg, B, T, aux_coef);
             bool flip = all_choices(m) != base;
             m.params[i] = keep - H;
-            lm = model_forward(m, in.data(), tg.data(), B, T, aux_coef);
+            lm = train_forward(m, in, tg, B, T, aux_coef);
             flip |= all_choices(m) != base;
             m.params[i] = keep;
             if (flip) {
@@ -89,7 +111,7 @@ static void check_model() {
     // The router must learn from the language-model loss alone when K = 1
     // (gate = probability). When E = 1 the softmax over one expert is the
     // constant 1, so its router gets nothing: a plain FFN.
-    model_forward(m, in.data(), tg.data(), B, T, 0);
+    train_forward(m, in, tg, B, T, 0);
     std::fill(m.grads.begin(), m.grads.end(), 0.0);
     model_backward(m);
     double rnorm = 0;
@@ -194,6 +216,30 @@ static void check_layers() {
         [&](const std::vector<real>& g) { std::vector<real> y(M * C); experts_forward(y.data(), acts, x0.data(), chosen.data(), g.data(), m.pt.h[0], M); return y; },
         [&](const std::vector<real>& g, const std::vector<real>& d) { std::vector<real> dx(M * C), dg(M * K); experts_backward(dx.data(), dg.data(), m.g.h[0], ws, d.data(), acts, g.data(), m.p.h[0], M); return dg; }, 9);
 
+    // The whole MoE block, as the model runs it (with this build's variants:
+    // noise drawn afresh but identically each time, capacity, shared experts).
+    // aux and z-loss are left out here (coefficients 0): they are not part of
+    // the block's output, and have checks of their own.
+    std::vector<real> xb = randv(M * C, 1), mo(M * C);
+    LayerActs la;
+    check_input("MoE block (x)", xb,
+        [&](const std::vector<real>& x) { Rng n = make_rng(3, STREAM_TRAIN); moe_forward(mo.data(), la, x.data(), m.pt.h[0], valid.data(), M, &n, CAPACITY_FACTOR); return mo; },
+        [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * C); moe_backward(dx.data(), m.g.h[0], d.data(), la, x.data(), m.p.h[0], valid.data(), M, 0, 0); return dx; }, 11);
+    if (NOISY_GATE) {  // the noise, given the draws: w.r.t. the logits and w.r.t. u = x . Wn^T
+        std::vector<real> eps(M * E), nz(M * E), u = randv(M * E, 1), lg = randv(M * E, 1);
+        Rng n0 = make_rng(4, STREAM_TRAIN);
+        noise_forward(nz.data(), eps.data(), lg.data(), u.data(), valid.data(), M, n0);
+        check_input("noise (u)", u,
+            [&](const std::vector<real>& uu) { Rng n = make_rng(4, STREAM_TRAIN); noise_forward(nz.data(), eps.data(), lg.data(), uu.data(), valid.data(), M, n); return nz; },
+            [&](const std::vector<real>& uu, const std::vector<real>& d) { std::vector<real> du(M * E); noise_backward(du.data(), d.data(), eps.data(), uu.data(), M); return du; }, 12);
+    }
+    if (Z_COEF > 0) {
+        std::vector<real> lse(M);
+        check_input("z-loss", randv(M * E, 2),
+            [&](const std::vector<real>& z) { return std::vector<real>{zloss_forward(lse.data(), z.data(), valid.data(), M)}; },
+            [&](const std::vector<real>& z, const std::vector<real>& d) { std::vector<real> dz(z.size()); zloss_backward(dz.data(), lse.data(), z.data(), valid.data(), M, d[0]); return dz; }, 13);
+    }
+
     std::vector<int> targets = {1, 0, -1, 5, 2, 3};
     std::vector<real> lprobs(M * V);
     check_input("cross-entropy", randv(M * V, 2),
@@ -203,8 +249,8 @@ static void check_layers() {
 
 int main() {
     set_threads(1);
-    std::printf("gradient check: L%d H%d C%d E%d K%d norm_topk=%d block %d, double\n", N_LAYER, N_HEAD, C, E, K,
-                (int)NORM_TOPK, BLOCK_SIZE);
+    std::printf("gradient check: L%d H%d C%d E%d K%d F%d norm_topk=%d block %d, double; %s\n", N_LAYER, N_HEAD, C, E,
+                K, F, (int)NORM_TOPK, BLOCK_SIZE, config_string().c_str());
     check_model();
     check_layers();
     return report("gradcheck");
