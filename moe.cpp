@@ -2247,7 +2247,7 @@ static Routing routing_for(const std::string& vocab) {
     for (unsigned char c : vocab)
         r.cls.push_back(std::isalpha(c) || c >= 0x80 ? CLS_LETTER  // UTF-8 bytes count as letters
                         : std::isdigit(c)            ? CLS_DIGIT
-                        : std::strchr("+-*/=<>%", c) ? CLS_OPERATOR
+                        : c && std::strchr("+-*/=<>%", c) ? CLS_OPERATOR  // (strchr finds the NUL too)
                                                      : CLS_OTHER);
     r.first.assign((size_t)N_LAYER * E, 0), r.by_class.assign((size_t)N_LAYER * N_CLASS * E, 0);
     return r;
@@ -2767,7 +2767,7 @@ static std::string log_tsv(const std::vector<LogRow>& hist, const std::vector<st
 // The rows of a log written by log_tsv with the same columns, up to step
 // up_to (a resumed run repeats the steps after its checkpoint). Empty if the
 // file is missing or not such a log.
-static std::vector<LogRow> read_log(const std::string& path, const std::vector<std::string>& val_names, int64_t up_to) {
+[[maybe_unused]] static std::vector<LogRow> read_log(const std::string& path, const std::vector<std::string>& val_names, int64_t up_to) {
     std::vector<LogRow> hist;
     std::string raw;
     try {
@@ -2805,7 +2805,7 @@ static std::vector<double> shares(const std::vector<double>& counts, int l) {
 
 // report.svg: the loss curves, the expert load of each layer over training,
 // and per layer the routing heatmaps (by --val file, and by byte class).
-static std::string training_svg(const std::string& title, const std::vector<LogRow>& hist,
+[[maybe_unused]] static std::string training_svg(const std::string& title, const std::vector<LogRow>& hist,
                                 const std::vector<std::string>& val_names, const std::vector<std::vector<double>>& by_file,
                                 const Routing& rt) {
     const double W = 980;
@@ -3184,8 +3184,9 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
             std::printf("(no log.tsv with these --val files in %s: the report starts at step %lld)\n",
                         o.work_dir.c_str(), (long long)step);
     }
-    Routing rt_test = routing_for(d.vocab);  // routing of the latest evaluation
+    Routing rt_test = routing_for(d.vocab);  // routing of the latest evaluation in this process
     std::vector<std::vector<double>> rt_val;
+    bool evaluated = false;
 
     // The training loop: a batch, the forward pass (loss), zeroed gradients,
     // the backward pass, one AdamW step. Every log interval, the averages
@@ -3232,7 +3233,7 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
             EvalResult tr = d.text ? eval_text(m, d.train_text, 256) : eval_lines(m, d.train, d.T, 1000);
             // With fewer than 10 lines there is no test split; the train loss picks the best model then.
             bool no_test = d.text ? d.test_text.size() < 2 : d.test.empty();
-            rt_test = routing_for(d.vocab);
+            rt_test = routing_for(d.vocab), evaluated = true;
             EvalResult te = d.text ? eval_text(m, d.test_text, 256, &rt_test)
                                    : eval_lines(m, no_test ? d.train : d.test, d.T, 1000, &rt_test);
             std::printf("step %6lld | train loss %.4f | test loss %.4f | expert load %s\n", (long long)step, tr.loss,
@@ -3271,7 +3272,7 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
     }
     // Where the tokens went at the last evaluation, then samples from the
     // final weights, from a generator of their own.
-    if (E > 1 && !hist.empty()) {
+    if (E > 1 && evaluated) {
         if (!val_names.empty())
             print_routing("routing by --val file: share of each file's tokens whose first choice is expert e", val_names,
                           rt_val);
