@@ -29,12 +29,15 @@ The file reads top to bottom; each idea is explained where it first appears.
   5. Layers                 forward/backward pairs: embedding, layernorm,
                             linear, attention, GELU, and the MoE parts:
                             router, top-k gate, load-balancing loss, experts;
+                            the variants: noisy gating, expert capacity,
+                            router z-loss, shared and fine-grained experts;
                             cross-entropy
   6. The model              the layers wired together; saved activations
   7. AdamW                  the optimizer
   8. Data                   line mode (names) and text mode (a byte stream)
   9. Checkpoints            safetensors files PyTorch can load
- 10. Evaluation, sampling
+ 10. Evaluation and sampling, and the reports: routing tables, arithmetic
+                            accuracy, the routing explorer, SVG pictures
  11. Command line and main
 
 Shapes in comments: B batch, T time (positions), C channels (N_EMBD),
@@ -63,6 +66,7 @@ F expert hidden width (4C unless MOE_FF), N positions that carry a target, S rou
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>  // fsync: make a checkpoint durable before renaming it into place
@@ -140,6 +144,7 @@ static_assert(N_LAYER >= 1 && N_HEAD >= 1 && C >= 1 && F >= 1 && BLOCK_SIZE >= 2
 static_assert(C % N_HEAD == 0, "MOE_N_EMBD must be a multiple of MOE_N_HEAD");
 static_assert(E >= 1 && K >= 1 && K <= E, "need 1 <= MOE_TOP_K <= MOE_N_EXPERTS");
 static_assert(NS >= 0 && CAPACITY_FACTOR >= 0 && Z_COEF >= 0, "MoE variant constants must not be negative");
+static_assert(!NOISY_GATE || E > 1, "noisy gating needs experts to choose between: MOE_N_EXPERTS > 1");
 
 #if MOE_DOUBLE
 using real = double;
@@ -174,7 +179,7 @@ struct Rng {
 };
 // Independent streams for independent jobs, so that (say) evaluating or
 // sampling never shifts which batches training sees.
-enum Stream : uint64_t { STREAM_INIT = 1, STREAM_SPLIT = 2, STREAM_TRAIN = 3, STREAM_SAMPLE = 4 };
+enum Stream : uint64_t { STREAM_INIT = 1, STREAM_SPLIT = 2, STREAM_TRAIN = 3, STREAM_SAMPLE = 4, STREAM_NOISE = 5 };
 static Rng make_rng(uint64_t seed, Stream s) {
     Rng r{seed * 0x2545F4914F6CDD1Dull + s * 0x9E3779B97F4A7C15ull};
     r.next();
@@ -927,6 +932,25 @@ static void aux_backward(real* dprobs, const real* f, const uint8_t* valid, int 
 // counting sort groups the slots by expert, the inputs of each expert are
 // gathered into consecutive rows, each expert runs as ordinary dense Linear
 // layers over its rows, and the outputs are scattered back with their gates.
+// One expert over n rows: y[n,C] = c_proj(gelu(c_fc(x))), saving h (c_fc's
+// output), th (GELU's tanh) and hg (GELU's output), each [n,F]. Expert e of
+// the layer's weights p (e >= E: a shared expert, see below).
+static void mlp_forward(real* y, real* h, real* th, real* hg, const real* x, const LayerParams& p, int e, int n) {
+    linear_forward(h, x, p.fc_w[e], p.fc_b[e], n, C, F);
+    gelu_forward(hg, th, h, (int64_t)n * F);
+    linear_forward(y, hg, p.proj_w[e], p.proj_b[e], n, F, C);
+}
+#if !MOE_INFERENCE_ONLY
+// Its backward, the three layers in reverse; dhg and dh [n,F] are zeroed
+// scratch, dx and the gradients in g accumulate.
+static void mlp_backward(real* dx, LayerParams& g, real* dhg, real* dh, const real* dy, const real* x, const real* h,
+                         const real* th, const real* hg, const LayerParams& p, int e, int n) {
+    linear_backward(dhg, g.proj_w[e], g.proj_b[e], dy, hg, p.proj_w[e], n, F, C);
+    gelu_backward(dh, h, th, dhg, (int64_t)n * F);
+    linear_backward(dx, g.fc_w[e], g.fc_b[e], dh, x, p.fc_w[e], n, C, F);
+}
+#endif
+
 struct MoeActs {  // what one MoE layer saves for backward
     std::vector<int> offset;    // [E+1]: expert e owns sorted slots offset[e]..offset[e+1]
     std::vector<int> slot_src;  // [S]: sorted slot -> its index m*K + j in chosen/gate
@@ -964,9 +988,8 @@ static void experts_forward(real* out, MoeActs& a, const real* inp, const int* c
         for (int e = e0; e < e1; e++) {
             int s0 = a.offset[e], n = a.offset[e + 1] - s0;
             if (n == 0) continue;
-            linear_forward(&a.h[(size_t)s0 * F], &a.x[(size_t)s0 * C], p.fc_w[e], p.fc_b[e], n, C, F);
-            gelu_forward(&a.hg[(size_t)s0 * F], &a.th[(size_t)s0 * F], &a.h[(size_t)s0 * F], (int64_t)n * F);
-            linear_forward(&a.y[(size_t)s0 * C], &a.hg[(size_t)s0 * F], p.proj_w[e], p.proj_b[e], n, F, C);
+            mlp_forward(&a.y[(size_t)s0 * C], &a.h[(size_t)s0 * F], &a.th[(size_t)s0 * F], &a.hg[(size_t)s0 * F],
+                        &a.x[(size_t)s0 * C], p, e, n);
         }
     });
     const int* slot_of = a.slot_of.data();
@@ -1017,12 +1040,9 @@ static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& w
         for (int e = e0; e < e1; e++) {
             int s0 = a.offset[e], n = a.offset[e + 1] - s0;
             if (n == 0) continue;
-            linear_backward(&ws.dhg[(size_t)s0 * F], g.proj_w[e], g.proj_b[e], &ws.dy[(size_t)s0 * C],
-                            &a.hg[(size_t)s0 * F], p.proj_w[e], n, F, C);
-            gelu_backward(&ws.dh[(size_t)s0 * F], &a.h[(size_t)s0 * F], &a.th[(size_t)s0 * F], &ws.dhg[(size_t)s0 * F],
-                          (int64_t)n * F);
-            linear_backward(&ws.dx[(size_t)s0 * C], g.fc_w[e], g.fc_b[e], &ws.dh[(size_t)s0 * F], &a.x[(size_t)s0 * C],
-                            p.fc_w[e], n, C, F);
+            const size_t f0 = (size_t)s0 * F;
+            mlp_backward(&ws.dx[(size_t)s0 * C], g, &ws.dhg[f0], &ws.dh[f0], &ws.dy[(size_t)s0 * C], &a.x[(size_t)s0 * C],
+                         &a.h[f0], &a.th[f0], &a.hg[f0], p, e, n);
         }
     });
     const int* slot_of = a.slot_of.data();
@@ -1050,7 +1070,11 @@ static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& w
 // and the router softmax and the top-k read z'. Only while training: at
 // evaluation and sampling z' = z. (makeMoE keeps the noise on at evaluation
 // too, so its test loss is that of a randomly perturbed router: a known
-// mistake.) Backward, with u = x . Wn^T and s = softplus(u):
+// mistake.) Here the noise only explores; the balancing is still the aux
+// loss's (Shazeer's paper pairs the noise with a smooth load loss built on
+// its distribution). At initialisation softplus(~0) = 0.69 is larger than
+// the spread of the router's logits, so routing starts close to random and
+// sharpens as the router learns to shrink the noise. Backward, with u = x . Wn^T and s = softplus(u):
 //   dz += dz'   and   du = dz' * eps * sigmoid(u)     (softplus' = sigmoid)
 // and du goes through the noise Linear like any other.
 static inline real softplus(real u) { return u > 20 ? u : std::log1p(std::exp(u)); }
@@ -1075,7 +1099,9 @@ static void noise_backward(real* du, const real* dnoisy, const real* eps, const 
 // all are dropped the token passes on through the residual connection
 // alone. Which slots to drop? makeMoE keeps the earliest tokens of the batch,
 // which biases against whatever comes late; here an expert keeps the slots
-// with the highest gate weights, the ones it matters most to. Training only
+// with the highest gate weights, the ones it matters most to. (With K = 2 a
+// first choice's gate is at least 0.5 and a second's at most 0.5, so first
+// choices come first; GShard and Switch rank by choice explicitly.) Training only
 // (evaluation and sampling give every token its experts). routed[M,K] is
 // chosen with the dropped slots set to -1; returns the number dropped. No
 // backward of its own: a dropped slot simply receives no gradient through
@@ -1091,7 +1117,9 @@ static int64_t capacity_forward(int* routed, const int* chosen, const real* gate
     for (auto& s : slots) {
         if ((int64_t)s.size() <= cap) continue;
         // highest gate first; equal gates keep token order, so the result is deterministic
-        std::stable_sort(s.begin(), s.end(), [&](int a, int b) { return gate[a] > gate[b]; });
+        // (a NaN gate sorts last: the training loop stops on the NaN loss anyway)
+        auto key = [&](int i) { return std::isnan(gate[i]) ? -INFINITY : gate[i]; };
+        std::stable_sort(s.begin(), s.end(), [&](int a, int b) { return key(a) > key(b); });
         for (size_t r = (size_t)cap; r < s.size(); r++) routed[s[r]] = -1, dropped++;
     }
     return dropped;
@@ -1209,6 +1237,7 @@ struct LayerActs {
     std::vector<real> lse;                        // [M] logsumexp of the router logits, for the z-loss
     real z = 0;                                   // this layer's z-loss
     std::vector<real> sh_h, sh_th, sh_hg;         // [NS,M,F] the shared experts' hidden layers
+    std::vector<real> sh_y;                       // [M,C] scratch: one shared expert's output
     bool noise_on = false;                        // noise was added in this forward pass
 };
 
@@ -1281,13 +1310,11 @@ static void moe_forward(real* out, LayerActs& a, const real* x, const LayerParam
     experts_forward(out, a.moe, x, routed, a.gate.data(), w, M);
     if (NS > 0) {
         a.sh_h.resize((size_t)NS * M * F), a.sh_th.resize((size_t)NS * M * F), a.sh_hg.resize((size_t)NS * M * F);
-        std::vector<real> y((size_t)M * C);
+        a.sh_y.resize((size_t)M * C);
         for (int s = 0; s < NS; s++) {
-            real *h = &a.sh_h[(size_t)s * M * F], *th = &a.sh_th[(size_t)s * M * F], *hg = &a.sh_hg[(size_t)s * M * F];
-            linear_forward(h, x, w.fc_w[E + s], w.fc_b[E + s], M, C, F);
-            gelu_forward(hg, th, h, (int64_t)M * F);
-            linear_forward(y.data(), hg, w.proj_w[E + s], w.proj_b[E + s], M, F, C);
-            for (size_t i = 0; i < (size_t)M * C; i++) out[i] += y[i];
+            const size_t o = (size_t)s * M * F;
+            mlp_forward(a.sh_y.data(), &a.sh_h[o], &a.sh_th[o], &a.sh_hg[o], x, w, E + s, M);
+            for (size_t i = 0; i < (size_t)M * C; i++) out[i] += a.sh_y[i];
         }
     }
 }
@@ -1332,7 +1359,7 @@ static void refresh_forward_params(Model& m) {
 }
 
 // inputs, targets: [B,T]. targets may be null (sampling): then every position
-// is used and no loss is computed. Returns ce + aux_coef * aux_sum.
+// is used and no loss is computed. Returns ce + aux_coef * aux_sum (+ Z_COEF * z_sum).
 static double model_forward(Model& m, const int* inputs, const int* targets, int B, int T, real aux_coef) {
     // Pack: sequence b keeps its positions up to its last target (all T
     // when sampling); what follows is padding, and is dropped.
@@ -1416,9 +1443,7 @@ static void moe_backward(real* dx, LayerParams& g, const real* dout, const Layer
     for (int s = 0; s < NS; s++) {  // a shared expert's output enters with weight 1: dout passes straight in
         const size_t o = (size_t)s * M * F;
         w.sh_dhg.assign((size_t)M * F, 0), w.sh_dh.assign((size_t)M * F, 0);
-        linear_backward(w.sh_dhg.data(), g.proj_w[E + s], g.proj_b[E + s], dout, &a.sh_hg[o], p.proj_w[E + s], M, F, C);
-        gelu_backward(w.sh_dh.data(), &a.sh_h[o], &a.sh_th[o], w.sh_dhg.data(), (int64_t)M * F);
-        linear_backward(dx, g.fc_w[E + s], g.fc_b[E + s], w.sh_dh.data(), x, p.fc_w[E + s], M, C, F);
+        mlp_backward(dx, g, w.sh_dhg.data(), w.sh_dh.data(), dout, x, &a.sh_h[o], &a.sh_th[o], &a.sh_hg[o], p, E + s, M);
     }
     topk_backward(w.dprobs.data(), w.dgate.data(), a.chosen.data(), a.gate.data(), a.probs.data(), M);
     aux_backward(w.dprobs.data(), a.f.data(), valid, M, aux_coef);
@@ -2162,17 +2187,8 @@ static void load_model(Model& m, const Checkpoint& ck) {
                  " (g++ -D" + c.macro + "=" + std::to_string(v) + " ... or cmake -B build -D" + c.macro + "=" +
                  std::to_string(v) + ")");
     }
-    struct {  // and the two that change training but not the tensors
-        const char* key;
-        double compiled;
-        const char* macro;
-    } reals[] = {{"capacity_factor", CAPACITY_FACTOR, "MOE_CAPACITY_FACTOR"}, {"z_coef", Z_COEF, "MOE_Z_COEF"}};
-    for (const auto& c : reals) {
-        std::string v = ck.meta.count(c.key) ? meta_get(ck, c.key) : "0";
-        if (v != fmt("%g", c.compiled))
-            fail("checkpoint '" + ck.path + "' has " + c.key + "=" + v + " but this binary was built with " + c.macro +
-                 "=" + fmt("%g", c.compiled) + ": rebuild with -D" + c.macro + "=" + v);
-    }
+    // (capacity_factor and z_coef change training, not the tensors: train()
+    // checks them when resuming; any build may evaluate or sample.)
     // The data mode and the vocabulary: the vocabulary sets V, the size of
     // wte and lm_head, so it is validated before the model is built from it.
     std::string mode = meta_get(ck, "mode");
@@ -2206,16 +2222,13 @@ static std::string checkpoint_vocab(const Checkpoint& ck) {
 }
 
 // ----------------------------------------------------------------------------
-// 10. Evaluation and sampling
+// 10. Evaluation and sampling, and the reports
 
 struct EvalResult {
     double loss = 0;                 // mean cross-entropy, nats per predicted token
     int64_t tokens = 0;              // predicted tokens
     std::vector<double> load;        // [N_LAYER * E] fraction of routing slots per expert
 };
-
-// Evaluation is the forward pass alone, with aux_coef 0, summing the
-// cross-entropy over every predicted token. It touches no generator.
 
 // Expert load per layer, e.g. "L0 0.25 0.25 0.25 0.25 | L1 ...": balanced
 // routing reads 1/E everywhere; a collapsed layer has one entry near 1.
@@ -2279,6 +2292,8 @@ static void finish(EvalResult& r, double sum) {
     }
 }
 
+// Evaluation is the forward pass alone, with aux_coef 0, summing the
+// cross-entropy over every predicted token. It touches no generator.
 // Line mode: the first `limit` lines (all, if fewer), 64 lines per forward pass.
 static EvalResult eval_lines(Model& m, const std::vector<std::vector<int>>& lines, int T, size_t limit,
                              Routing* rt = nullptr) {
@@ -2543,12 +2558,13 @@ static bool parse_arith(const std::string& s, int64_t* value, std::string* promp
 
 constexpr int ARITH_SAMPLES = 1000;  // lines sampled for the sampled accuracy
 
-// Two measures. Sampled: of ARITH_SAMPLES free samples, those that are
+// Two measures. Sampled: of ARITH_SAMPLES free samples (at --temperature), those that are
 // arithmetic, and how many of those are right (the model chooses its own,
 // maybe easy, problems). Greedy: the model completes the held-out prompts
 // "a op b=" of `file` with its most likely tokens, and the answer must be
 // exact: the harder and fairer test. Returns the greedy accuracy.
-static double arith_report(Model& m, const std::string& vocab, int context, const std::string& file, Rng& rng) {
+static double arith_report(Model& m, const std::string& vocab, int context, const std::string& file,
+                           double temperature, Rng& rng) {
     int total = 0, right = 0;
     std::vector<std::string> wrong;
     for (const auto& l : split_lines(read_file(file))) {
@@ -2567,7 +2583,8 @@ static double arith_report(Model& m, const std::string& vocab, int context, cons
     for (const auto& w : wrong) std::printf("  wrong: %s\n", w.c_str());
     int parsed = 0, correct = 0;
     for (int i = 0; i < ARITH_SAMPLES; i++) {
-        std::string s = decode(generate(m, {0}, BLOCK_SIZE, true, context, 1.0, 0, rng, nullptr), vocab), prompt, answer;
+        std::string s = decode(generate(m, {0}, BLOCK_SIZE, true, context, temperature, 0, rng, nullptr), vocab), prompt,
+                    answer;
         int64_t value;
         if (!parse_arith(s, &value, &prompt, &answer)) continue;
         parsed++, correct += answer == std::to_string(value);
@@ -2583,13 +2600,14 @@ static double arith_report(Model& m, const std::string& vocab, int context, cons
 // text), and with `gates` every chosen expert and its gate weight, per byte.
 static const int EXPERT_COLOURS[16] = {196, 46, 33, 226, 201, 51, 208, 93, 118, 250, 124, 22, 17, 136, 53, 30};
 static char expert_digit(int e) { return e < 0 ? '.' : e < 10 ? (char)('0' + e) : e < 36 ? (char)('a' + e - 10) : '#'; }
-static void route_line(Model& m, const std::string& vocab, bool text_mode, const std::string& s, bool gates) {
+static void route_line(Model& m, const std::string& vocab, bool text_mode, int context, const std::string& s,
+                       bool gates) {
     std::vector<int> toks = text_mode ? std::vector<int>{} : std::vector<int>{0}, p = encode(s, vocab, "--route");
     toks.insert(toks.end(), p.begin(), p.end());
     if (toks.empty()) fail("--route: nothing to route: give some text");
-    if ((int)toks.size() > BLOCK_SIZE)
-        fail("--route: '" + s + "' has " + std::to_string(s.size()) + " bytes; this model sees at most " +
-             std::to_string(BLOCK_SIZE - !text_mode) + ": route a shorter text, or rebuild with a larger -DMOE_BLOCK_SIZE");
+    if ((int)toks.size() > context)  // positions past the trained context have untrained embeddings
+        fail("--route: '" + s + "' has " + std::to_string(s.size()) + " bytes; this model was trained on at most " +
+             std::to_string(context - !text_mode) + ": route a shorter text");
     const int T = (int)toks.size();
     model_forward(m, toks.data(), nullptr, 1, T, 0);
     std::string shown;  // ^ for the line marker, ? for bytes that would upset a terminal
@@ -2636,8 +2654,9 @@ struct Series {
     bool dashed = false;
     std::vector<std::pair<double, double>> pts;  // (x, y), x increasing
 };
-static const char* const PALETTE[10] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-                                        "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
+static const char* const PALETTE[20] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                                        "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896",
+                                        "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5"};
 
 static std::string svg_escape(const std::string& s) {
     std::string o;
@@ -2704,7 +2723,7 @@ static void svg_plot(std::string& o, double x, double y, double w, double h, con
         double ly = py0 + 8 + 16 * (double)i;
         o += "<line x1=\"" + fmt("%.1f", px1 + 10) + "\" x2=\"" + fmt("%.1f", px1 + 30) + "\" y1=\"" + fmt("%.1f", ly) +
              "\" y2=\"" + fmt("%.1f", ly) + "\" stroke-width=\"2\" stroke=\"" + ss[i].colour + dash + "\"/>\n";
-        svg_text(o, px1 + 34, ly + 4, ss[i].name);
+        svg_text(o, px1 + 34, ly + 4, ss[i].name.size() > 18 ? ss[i].name.substr(0, 17) + "~" : ss[i].name);
     }
 }
 
@@ -2810,7 +2829,9 @@ static std::vector<double> shares(const std::vector<double>& counts, int l) {
                                 const Routing& rt) {
     const double W = 980;
     const int ncol = std::min(N_LAYER, 4), nrow = (N_LAYER + ncol - 1) / ncol;
-    const double label_w = 80, cell_w = 36, heat_w = label_w + E * cell_w + 20;
+    size_t longest = 11;  // "punct/space"
+    for (const auto& v : val_names) longest = std::max(longest, v.size());
+    const double label_w = 12 + 7 * (double)longest, cell_w = 36, heat_w = label_w + E * cell_w + 20;
     const int hcol = std::max(1, std::min(N_LAYER, (int)(W / heat_w)));
     std::vector<std::string> cols;
     for (int e = 0; e < E; e++) cols.push_back("e" + std::to_string(e));
@@ -2825,7 +2846,7 @@ static std::vector<double> shares(const std::vector<double>& counts, int l) {
     std::string o = svg_begin(W, H);
     svg_text(o, 10, 22, title, "font-size=\"14\" font-weight=\"bold\"");
     std::vector<Series> loss = {{"train", PALETTE[0], false, {}}, {"test", PALETTE[1], false, {}}};
-    for (size_t v = 0; v < val_names.size(); v++) loss.push_back({val_names[v], PALETTE[(2 + v) % 10], true, {}});
+    for (size_t v = 0; v < val_names.size(); v++) loss.push_back({val_names[v], PALETTE[(2 + v) % 20], true, {}});
     for (const auto& r : hist) {
         loss[0].pts.push_back({(double)r.step, r.train}), loss[1].pts.push_back({(double)r.step, r.test});
         for (size_t v = 0; v < r.val.size() && v < val_names.size(); v++) loss[2 + v].pts.push_back({(double)r.step, r.val[v]});
@@ -2834,7 +2855,7 @@ static std::vector<double> shares(const std::vector<double>& counts, int l) {
     for (int l = 0; l < N_LAYER; l++) {
         std::vector<Series> load;
         for (int e = 0; e < E; e++) {
-            load.push_back({"expert " + std::to_string(e), PALETTE[e % 10], e >= 10, {}});
+            load.push_back({"expert " + std::to_string(e), PALETTE[e % 20], e >= 20, {}});
             for (const auto& r : hist) load.back().pts.push_back({(double)r.step, r.load[(size_t)l * E + e]});
         }
         double w = W / ncol;
@@ -2845,7 +2866,7 @@ static std::vector<double> shares(const std::vector<double>& counts, int l) {
     for (int e = 0; e < E; e++) {
         double lx = 10 + 80 * (e % 12), ly = 350 + 14 * (e / 12);
         o += "<rect x=\"" + fmt("%.0f", lx) + "\" y=\"" + fmt("%.0f", ly - 9) + "\" width=\"14\" height=\"10\" fill=\"" +
-             PALETTE[e % 10] + "\"/>\n";
+             PALETTE[e % 20] + "\"/>\n";
         svg_text(o, lx + 18, ly, "expert " + std::to_string(e));
     }
     double y0 = 360 + 14 * ((E - 1) / 12) + nrow * 190 + 10;
@@ -2990,6 +3011,9 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
             if (files.empty()) throw UsageError(a + " needs at least one file");
         } else throw UsageError("unknown option '" + a + "'");
     }
+    if (o.have_route && (!o.eval_files.empty() || !o.arith_file.empty()))
+        throw UsageError("--route explores one text; run --eval and --arith separately");
+    if (o.gates && !o.have_route) throw UsageError("--gates goes with --route TEXT");
     if (INFERENCE_ONLY && o.resume)
         throw UsageError("--resume: this is the inference-only build (MOE_INFERENCE_ONLY); it cannot train. "
                          "Rebuild without -DMOE_INFERENCE_ONLY to train");
@@ -3103,6 +3127,7 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
     }
     Dataset d = load_dataset(o.input, o.text, (uint64_t)seed, o.resume ? checkpoint_vocab(ck) : "");
     Rng rng = make_rng((uint64_t)seed, STREAM_TRAIN);
+    Rng noise = make_rng((uint64_t)seed, STREAM_NOISE);  // noisy gating's draws, apart from the batches
     if (!o.resume) {
         model_init(m, (int)d.vocab.size() + 1);
         Rng init = make_rng((uint64_t)seed, STREAM_INIT);
@@ -3117,6 +3142,20 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
         errno = 0;
         rng.state = std::strtoull(r.c_str(), &end, 10);
         bool rng_ok = !r.empty() && std::isdigit((unsigned char)r[0]) && !*end && !errno;
+        if (NOISY_GATE) {
+            std::string nr = meta_get(ck, "noise_rng");
+            errno = 0;
+            noise.state = std::strtoull(nr.c_str(), &end, 10);
+            rng_ok = rng_ok && !nr.empty() && std::isdigit((unsigned char)nr[0]) && !*end && !errno;
+        }
+        // capacity and z-loss change training, not the tensors: only resuming must match them
+        for (auto [key, value, macro] : {std::tuple{"capacity_factor", CAPACITY_FACTOR, "MOE_CAPACITY_FACTOR"},
+                                         std::tuple{"z_coef", Z_COEF, "MOE_Z_COEF"}}) {
+            std::string v = ck.meta.count(key) ? meta_get(ck, key) : "0";
+            if (v != fmt("%g", value))
+                fail("checkpoint '" + ck.path + "' was trained with " + key + "=" + v + " but this binary was built with " +
+                     macro + "=" + fmt("%g", value) + ": to resume, rebuild with -D" + macro + "=" + v);
+        }
         best = std::strtod(b.c_str(), &end);
         if (step < 0 || step > 1000000000 || !rng_ok || b.empty() || *end || std::isnan(best))
             fail("checkpoint '" + ck.path + "': its training state (step, rng, best_test_loss) is damaged; "
@@ -3139,6 +3178,9 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
         for (const auto& l : lines) longest = std::max(longest, l.text.size());
         val_sets.push_back(encode_lines(lines, d.vocab, f)), val_T.push_back((int)longest + 1);
         val_names.push_back(fs::path(f).stem().string());
+        if (std::count(val_names.begin(), val_names.end(), val_names.back()) > 1)
+            fail("--val: two files are named '" + val_names.back() + "'; the log and the report name files by it: "
+                 "rename one");
     }
     // The work dir is made now, before a long run, so that a bad -o fails at
     // once rather than at the first checkpoint.
@@ -3167,6 +3209,7 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
     auto save_last = [&] {
         Meta meta = model_meta(d.vocab, d.text, d.T, step, seed, best);
         meta["rng"] = std::to_string(rng.state);
+        if (NOISY_GATE) meta["noise_rng"] = std::to_string(noise.state);
         std::vector<SaveTensor> ts = model_tensors(m);
         ts.push_back({"adamw.m", {(int64_t)m.n_params}, m.adam_m.data()});
         ts.push_back({"adamw.v", {(int64_t)m.n_params}, m.adam_v.data()});
@@ -3202,7 +3245,7 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
     while (step < o.max_steps) {
         double t0 = now_ms();
         train_batch(in, tg, d, o.batch_size, rng);
-        m.train_rng = &rng;  // training: noisy gating and capacity apply (when built in)
+        m.train_rng = &noise;  // training: noisy gating and capacity apply (when built in)
         double loss = model_forward(m, in.data(), tg.data(), o.batch_size, d.T, (real)o.aux_coef);
         m.train_rng = nullptr;
         if (!std::isfinite(loss))
@@ -3354,6 +3397,8 @@ static Checkpoint load_for_use(const Options& o, Model& m) {
     // Each file is read with the checkpoint's vocabulary and context: in line
     // mode every line, padded to the file's longest; in text mode consecutive
     // windows. The loss is the mean over every predicted byte (and end marker).
+    if (!o.arith_file.empty() && text)
+        fail("--arith needs a line-mode model: its prompts are lines, and this checkpoint is text mode");
     std::vector<std::vector<double>> by_file;
     Routing all = routing_for(vocab);
     for (const auto& f : o.eval_files) {
@@ -3380,9 +3425,8 @@ static Checkpoint load_for_use(const Options& o, Model& m) {
         print_routing_by_class(all);
     }
     if (!o.arith_file.empty()) {
-        if (text) fail("--arith needs a line-mode model: its prompts are lines, and this checkpoint is text mode");
         Rng rng = make_rng((uint64_t)o.seed, STREAM_SAMPLE);
-        arith_report(m, vocab, (int)meta_int(ck, "context"), o.arith_file, rng);
+        arith_report(m, vocab, (int)meta_int(ck, "context"), o.arith_file, o.temperature, rng);
     }
 }
 
@@ -3392,18 +3436,27 @@ static Checkpoint load_for_use(const Options& o, Model& m) {
     const Checkpoint ck = load_for_use(o, m);
     const std::string vocab = checkpoint_vocab(ck);
     const bool text = meta_get(ck, "mode") == "text";
-    if (o.route != "-") return route_line(m, vocab, text, o.route, o.gates);
-    std::string line;
-    for (int c; (c = std::getchar()) != EOF;) {
-        if (c != '\n') {
-            line += (char)c;
-            continue;
-        }
+    const int context = (int)meta_int(ck, "context");
+    if (o.route != "-") return route_line(m, vocab, text, context, o.route, o.gates);
+    // Standard input: a line that cannot be routed is reported and skipped,
+    // and the run ends with an error if any was.
+    int bad = 0;
+    auto one = [&](std::string& line) {
         if (!line.empty() && line.back() == '\r') line.pop_back();
-        if (!line.empty()) route_line(m, vocab, text, line, o.gates);
+        try {
+            if (!line.empty()) route_line(m, vocab, text, context, line, o.gates);
+        } catch (const std::runtime_error& e) {
+            std::fprintf(stderr, "error: %s\n", e.what());
+            bad++;
+        }
         line.clear();
-    }
-    if (!line.empty()) route_line(m, vocab, text, line, o.gates);
+    };
+    std::string line;
+    for (int c; (c = std::getchar()) != EOF;)
+        if (c == '\n') one(line);
+        else line += (char)c;
+    one(line);
+    if (bad) fail(std::to_string(bad) + " line(s) of standard input could not be routed (see above)");
 }
 
 #ifndef MOE_NO_MAIN  // tests include this file and bring their own main

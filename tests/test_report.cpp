@@ -722,23 +722,27 @@ static void cli_route(const std::string& dir) {
     Run inf2 = run(I() + "--checkpoint " + ck + " --route - < " + q(in));
     check(inf2.code == 0 && inf2.out == two.out, "the inference-only binary supports --route - too");
 
-    // the limits: BLOCK_SIZE - 1 bytes after the marker fit, one more does not
-    Run fit = run(M() + "--checkpoint " + ck + " --route " + q(std::string(BLOCK_SIZE - 1, 'a')));
-    check(fit.code == 0 && parse_route(lines_of(fit.out), 0, std::string(BLOCK_SIZE - 1, 'a'), &why),
-          "--route of BLOCK_SIZE - 1 = %d bytes works", BLOCK_SIZE - 1);
-    Run lng = run(M() + "--checkpoint " + ck + " --route " + q(std::string(BLOCK_SIZE, 'a')));
-    check(lng.code == 1 && has(lng.out, "has " + std::to_string(BLOCK_SIZE) + " bytes; this model sees at most " +
-                                            std::to_string(BLOCK_SIZE - 1)),
-          "--route of BLOCK_SIZE bytes: exit 1, names the limit %d (exit %d)", BLOCK_SIZE - 1, lng.code);
+    // the limits: the trained context (longest training line + 1) less the
+    // marker fits, one more byte does not (those positions were never trained)
+    const int ctx = (int)meta_int(read_safetensors(dir + "/last.safetensors"), "context");
+    Run fit = run(M() + "--checkpoint " + ck + " --route " + q(std::string(ctx - 1, 'a')));
+    check(fit.code == 0 && parse_route(lines_of(fit.out), 0, std::string(ctx - 1, 'a'), &why),
+          "--route of context - 1 = %d bytes works", ctx - 1);
+    Run lng = run(M() + "--checkpoint " + ck + " --route " + q(std::string(ctx, 'a')));
+    check(lng.code == 1 && has(lng.out, "has " + std::to_string(ctx) + " bytes; this model was trained on at most " +
+                                            std::to_string(ctx - 1)),
+          "--route of context = %d bytes: exit 1, names the limit %d (exit %d)", ctx, ctx - 1, lng.code);
     std::string ch = std::string(1, g_missing);
     Run out = run(M() + "--checkpoint " + ck + " --route " + q("ab" + ch));
     check(out.code == 1 && has(out.out, "--route: byte '" + ch + "'") && has(out.out, "not in the model's vocabulary"),
           "--route with a byte outside the vocabulary: exit 1, names the byte (exit %d)", out.code);
     std::string in2 = g_dir + "/route_long.txt";
-    write(in2, "abc\n" + std::string(BLOCK_SIZE, 'a') + "\n");
+    write(in2, "abc\n" + std::string(ctx, 'a') + "\nabc\n");
     Run lng2 = run(I() + "--checkpoint " + ck + " --route - < " + q(in2));
-    check(lng2.code == 1 && has(lng2.out, "this model sees at most") && has(lng2.out, "^abc"),
-          "--route - with a too-long second line: the first is routed, then exit 1 naming the limit");
+    size_t first = lng2.out.find("^abc"), last = lng2.out.rfind("^abc");
+    check(lng2.code == 1 && has(lng2.out, "this model was trained on at most") && first != last &&
+              has(lng2.out, "1 line(s) of standard input could not be routed"),
+          "--route - with a too-long middle line: the others are routed, the error names the limit, exit 1");
 
     // On a terminal the bytes are coloured instead; NO_COLOR turns that off.
     if (std::system("command -v script >/dev/null 2>&1") == 0) {
