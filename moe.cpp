@@ -2844,7 +2844,15 @@ static std::vector<double> shares(const std::vector<double>& counts, int l) {
     const double heat_h = (val_names.empty() ? 0 : 38 + 20 * val_names.size() + 12) + 38 + 20 * class_rows.size() + 12;
     const double H = 40 + 320 + 14 * ((E - 1) / 12) + nrow * 190 + 30 + ((N_LAYER + hcol - 1) / hcol) * heat_h + 10;
     std::string o = svg_begin(W, H);
-    svg_text(o, 10, 22, title, "font-size=\"14\" font-weight=\"bold\"");
+    // the title on lines of at most ~140 characters, broken at " | "
+    std::vector<std::string> tl = {""};
+    for (size_t a = 0, b; a < title.size(); a = b + 3) {
+        b = std::min(title.find(" | ", a), title.size());
+        std::string part = title.substr(a, b - a);
+        if (!tl.back().empty() && tl.back().size() + part.size() > 140) tl.push_back("");
+        tl.back() += (tl.back().empty() ? "" : " | ") + part;
+    }
+    for (size_t i = 0; i < tl.size() && i < 2; i++) svg_text(o, 10, 20 + 16 * (double)i, tl[i], "font-weight=\"bold\"");
     std::vector<Series> loss = {{"train", PALETTE[0], false, {}}, {"test", PALETTE[1], false, {}}};
     for (size_t v = 0; v < val_names.size(); v++) loss.push_back({val_names[v], PALETTE[(2 + v) % 20], true, {}});
     for (const auto& r : hist) {

@@ -35,7 +35,7 @@ static const char* const DOMAINS[3] = {"names", "arith", "code"};
 
 // What one run measured.
 struct Result {
-    bool ok = false;
+    bool ok = false, reused = false;
     double test = NAN, dom[3] = {NAN, NAN, NAN}, greedy = NAN, sampled = NAN, ms = NAN, wall = NAN;
     int sampled_n = 0;
     std::vector<double> cv;       // per layer: coefficient of variation of the expert load
@@ -44,6 +44,15 @@ struct Result {
     std::vector<std::vector<std::vector<double>>> route;  // [layer][domain][expert] shares
     std::vector<std::pair<double, double>> curve;         // (step, test loss) from log.tsv
     int64_t params = 0, active = 0;
+    // How much the loss still fell over the last fifth of training (moe's own
+    // test split, from log.tsv): near 0 when the run has flattened.
+    double late_drop() const {
+        if (curve.size() < 2) return NAN;
+        double at = curve.back().first * 0.8, before = curve.front().second;
+        for (auto [st, l] : curve)
+            if (st <= at) before = l;
+        return before - curve.back().second;
+    }
 };
 
 static double median(std::vector<double> v) {
@@ -125,7 +134,7 @@ static Result run_one(const Config& c, const std::string& bin_dir, const std::st
         df("domain_names_val.txt") + " " + df("domain_arith_val.txt") + " " + df("domain_code_val.txt");
     Run tr, ev;
     if (reuse && fs::exists(dir + "/eval.log") && fs::exists(dir + "/wall_seconds")) {
-        tr = {0, slurp(dir + "/train.log")}, ev = {0, slurp(dir + "/eval.log")};
+        tr = {0, slurp(dir + "/train.log")}, ev = {0, slurp(dir + "/eval.log")}, r.reused = true;
         r.wall = std::strtod(slurp(dir + "/wall_seconds").c_str(), nullptr);
     } else {
         double t0 = now_ms();
@@ -304,6 +313,13 @@ int main(int argc, char** argv) {
     for (int j = 0; j < jobs; j++) pool.emplace_back(worker);
     for (auto& t : pool) t.join();
     double wall = (now_ms() - t0) / 1000;
+    // The grid's wall time: measured now, or, when every run was read back
+    // (--reuse), the one stored by the run that trained them.
+    const std::string wall_file = (fs::path(runs) / "grid_wall_seconds").string();
+    bool all_reused = fs::exists(wall_file);
+    for (const auto& r : res) all_reused = all_reused && r.reused;
+    if (all_reused) wall = std::strtod(slurp(wall_file).c_str(), nullptr);
+    else write(wall_file, fmt("%.0f\n", wall));
 
     // RESULTS.md
     std::string md = "# Domain-mix experiment\n\n";
@@ -320,10 +336,14 @@ int main(int argc, char** argv) {
           "sqrt(E-1) = 1.73 = one expert takes all)\n";
     md += "- MI domain / MI class: I(domain; first-choice expert) / H(domain), and the same for the class of the byte "
           "read (letter, digit, operator, punctuation, line marker), per layer: 0 = the expert says nothing about it, "
-          "1 = it determines it\n\n";
+          "1 = it determines it\n";
+    md += "- fall in last 20%: how much the test loss (moe's split, from log.tsv) still fell over the last fifth of "
+          "the steps; near 0 means the run had flattened\n";
+    md += "- ms/step (median of the progress lines) and wall s: two runs at a time on this machine's two cores, with "
+          "whatever else ran beside them; rough figures, not a benchmark (`--target bench` is)\n\n";
     md += "| config | what | params (active) | test | names | arith | code | greedy % | sampled % | load CV per layer | "
-          "MI domain per layer | MI class per layer | ms/step | wall s |\n";
-    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+          "MI domain per layer | MI class per layer | fall in last 20% | ms/step | wall s |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     auto per_layer = [&](int ci, std::vector<double> Result::*f) {
         std::string s;
         size_t n_l = 0;
@@ -331,10 +351,12 @@ int main(int argc, char** argv) {
         for (size_t l = 0; l < n_l; l++) {
             std::vector<double> v;
             for (int k = 0; k < seeds; k++)
-                if (res[ci * seeds + k].ok && l < (res[ci * seeds + k].*f).size()) v.push_back((res[ci * seeds + k].*f)[l]);
+                if (res[ci * seeds + k].ok && l < (res[ci * seeds + k].*f).size() &&
+                    std::isfinite((res[ci * seeds + k].*f)[l]))
+                    v.push_back((res[ci * seeds + k].*f)[l]);
             double mean, sd;
             mean_sd(v, &mean, &sd);
-            s += (l ? " " : "") + fmt("%.2f", mean);
+            if (std::isfinite(mean)) s += (s.empty() ? "" : " ") + fmt("%.2f", mean);
         }
         return s.empty() ? std::string("-") : s;
     };
@@ -354,6 +376,7 @@ int main(int argc, char** argv) {
               col([](const Result& r) { return r.greedy; }, "%.1f") + " | " +
               col([](const Result& r) { return r.sampled; }, "%.1f") + " | " + per_layer(ci, &Result::cv) + " | " +
               per_layer(ci, &Result::mi_dom) + " | " + per_layer(ci, &Result::mi_cls) + " | " +
+              col([](const Result& r) { return r.late_drop(); }, "%.4f") + " | " +
               col([](const Result& r) { return r.ms; }, "%.2f") + " | " +
               col([](const Result& r) { return r.wall; }, "%.0f") + " |\n";
     }
