@@ -205,14 +205,22 @@ struct ThreadPool {
     void start(int n_threads) {
         for (int i = 1; i < n_threads; i++) workers.emplace_back([this, i] { loop(i); });
     }
-    // A training step makes a few hundred parallel calls, microseconds apart.
-    // Waking a sleeping thread costs tens of microseconds, so a worker spins
-    // on the generation counter for a while before it goes to sleep.
+    // A training step makes a few hundred parallel calls, microseconds apart,
+    // with stretches of serial work between them. Waking a sleeping thread
+    // costs tens of microseconds (more in a virtual machine), as much as a
+    // small parallel call saves, so an idle worker watches the generation
+    // counter for 5 ms before it goes to sleep: through a training step it
+    // never sleeps, and an idle program soon stops watching. It spins for
+    // the first few thousand looks, then yields the core between looks, so
+    // that with more threads than cores the ones with work get to run.
     void loop(int me) {
         uint64_t seen = 0;
         for (;;) {
-            for (int spins = 0; generation.load(std::memory_order_acquire) == seen && !quit; spins++) {
-                if (spins < 50000) continue;
+            auto idle_since = std::chrono::steady_clock::now();
+            for (int looks = 0; generation.load(std::memory_order_acquire) == seen && !quit; looks++) {
+                if (looks < 4096) continue;
+                std::this_thread::yield();
+                if (std::chrono::steady_clock::now() - idle_since < std::chrono::milliseconds(5)) continue;
                 std::unique_lock<std::mutex> lock(mu);
                 wake.wait(lock, [&] { return quit || generation.load() != seen; });
             }
@@ -314,52 +322,68 @@ static void parallel_for(int n, const Fn& f) {
 // The plain loop is
 //     for m, for n: for k: out[m][n] += A[m][k] * B[k][n]
 // and it is slow because each output is loaded and stored Kd times. The fast
-// version keeps an 8x16 tile of outputs in registers (8 accumulators of one
-// or two SIMD vectors each; -O3 -march=native vectorises the j loop), streams
-// a row of B and eight values of A per k, and writes the tile once. Rows that
-// do not fill a tile, and columns past the last multiple of 16, use the plain
-// loop with the same k order. The tiles are fixed by M and N alone; threads
-// take whole tiles; so the result is the same for any thread count.
+// version keeps an 8x32 tile of outputs in registers (16 accumulators of 16
+// floats: one AVX-512 register each, or two AVX2 ones; -O3 -march=native
+// vectorises the j loops), streams a row of B and eight values of A per k,
+// and writes the tile once. Per k that is 16 multiply-adds for 2 loads of B
+// and 8 of A: the loads no longer limit the speed, as they do with 8x16.
+//
+// Each 32-column panel of B is first copied ("packed") into consecutive
+// memory, Kd rows of 32, and A too when it is read as a transpose (as = 1),
+// each row tile as Kd groups of its 8 values. The kernel then reads
+// consecutive memory. Without the copies, rows that lie a multiple of 1 or
+// 4 KB apart (256 or 1024 floats: an expert's width) fall into a few sets of
+// the L1 cache, which evicts them before they are used again. (A plain
+// row-major A is read in place: copying it costs more than it saves.)
+// Packing also handles the edges: a short last row tile (an expert's rows
+// rarely come in eights) is padded with zero rows, a narrow last panel (the
+// router has E columns, lm_head V) with zero columns, and only real outputs
+// are stored. Every output is the same sum in the same k order wherever it
+// sits; the tiles are fixed by M and N alone; threads take whole row tiles;
+// so the result is the same for any thread count.
 
-constexpr int TM = 8, TN = 16;
+constexpr int TM = 8, TN = 32;
 
-static void matmul_tile(real* out, const real* A, int64_t as, int64_t ak, const real* B, int N, int Kd,
-                        const real* bias, bool add, int m0, int n0) {
-    // Eight named rows rather than acc[8][16]: g++ then keeps all of them in
-    // vector registers (with a 2-D array it vectorises only 4 floats at a time).
-    real c0[TN] = {}, c1[TN] = {}, c2[TN] = {}, c3[TN] = {}, c4[TN] = {}, c5[TN] = {}, c6[TN] = {}, c7[TN] = {};
-    const real* a = A + m0 * as;
+// One tile: out[0..rows, 0..cols] (+)= A . B (+ bias), rows <= TM, cols <= TN.
+// A holds the tile's rows, addressed A[r*as + k*ak]; B is a packed panel
+// [Kd][TN]; out and bias point at the tile's first row and column, and ldo
+// is out's row stride. (noinline: inlined into matmul, g++ runs out of
+// registers for the eight row offsets and reloads them on every k.)
+[[gnu::noinline]] static void matmul_tile(real* out, int ldo, const real* A, int64_t as, int64_t ak, const real* B,
+                                          int Kd, const real* bias, bool add, int rows, int cols) {
+    // Sixteen named accumulators, a 16-column half of each of the 8 rows,
+    // rather than acc[8][32]: g++ then keeps all of them in vector registers
+    // (with arrays of 2-D shape or of 32 columns it spills them to memory).
+    constexpr int H = TN / 2;
+    real c0[H] = {}, c1[H] = {}, c2[H] = {}, c3[H] = {}, c4[H] = {}, c5[H] = {}, c6[H] = {}, c7[H] = {};
+    real d0[H] = {}, d1[H] = {}, d2[H] = {}, d3[H] = {}, d4[H] = {}, d5[H] = {}, d6[H] = {}, d7[H] = {};
     for (int k = 0; k < Kd; k++) {
-        const real* b = B + (int64_t)k * N + n0;
-        const real* ac = a + k * ak;  // column k of this tile's eight rows of A
+        const real* b = B + (int64_t)k * TN;
+        const real* ac = A + k * ak;  // column k of this tile's eight rows of A
         real a0 = ac[0], a1 = ac[as], a2 = ac[2 * as], a3 = ac[3 * as];
         real a4 = ac[4 * as], a5 = ac[5 * as], a6 = ac[6 * as], a7 = ac[7 * as];
-        for (int j = 0; j < TN; j++) {
+        for (int j = 0; j < H; j++) {
             c0[j] += a0 * b[j], c1[j] += a1 * b[j], c2[j] += a2 * b[j], c3[j] += a3 * b[j];
             c4[j] += a4 * b[j], c5[j] += a5 * b[j], c6[j] += a6 * b[j], c7[j] += a7 * b[j];
         }
-    }
-    auto store = [&](const real* c, int r) {
-        real* o = out + (int64_t)(m0 + r) * N + n0;
-        for (int j = 0; j < TN; j++) o[j] = (add ? o[j] : 0) + (bias ? bias[n0 + j] : 0) + c[j];
-    };
-    store(c0, 0), store(c1, 1), store(c2, 2), store(c3, 3), store(c4, 4), store(c5, 5), store(c6, 6), store(c7, 7);
-}
-
-static void matmul_rows(real* out, const real* A, int64_t as, int64_t ak, const real* B, int N, int Kd,
-                        const real* bias, bool add, int m0, int m1, int n0) {  // the edges: rows m0..m1, columns n0..N
-    for (int m = m0; m < m1; m++)
-        for (int nb = n0; nb < N; nb += TN) {
-            int w = std::min(TN, N - nb);
-            real acc[TN] = {};
-            for (int k = 0; k < Kd; k++) {
-                real a = A[m * as + k * ak];
-                const real* b = B + (int64_t)k * N + nb;
-                for (int j = 0; j < w; j++) acc[j] += a * b[j];
-            }
-            real* o = out + (int64_t)m * N + nb;
-            for (int j = 0; j < w; j++) o[j] = (add ? o[j] : 0) + (bias ? bias[nb + j] : 0) + acc[j];
+        for (int j = 0; j < H; j++) {
+            d0[j] += a0 * b[H + j], d1[j] += a1 * b[H + j], d2[j] += a2 * b[H + j], d3[j] += a3 * b[H + j];
+            d4[j] += a4 * b[H + j], d5[j] += a5 * b[H + j], d6[j] += a6 * b[H + j], d7[j] += a7 * b[H + j];
         }
+    }
+    auto store = [&](const real* c, const real* d, int i) {
+        if (i >= rows) return;
+        real* o = out + (int64_t)i * ldo;
+        if (cols == TN) {  // the common case, as its own loops so that they are vectorised
+            for (int j = 0; j < H; j++) o[j] = (add ? o[j] : 0) + (bias ? bias[j] : 0) + c[j];
+            for (int j = 0; j < H; j++) o[H + j] = (add ? o[H + j] : 0) + (bias ? bias[H + j] : 0) + d[j];
+        } else {
+            for (int j = 0; j < cols; j++)
+                o[j] = (add ? o[j] : 0) + (bias ? bias[j] : 0) + (j < H ? c[j] : d[j - H]);
+        }
+    };
+    store(c0, d0, 0), store(c1, d1, 1), store(c2, d2, 2), store(c3, d3, 3);
+    store(c4, d4, 4), store(c5, d5, 5), store(c6, d6, 6), store(c7, d7, 7);
 }
 
 static std::atomic<int64_t> g_flops{0};  // multiply-adds x 2, counted from the shapes, for the benchmark
@@ -368,17 +392,47 @@ static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real*
                    const real* bias, bool add) {
     if (M <= 0 || N <= 0) return;
     g_flops += 2 * (int64_t)M * N * Kd;
-    int full_m = M / TM, full_n = N / TN * TN;
-    int items = full_m + (M % TM ? 1 : 0);  // the leftover rows are one more work item
+    int items = (M + TM - 1) / TM;  // row tiles, the last maybe short
     auto work = [=](int i0, int i1) {
-        // Column panels outside, row tiles inside: a panel of B (Kd x 16)
-        // then stays in the L1 cache while every row tile of this thread
-        // uses it. (The order changes no result: each tile is computed alike.)
-        int t1 = std::min(i1, full_m);
-        for (int n0 = 0; n0 < full_n; n0 += TN)
-            for (int i = i0; i < t1; i++) matmul_tile(out, A, as, ak, B, N, Kd, bias, add, i * TM, n0);
-        for (int i = i0; i < t1; i++) matmul_rows(out, A, as, ak, B, N, Kd, bias, add, i * TM, i * TM + TM, full_n);
-        if (i1 > full_m) matmul_rows(out, A, as, ak, B, N, Kd, bias, add, full_m * TM, M, 0);
+        // The packed copies live as long as the thread, so that after the
+        // first step no matmul allocates.
+        thread_local std::vector<real> apack, bpack;
+        const bool pack_a = as == 1;
+        const int short_rows = i1 == items ? M - (items - 1) * TM : TM;  // rows of this thread's last tile
+        apack.resize((size_t)(pack_a ? i1 - i0 : 1) * Kd * TM), bpack.resize((size_t)Kd * TN);
+        auto pack_tile = [&](real* p, int i, int rows) {  // row tile i of A -> p[Kd][TM]
+            const real* a = A + (int64_t)i * TM * as;
+            if (as == 1 && rows == TM)  // the 8 values of each k are consecutive
+                for (int k = 0; k < Kd; k++)
+                    for (int r = 0; r < TM; r++) p[(size_t)k * TM + r] = a[(int64_t)k * ak + r];
+            else
+                for (int k = 0; k < Kd; k++)
+                    for (int r = 0; r < TM; r++) p[(size_t)k * TM + r] = r < rows ? a[r * as + (int64_t)k * ak] : 0;
+        };
+        if (pack_a)
+            for (int i = i0; i < i1; i++) pack_tile(&apack[(size_t)(i - i0) * Kd * TM], i, std::min(TM, M - i * TM));
+        else if (short_rows < TM)
+            pack_tile(apack.data(), i1 - 1, short_rows);
+        // Column panels outside, row tiles inside: a panel of B then stays
+        // in the cache while every row tile of this thread uses it.
+        for (int n0 = 0; n0 < N; n0 += TN) {
+            const int w = std::min(TN, N - n0);
+            real* p = bpack.data();
+            const real* b = B + n0;
+            if (w == TN)
+                for (int k = 0; k < Kd; k++)
+                    for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = b[(int64_t)k * N + j];
+            else
+                for (int k = 0; k < Kd; k++)
+                    for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = j < w ? b[(int64_t)k * N + j] : 0;
+            for (int i = i0; i < i1; i++) {
+                const int rows = std::min(TM, M - i * TM);
+                const bool packed = pack_a || rows < TM;
+                const real* a = pack_a ? &apack[(size_t)(i - i0) * Kd * TM] : rows < TM ? apack.data() : A + (int64_t)i * TM * as;
+                matmul_tile(out + (int64_t)i * TM * N + n0, N, a, packed ? 1 : as, packed ? TM : ak, bpack.data(), Kd,
+                            bias ? bias + n0 : nullptr, add, rows, w);
+            }
+        }
     };
     // Small products are not worth waking the other threads for.
     if ((int64_t)M * N * Kd < 32768) work(0, items);
@@ -671,18 +725,24 @@ static void attention_forward(real* y, real* att, const real* qkv, const int* st
     const real scale = 1 / std::sqrt((real)HS);
     for (int b = 0; b < B; b++) g_flops += 2 * (int64_t)N_HEAD * len[b] * (len[b] + 1) * HS;  // q.k and att.v
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
+        // The scores q_t . k_s, for all s at once: with this head's keys
+        // copied transposed, kt[j][s], the inner loop runs over s and
+        // vectorises, and each score is still the sum over j in order (a dot
+        // product's inner loop over j would not vectorise: that reorders
+        // the sum, which the compiler may not do to floats).
+        real kt[HS * BLOCK_SIZE];
         for (int i = i0; i < i1; i++) {
             int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
             const real* base = qkv + (int64_t)start[b] * 3 * C;
+            for (int s = 0; s < T; s++)
+                for (int j = 0; j < HS; j++) kt[j * T + s] = base[(int64_t)s * 3 * C + C + h * HS + j];
             for (int t = 0; t < T; t++) {
                 const real* q = base + (int64_t)t * 3 * C + h * HS;
                 real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
-                for (int s = 0; s <= t; s++) {
-                    const real* k = base + (int64_t)s * 3 * C + C + h * HS;
-                    real dot = 0;
-                    for (int j = 0; j < HS; j++) dot += q[j] * k[j];
-                    a[s] = dot * scale;
-                }
+                for (int s = 0; s <= t; s++) a[s] = 0;
+                for (int j = 0; j < HS; j++)
+                    for (int s = 0; s <= t; s++) a[s] += q[j] * kt[j * T + s];
+                for (int s = 0; s <= t; s++) a[s] *= scale;
                 softmax_row(a, t + 1);
                 for (int s = t + 1; s < T; s++) a[s] = 0;
                 real* yt = y + ((int64_t)start[b] + t) * C + h * HS;
@@ -707,24 +767,26 @@ static void attention_backward(real* dqkv, const real* dy, const real* att, cons
     const real scale = 1 / std::sqrt((real)HS);
     for (int b = 0; b < B; b++) g_flops += 4 * (int64_t)N_HEAD * len[b] * (len[b] + 1) * HS;  // twice the forward
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
-        real da[BLOCK_SIZE];
+        real da[BLOCK_SIZE], vt[HS * BLOCK_SIZE];  // vt: this head's values transposed, as kt in the forward pass
         for (int i = i0; i < i1; i++) {
             int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
             const real* base = qkv + (int64_t)start[b] * 3 * C;
             real* dbase = dqkv + (int64_t)start[b] * 3 * C;
+            for (int s = 0; s < T; s++)
+                for (int j = 0; j < HS; j++) vt[j * T + s] = base[(int64_t)s * 3 * C + 2 * C + h * HS + j];
             for (int t = 0; t < T; t++) {
                 const real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
                 const real* dyt = dy + ((int64_t)start[b] + t) * C + h * HS;
                 const real* q = base + (int64_t)t * 3 * C + h * HS;
                 real* dq = dbase + (int64_t)t * 3 * C + h * HS;
+                for (int s = 0; s <= t; s++) da[s] = 0;
+                for (int j = 0; j < HS; j++)
+                    for (int s = 0; s <= t; s++) da[s] += dyt[j] * vt[j * T + s];
                 real sum = 0;
                 for (int s = 0; s <= t; s++) {
-                    const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
                     real* dv = dbase + (int64_t)s * 3 * C + 2 * C + h * HS;
-                    real d = 0;
-                    for (int j = 0; j < HS; j++) d += dyt[j] * v[j], dv[j] += a[s] * dyt[j];
-                    da[s] = d;
-                    sum += a[s] * d;
+                    for (int j = 0; j < HS; j++) dv[j] += a[s] * dyt[j];
+                    sum += a[s] * da[s];
                 }
                 for (int s = 0; s <= t; s++) {
                     real dz = a[s] * (da[s] - sum) * scale;
@@ -1021,8 +1083,9 @@ static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& w
                              const MoeActs& a, const real* gate, const LayerParams& p, int M) {
     int S = a.offset[E];
     ws.dy.resize((size_t)S * C);  // every element is set below: no need to zero it
-    ws.dhg.assign((size_t)S * F, 0), ws.dh.assign((size_t)S * F, 0);
-    ws.dx.assign((size_t)S * C, 0);
+    // dhg, dh and dx accumulate: each expert zeroes its own rows just before
+    // it uses them (in parallel, and while they are in the cache).
+    ws.dhg.resize((size_t)S * F), ws.dh.resize((size_t)S * F), ws.dx.resize((size_t)S * C);
     const int* src = a.slot_src.data();
     const real* ys = a.y.data();
     real* dys = ws.dy.data();
@@ -1041,6 +1104,8 @@ static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& w
             int s0 = a.offset[e], n = a.offset[e + 1] - s0;
             if (n == 0) continue;
             const size_t f0 = (size_t)s0 * F;
+            std::fill_n(&ws.dhg[f0], (size_t)n * F, (real)0), std::fill_n(&ws.dh[f0], (size_t)n * F, (real)0);
+            std::fill_n(&ws.dx[(size_t)s0 * C], (size_t)n * C, (real)0);
             mlp_backward(&ws.dx[(size_t)s0 * C], g, &ws.dhg[f0], &ws.dh[f0], &ws.dy[(size_t)s0 * C], &a.x[(size_t)s0 * C],
                          &a.h[f0], &a.th[f0], &a.hg[f0], p, e, n);
         }
@@ -1253,6 +1318,11 @@ struct Model {
     // change at every step), and once per sample when sampling.
     std::vector<real> params_t;
     Params pt;
+    // True when params_t already holds the current params: AdamW sets it
+    // (it writes both), the next forward pass uses it and clears it. Code
+    // that changes params in any other way leaves it false, and the forward
+    // pass then refreshes params_t itself.
+    bool pt_fresh = false;
 #if !MOE_INFERENCE_ONLY
     std::vector<real> grads, adam_m, adam_v;  // same layout as params
     Params g;
@@ -1342,17 +1412,21 @@ static void transpose(real* dst, const real* src, int rows, int cols) {
                 for (int c = c0; c < std::min(cols, c0 + 16); c++) dst[(size_t)c * rows + r] = src[(size_t)r * cols + c];
 }
 
-// params_t = params, with every Linear weight (a 2-D tensor that is not an
-// embedding table) transposed. The tensors are shared out among the threads.
+// A Linear weight is a 2-D tensor that is not an embedding table.
+static bool is_linear_weight(const TensorInfo& t) {
+    return t.shape.size() == 2 && t.name.find(".wte.") == std::string::npos && t.name.find(".wpe.") == std::string::npos;
+}
+
+// params_t = params, with every Linear weight transposed. The tensors are
+// shared out among the threads. Training does not need this: AdamW writes
+// params_t as it updates params (section 7), and sets pt_fresh.
 static void refresh_forward_params(Model& m) {
     const TensorInfo* t = m.tensors.data();
     const real* src = m.params.data();
     real* dst = m.params_t.data();
     parallel_for((int)m.tensors.size(), [=](int i0, int i1) {
         for (int i = i0; i < i1; i++) {
-            bool linear = t[i].shape.size() == 2 && t[i].name.find(".wte.") == std::string::npos &&
-                          t[i].name.find(".wpe.") == std::string::npos;
-            if (linear) transpose(dst + t[i].offset, src + t[i].offset, t[i].shape[0], t[i].shape[1]);
+            if (is_linear_weight(t[i])) transpose(dst + t[i].offset, src + t[i].offset, t[i].shape[0], t[i].shape[1]);
             else std::memcpy(dst + t[i].offset, src + t[i].offset, t[i].size * sizeof(real));
         }
     });
@@ -1394,7 +1468,8 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
 
     // The forward pass proper: each layer reads the previous one's output
     // and writes its own named activations.
-    refresh_forward_params(m);
+    if (!m.pt_fresh) refresh_forward_params(m);
+    m.pt_fresh = false;
     encoder_forward(m.L[0].x.data(), m.tok.data(), m.pos.data(), m.pt.wte, m.pt.wpe, M);
     m.aux_sum = 0, m.z_sum = 0, m.dropped = 0, m.slots = 0;
     for (int l = 0; l < N_LAYER; l++) {
@@ -1505,27 +1580,72 @@ static void model_backward(Model& m) {
 // Weight decay applies to every parameter, as in makemore. The gradient is
 // zeroed as it is used, ready for the next backward pass: a second sweep
 // over all the parameters just to zero them would cost as much again.
+//
+// The step also writes the forward pass's transposed copy (params_t, see
+// refresh_forward_params), so that the next forward pass need not make it:
+// with many experts, the parameters are many and the tokens few, and every
+// sweep over all of them shows in the time of a step. The work is cut into
+// blocks: 16 rows of a Linear weight, whose columns are then written to
+// params_t while the rows are still in the L1 cache (16 rows make each
+// written column one 64-byte cache line), or 4096 values of any other
+// tensor. The blocks are fixed by the shapes, and each value is updated by
+// the same expression in any block, so the result does not depend on the
+// number of threads.
 struct AdamW {
     float lr = 5e-4f, weight_decay = 0.01f, beta1 = 0.9f, beta2 = 0.99f, eps = 1e-8f;
 };
+struct AdamBlock {
+    size_t begin, end;  // the values params[begin, end) of one tensor
+    int rows, cols;     // a Linear weight [rows, cols] starting at `base`...
+    size_t base;        // ...whose rows (begin-base)/cols .. (end-base)/cols these are; rows = 0 otherwise
+};
+static std::vector<AdamBlock> adam_blocks(const std::vector<TensorInfo>& tensors) {
+    std::vector<AdamBlock> b;
+    for (const auto& t : tensors) {
+        if (is_linear_weight(t)) {
+            const int rows = t.shape[0], cols = t.shape[1];
+            for (int r = 0; r < rows; r += 16)
+                b.push_back({t.offset + (size_t)r * cols, t.offset + (size_t)std::min(rows, r + 16) * cols, rows, cols,
+                             t.offset});
+        } else {
+            for (size_t i = 0; i < t.size; i += 4096)
+                b.push_back({t.offset + i, t.offset + std::min(t.size, i + 4096), 0, 0, t.offset});
+        }
+    }
+    return b;
+}
 static void adamw_update(Model& m, const AdamW& o, int64_t t) {
     double bc1 = 1 - std::pow((double)o.beta1, (double)t), bc2 = 1 - std::pow((double)o.beta2, (double)t);
     const real step_size = (real)(o.lr / bc1), bc2_sqrt = (real)std::sqrt(bc2);
     const real decay = (real)(1 - (double)o.lr * o.weight_decay);
     const real b1 = o.beta1, b2 = o.beta2, eps = o.eps;
-    const int chunk = 4096, n_chunks = (int)((m.n_params + chunk - 1) / chunk);
+    static std::vector<AdamBlock> blocks;  // the same for every step of this model
+    if (blocks.empty() || blocks.back().end != m.n_params) blocks = adam_blocks(m.tensors);
+    const AdamBlock* blk = blocks.data();
     real *p = m.params.data(), *mm = m.adam_m.data(), *vv = m.adam_v.data(), *gr = m.grads.data();
-    const size_t n = m.n_params;
-    parallel_for(n_chunks, [=](int c0, int c1) {
-        size_t end = std::min(n, (size_t)c1 * chunk);
-        for (size_t i = (size_t)c0 * chunk; i < end; i++) {
-            real g = gr[i];
-            gr[i] = 0;
-            mm[i] = b1 * mm[i] + (1 - b1) * g;
-            vv[i] = b2 * vv[i] + (1 - b2) * g * g;
-            p[i] = p[i] * decay - step_size * mm[i] / (std::sqrt(vv[i]) / bc2_sqrt + eps);
+    real* pt = m.params_t.data();
+    parallel_for((int)blocks.size(), [=](int k0, int k1) {
+        for (int k = k0; k < k1; k++) {
+            const AdamBlock& a = blk[k];
+            for (size_t i = a.begin; i < a.end; i++) {
+                real g = gr[i];
+                gr[i] = 0;
+                mm[i] = b1 * mm[i] + (1 - b1) * g;
+                vv[i] = b2 * vv[i] + (1 - b2) * g * g;
+                p[i] = p[i] * decay - step_size * mm[i] / (std::sqrt(vv[i]) / bc2_sqrt + eps);
+            }
+            if (a.rows == 0) {
+                std::memcpy(pt + a.begin, p + a.begin, (a.end - a.begin) * sizeof(real));
+                continue;
+            }
+            const int r0 = (int)((a.begin - a.base) / a.cols), r1 = (int)((a.end - a.base) / a.cols);
+            const real* src = p + a.base;
+            real* dst = pt + a.base;
+            for (int c = 0; c < a.cols; c++)
+                for (int r = r0; r < r1; r++) dst[(size_t)c * a.rows + r] = src[(size_t)r * a.cols + c];
         }
     });
+    m.pt_fresh = true;
 }
 #endif
 

@@ -28,14 +28,16 @@ static double model_mb(const Model& m) {
     auto add = [&](const auto& v) { bytes += v.capacity() * sizeof(v[0]); };
     for (const auto& a : m.L) {
         for (const auto* v : {&a.x, &a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.att, &a.atty, &a.x_mid, &a.ln2,
-                              &a.ln2_mean, &a.ln2_rstd, &a.probs, &a.gate, &a.f, &a.moe_out, &a.moe.x, &a.moe.h,
-                              &a.moe.th, &a.moe.hg, &a.moe.y})
+                              &a.ln2_mean, &a.ln2_rstd, &a.logits, &a.probs, &a.gate, &a.f, &a.moe_out, &a.moe.x,
+                              &a.moe.h, &a.moe.th, &a.moe.hg, &a.moe.y, &a.noise_u, &a.noise_eps, &a.noisy, &a.lse,
+                              &a.sh_h, &a.sh_th, &a.sh_hg, &a.sh_y})
             add(*v);
-        add(a.chosen), add(a.moe.slot_of), add(a.moe.slot_src);
+        add(a.chosen), add(a.routed), add(a.moe.slot_of), add(a.moe.slot_src);
     }
-    for (const auto* v : {&m.x_out, &m.lnf, &m.lnf_mean, &m.lnf_rstd, &m.router_logits, &m.logits, &m.probs}) add(*v);
+    for (const auto* v : {&m.x_out, &m.lnf, &m.lnf_mean, &m.lnf_rstd, &m.logits, &m.probs}) add(*v);
     for (const auto* v : {&g_bw.dres, &g_bw.dln, &g_bw.datty, &g_bw.dqkv, &g_bw.dlogits, &g_bw.dgate, &g_bw.dprobs,
-                          &g_bw.drouter, &g_bw.moe.dy, &g_bw.moe.dhg, &g_bw.moe.dh, &g_bw.moe.dx})
+                          &g_bw.drouter, &g_bw.moe.dy, &g_bw.moe.dhg, &g_bw.moe.dh, &g_bw.moe.dx, &g_bw.dnoise,
+                          &g_bw.sh_dhg, &g_bw.sh_dh})
         add(*v);
     return bytes / (1024.0 * 1024.0);
 }
