@@ -345,12 +345,12 @@ static void parallel_for(int n, const Fn& f) {
 constexpr int TM = 8, TN = 32;
 
 // One tile: out[0..rows, 0..cols] (+)= A . B (+ bias), rows <= TM, cols <= TN.
-// A holds the tile's rows, addressed A[r*as + k*ak]; B is a packed panel
-// [Kd][TN]; out and bias point at the tile's first row and column, and ldo
-// is out's row stride. (noinline: inlined into matmul, g++ runs out of
+// A holds the tile's rows, addressed A[r*as + k*ak]; row k of the panel of B
+// is at B + k*ldb (ldb = TN when packed); out and bias point at the tile's
+// first row and column, and ldo is out's row stride. (noinline: inlined into matmul, g++ runs out of
 // registers for the eight row offsets and reloads them on every k.)
 [[gnu::noinline]] static void matmul_tile(real* out, int ldo, const real* A, int64_t as, int64_t ak, const real* B,
-                                          int Kd, const real* bias, bool add, int rows, int cols) {
+                                          int ldb, int Kd, const real* bias, bool add, int rows, int cols) {
     // Sixteen named accumulators, a 16-column half of each of the 8 rows,
     // rather than acc[8][32]: g++ then keeps all of them in vector registers
     // (with arrays of 2-D shape or of 32 columns it spills them to memory).
@@ -358,7 +358,7 @@ constexpr int TM = 8, TN = 32;
     real c0[H] = {}, c1[H] = {}, c2[H] = {}, c3[H] = {}, c4[H] = {}, c5[H] = {}, c6[H] = {}, c7[H] = {};
     real d0[H] = {}, d1[H] = {}, d2[H] = {}, d3[H] = {}, d4[H] = {}, d5[H] = {}, d6[H] = {}, d7[H] = {};
     for (int k = 0; k < Kd; k++) {
-        const real* b = B + (int64_t)k * TN;
+        const real* b = B + (int64_t)k * ldb;
         const real* ac = A + k * ak;  // column k of this tile's eight rows of A
         real a0 = ac[0], a1 = ac[as], a2 = ac[2 * as], a3 = ac[3 * as];
         real a4 = ac[4 * as], a5 = ac[5 * as], a6 = ac[6 * as], a7 = ac[7 * as];
@@ -419,6 +419,13 @@ static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real*
             const int w = std::min(TN, N - n0);
             real* p = bpack.data();
             const real* b = B + n0;
+            if (w == TN && i1 - i0 == 1) {  // one row tile reads the panel once: no copy (sampling's one row)
+                const bool packed = pack_a || short_rows < TM;  // then apack holds this one tile
+                matmul_tile(out + (int64_t)i0 * TM * N + n0, N, packed ? apack.data() : A + (int64_t)i0 * TM * as,
+                            packed ? 1 : as, packed ? TM : ak, b, N, Kd, bias ? bias + n0 : nullptr, add,
+                            std::min(TM, M - i0 * TM), w);
+                continue;
+            }
             if (w == TN)
                 for (int k = 0; k < Kd; k++)
                     for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = b[(int64_t)k * N + j];
@@ -429,7 +436,7 @@ static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real*
                 const int rows = std::min(TM, M - i * TM);
                 const bool packed = pack_a || rows < TM;
                 const real* a = pack_a ? &apack[(size_t)(i - i0) * Kd * TM] : rows < TM ? apack.data() : A + (int64_t)i * TM * as;
-                matmul_tile(out + (int64_t)i * TM * N + n0, N, a, packed ? 1 : as, packed ? TM : ak, bpack.data(), Kd,
+                matmul_tile(out + (int64_t)i * TM * N + n0, N, a, packed ? 1 : as, packed ? TM : ak, bpack.data(), TN, Kd,
                             bias ? bias + n0 : nullptr, add, rows, w);
             }
         }
@@ -1013,6 +1020,22 @@ static void mlp_backward(real* dx, LayerParams& g, real* dhg, real* dh, const re
 }
 #endif
 
+// Run fn(e) for each expert e, where the S routed slots are shared out
+// among them. Small experts: the threads share out whole experts, with no
+// hand-over between the layers of one expert. Big ones (above 16M
+// multiply-adds per layer): one expert after the other, each product sharing
+// out its rows, since whole experts of unequal size would leave a thread
+// idle. Each expert is computed alike either way, so results are the same.
+template <class Fn>
+static void for_each_expert(int S, const Fn& fn) {
+    if ((int64_t)S * F * C >= (1 << 24))
+        for (int e = 0; e < E; e++) fn(e);
+    else
+        parallel_for(E, [&fn](int e0, int e1) {
+            for (int e = e0; e < e1; e++) fn(e);
+        });
+}
+
 struct MoeActs {  // what one MoE layer saves for backward
     std::vector<int> offset;    // [E+1]: expert e owns sorted slots offset[e]..offset[e+1]
     std::vector<int> slot_src;  // [S]: sorted slot -> its index m*K + j in chosen/gate
@@ -1044,15 +1067,12 @@ static void experts_forward(real* out, MoeActs& a, const real* inp, const int* c
     parallel_for(S, [=](int s0, int s1) {  // gather: each slot copies its token's row
         for (int s = s0; s < s1; s++) std::memcpy(xs + (size_t)s * C, inp + (int64_t)(src[s] / K) * C, C * sizeof(real));
     });
-    // The experts are independent (their own weights, their own rows), so
-    // the threads share them out, each running whole experts.
-    parallel_for(E, [&a, &p](int e0, int e1) {
-        for (int e = e0; e < e1; e++) {
-            int s0 = a.offset[e], n = a.offset[e + 1] - s0;
-            if (n == 0) continue;
-            mlp_forward(&a.y[(size_t)s0 * C], &a.h[(size_t)s0 * F], &a.th[(size_t)s0 * F], &a.hg[(size_t)s0 * F],
-                        &a.x[(size_t)s0 * C], p, e, n);
-        }
+    // The experts are independent (their own weights, their own rows).
+    for_each_expert(S, [&a, &p](int e) {
+        int s0 = a.offset[e], n = a.offset[e + 1] - s0;
+        if (n == 0) return;
+        mlp_forward(&a.y[(size_t)s0 * C], &a.h[(size_t)s0 * F], &a.th[(size_t)s0 * F], &a.hg[(size_t)s0 * F],
+                    &a.x[(size_t)s0 * C], p, e, n);
     });
     const int* slot_of = a.slot_of.data();
     const real* y = a.y.data();
@@ -1099,16 +1119,14 @@ static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& w
             dgate[i] += dot;
         }
     });
-    parallel_for(E, [&a, &p, &g, &ws](int e0, int e1) {  // each expert's gradients are its own
-        for (int e = e0; e < e1; e++) {
-            int s0 = a.offset[e], n = a.offset[e + 1] - s0;
-            if (n == 0) continue;
-            const size_t f0 = (size_t)s0 * F;
-            std::fill_n(&ws.dhg[f0], (size_t)n * F, (real)0), std::fill_n(&ws.dh[f0], (size_t)n * F, (real)0);
-            std::fill_n(&ws.dx[(size_t)s0 * C], (size_t)n * C, (real)0);
-            mlp_backward(&ws.dx[(size_t)s0 * C], g, &ws.dhg[f0], &ws.dh[f0], &ws.dy[(size_t)s0 * C], &a.x[(size_t)s0 * C],
-                         &a.h[f0], &a.th[f0], &a.hg[f0], p, e, n);
-        }
+    for_each_expert(S, [&a, &p, &g, &ws](int e) {  // each expert's gradients are its own
+        int s0 = a.offset[e], n = a.offset[e + 1] - s0;
+        if (n == 0) return;
+        const size_t f0 = (size_t)s0 * F;
+        std::fill_n(&ws.dhg[f0], (size_t)n * F, (real)0), std::fill_n(&ws.dh[f0], (size_t)n * F, (real)0);
+        std::fill_n(&ws.dx[(size_t)s0 * C], (size_t)n * C, (real)0);
+        mlp_backward(&ws.dx[(size_t)s0 * C], g, &ws.dhg[f0], &ws.dh[f0], &ws.dy[(size_t)s0 * C], &a.x[(size_t)s0 * C],
+                     &a.h[f0], &a.th[f0], &a.hg[f0], p, e, n);
     });
     const int* slot_of = a.slot_of.data();
     const real* dx = ws.dx.data();
@@ -3036,6 +3054,8 @@ struct Options {
     bool have_route = false, gates = false;
 };
 
+static std::string config_string();  // the compiled model, in one line (below)
+
 static const char* USAGE =
     "usage: ./moe [options]\n"
     "Training (what ./moe does by default):\n"
@@ -3108,7 +3128,7 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
             return argv[++i];
         };
         if (a == "-h" || a == "--help") {
-            std::printf("%s", USAGE);
+            std::printf("%s\nThis build (compile-time constants, section 1): %s\n", USAGE, config_string().c_str());
             std::exit(0);
         } else if (a == "-i" || a == "--input-file") o.input = val();
         else if (a == "-o" || a == "--work-dir") o.work_dir = val();
