@@ -417,26 +417,23 @@ static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real*
         // in the cache while every row tile of this thread uses it.
         for (int n0 = 0; n0 < N; n0 += TN) {
             const int w = std::min(TN, N - n0);
-            real* p = bpack.data();
-            const real* b = B + n0;
-            if (w == TN && i1 - i0 == 1) {  // one row tile reads the panel once: no copy (sampling's one row)
-                const bool packed = pack_a || short_rows < TM;  // then apack holds this one tile
-                matmul_tile(out + (int64_t)i0 * TM * N + n0, N, packed ? apack.data() : A + (int64_t)i0 * TM * as,
-                            packed ? 1 : as, packed ? TM : ak, b, N, Kd, bias ? bias + n0 : nullptr, add,
-                            std::min(TM, M - i0 * TM), w);
-                continue;
+            const real* panel = B + n0;  // a full panel read by one row tile (sampling's one row) is not copied
+            int ldb = N;
+            if (w < TN || i1 - i0 > 1) {
+                real* p = bpack.data();
+                if (w == TN)  // its own loop, so that it is vectorised
+                    for (int k = 0; k < Kd; k++)
+                        for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = panel[(int64_t)k * N + j];
+                else
+                    for (int k = 0; k < Kd; k++)
+                        for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = j < w ? panel[(int64_t)k * N + j] : 0;
+                panel = p, ldb = TN;
             }
-            if (w == TN)
-                for (int k = 0; k < Kd; k++)
-                    for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = b[(int64_t)k * N + j];
-            else
-                for (int k = 0; k < Kd; k++)
-                    for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = j < w ? b[(int64_t)k * N + j] : 0;
             for (int i = i0; i < i1; i++) {
                 const int rows = std::min(TM, M - i * TM);
                 const bool packed = pack_a || rows < TM;
                 const real* a = pack_a ? &apack[(size_t)(i - i0) * Kd * TM] : rows < TM ? apack.data() : A + (int64_t)i * TM * as;
-                matmul_tile(out + (int64_t)i * TM * N + n0, N, a, packed ? 1 : as, packed ? TM : ak, bpack.data(), TN, Kd,
+                matmul_tile(out + (int64_t)i * TM * N + n0, N, a, packed ? 1 : as, packed ? TM : ak, panel, ldb, Kd,
                             bias ? bias + n0 : nullptr, add, rows, w);
             }
         }
