@@ -296,6 +296,35 @@ static void parallel_for(int n, const Fn& f) {
     g_pool.run(nt, chunk);
 }
 
+// A parallel_for over a loop that does `work` simple operations in all: a
+// small one runs on the calling thread, since handing it over would cost
+// more than it saves.
+template <class Fn>
+static void parallel_for_if_big(int64_t work, int n, const Fn& f) {
+    if (work < (1 << 14)) {
+        if (n > 0) f(0, n);
+    } else {
+        parallel_for(n, f);
+    }
+}
+
+// Set n floats to zero, in blocks shared out among the threads: the backward
+// pass zeroes megabytes of scratch per layer in the big configurations, and
+// one thread alone would keep the other waiting. Inside a parallel_for it
+// runs on the calling thread, like any other.
+[[maybe_unused]] static void zero(real* p, size_t n) {
+    constexpr size_t blk = 1 << 15;
+    parallel_for((int)((n + blk - 1) / blk), [=](int b0, int b1) {
+        const size_t i0 = b0 * blk, i1 = std::min(n, b1 * blk);
+        std::memset(p + i0, 0, (i1 - i0) * sizeof(real));
+    });
+}
+// v = n zeros (keeping its memory, as resize does)
+[[maybe_unused]] static void zero(std::vector<real>& v, size_t n) {
+    v.resize(n);
+    zero(v.data(), n);
+}
+
 // One number formatted with printf's format f, as a string.
 [[maybe_unused]] static std::string fmt(const char* f, double v) {
     char b[64];
@@ -438,9 +467,7 @@ static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real*
             }
         }
     };
-    // Small products are not worth waking the other threads for.
-    if ((int64_t)M * N * Kd < 32768) work(0, items);
-    else parallel_for(items, work);
+    parallel_for_if_big((int64_t)M * N * Kd, items, work);
 }
 
 // ----------------------------------------------------------------------------
@@ -597,6 +624,15 @@ static void encoder_backward(real* dwte, real* dwpe, const real* dout, const int
 }
 #endif
 
+// --- the residual connection x + f(x): out[M,C] = a + b, row by row (out may
+// be a itself). Its backward is in model_backward: the gradient of the sum
+// passes unchanged to both a and b.
+static void residual_forward(real* out, const real* a, const real* b, int M) {
+    parallel_for_if_big((int64_t)M * C, M, [=](int m0, int m1) {
+        for (size_t i = (size_t)m0 * C; i < (size_t)m1 * C; i++) out[i] = a[i] + b[i];
+    });
+}
+
 // --- LayerNorm over the C channels of each of M rows, eps 1e-5:
 // out = (x - mean) * rstd * w + b with rstd = 1 / sqrt(var + eps), var biased.
 static void layernorm_forward(real* out, real* mean, real* rstd, const real* inp, const real* w, const real* b,
@@ -623,26 +659,41 @@ static void layernorm_forward(real* out, real* mean, real* rstd, const real* inp
 //   dx_i = rstd * (dn_i - mean_j(dn_j) - n_i * mean_j(dn_j * n_j)):
 // the gradient minus its mean (the mean is subtracted out) and minus its
 // component along n (the scale is divided out).
+// dx is a row's own, so the rows are shared out among the threads; dw and db
+// sum over all the rows, so for them the channels are shared out instead,
+// each channel adding up its rows in order (whatever the number of threads).
 static void layernorm_backward(real* dinp, real* dw, real* db, const real* dout, const real* inp, const real* w,
                                const real* mean, const real* rstd, int M) {
-    for (int m = 0; m < M; m++) {
-        const real* x = inp + (int64_t)m * C;
-        const real* d = dout + (int64_t)m * C;
-        real mu = mean[m], rs = rstd[m];
-        real dn_mean = 0, dn_n_mean = 0;
-        for (int i = 0; i < C; i++) {
-            real n = (x[i] - mu) * rs, dn = d[i] * w[i];
-            dn_mean += dn, dn_n_mean += dn * n;
+    parallel_for_if_big((int64_t)M * C, M, [=](int m0, int m1) {
+        for (int m = m0; m < m1; m++) {
+            const real* x = inp + (int64_t)m * C;
+            const real* d = dout + (int64_t)m * C;
+            real mu = mean[m], rs = rstd[m];
+            real dn_mean = 0, dn_n_mean = 0;
+            for (int i = 0; i < C; i++) {
+                real n = (x[i] - mu) * rs, dn = d[i] * w[i];
+                dn_mean += dn, dn_n_mean += dn * n;
+            }
+            dn_mean /= C, dn_n_mean /= C;
+            real* dx = dinp + (int64_t)m * C;
+            for (int i = 0; i < C; i++) {
+                real n = (x[i] - mu) * rs, dn = d[i] * w[i];
+                dx[i] += rs * (dn - dn_mean - n * dn_n_mean);
+            }
         }
-        dn_mean /= C, dn_n_mean /= C;
-        real* dx = dinp + (int64_t)m * C;
-        for (int i = 0; i < C; i++) {
-            real n = (x[i] - mu) * rs, dn = d[i] * w[i];
-            dw[i] += d[i] * n;
-            db[i] += d[i];
-            dx[i] += rs * (dn - dn_mean - n * dn_n_mean);
+    });
+    parallel_for_if_big((int64_t)M * C, (C + 15) / 16, [=](int c0, int c1) {  // blocks of 16 channels: a cache line of each row
+        for (int m = 0; m < M; m++) {
+            const real* x = inp + (int64_t)m * C;
+            const real* d = dout + (int64_t)m * C;
+            real mu = mean[m], rs = rstd[m];
+            for (int i = c0 * 16; i < std::min(C, c1 * 16); i++) {
+                real n = (x[i] - mu) * rs;
+                dw[i] += d[i] * n;
+                db[i] += d[i];
+            }
         }
-    }
+    });
 }
 #endif
 
@@ -662,9 +713,11 @@ static void linear_backward(real* dinp, real* dw, real* db, const real* dout, co
                             int IN, int OUT) {
     if (dinp) matmul(dinp, dout, OUT, 1, w, M, IN, OUT, nullptr, true);
     matmul(dw, dout, 1, OUT, inp, OUT, IN, M, nullptr, true);
-    if (db)
-        for (int m = 0; m < M; m++)
-            for (int o = 0; o < OUT; o++) db[o] += dout[(int64_t)m * OUT + o];
+    if (db)  // each thread sums its own columns over all rows, in row order, as layernorm's dw
+        parallel_for_if_big((int64_t)M * OUT, (OUT + 15) / 16, [=](int c0, int c1) {
+            for (int m = 0; m < M; m++)
+                for (int o = c0 * 16; o < std::min(OUT, c1 * 16); o++) db[o] += dout[(int64_t)m * OUT + o];
+        });
 }
 #endif
 
@@ -1120,8 +1173,7 @@ static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& w
         int s0 = a.offset[e], n = a.offset[e + 1] - s0;
         if (n == 0) return;
         const size_t f0 = (size_t)s0 * F;
-        std::fill_n(&ws.dhg[f0], (size_t)n * F, (real)0), std::fill_n(&ws.dh[f0], (size_t)n * F, (real)0);
-        std::fill_n(&ws.dx[(size_t)s0 * C], (size_t)n * C, (real)0);
+        zero(&ws.dhg[f0], (size_t)n * F), zero(&ws.dh[f0], (size_t)n * F), zero(&ws.dx[(size_t)s0 * C], (size_t)n * C);
         mlp_backward(&ws.dx[(size_t)s0 * C], g, &ws.dhg[f0], &ws.dh[f0], &ws.dy[(size_t)s0 * C], &a.x[(size_t)s0 * C],
                      &a.h[f0], &a.th[f0], &a.hg[f0], p, e, n);
     });
@@ -1494,13 +1546,13 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
         linear_forward(a.qkv.data(), a.ln1.data(), w.attn_w, w.attn_b, M, C, 3 * C);
         attention_forward(a.atty.data(), a.att.data(), a.qkv.data(), m.start.data(), m.len.data(), m.att_off.data(), B);
         linear_forward(a.x_mid.data(), a.atty.data(), w.attn_proj_w, w.attn_proj_b, M, C, C);
-        for (size_t i = 0; i < (size_t)M * C; i++) a.x_mid[i] += a.x[i];  // the residual connection
+        residual_forward(a.x_mid.data(), a.x_mid.data(), a.x.data(), M);
         layernorm_forward(a.ln2.data(), a.ln2_mean.data(), a.ln2_rstd.data(), a.x_mid.data(), w.ln2_w, w.ln2_b, M);
         moe_forward(a.moe_out.data(), a, a.ln2.data(), w, m.valid.data(), M, m.train_rng, m.capacity_factor);
         m.aux_sum += a.aux, m.z_sum += a.z;
         m.dropped += a.dropped, m.slots += a.moe.offset[E] + a.dropped;
         real* next = l + 1 < N_LAYER ? m.L[l + 1].x.data() : m.x_out.data();
-        for (size_t i = 0; i < (size_t)M * C; i++) next[i] = a.x_mid[i] + a.moe_out[i];
+        residual_forward(next, a.x_mid.data(), a.moe_out.data(), M);
     }
     layernorm_forward(m.lnf.data(), m.lnf_mean.data(), m.lnf_rstd.data(), m.x_out.data(), m.pt.lnf_w, m.pt.lnf_b, M);
     linear_forward(m.logits.data(), m.lnf.data(), m.pt.lm_head, nullptr, M, C, V);
@@ -1532,7 +1584,7 @@ static void moe_backward(real* dx, LayerParams& g, const real* dout, const Layer
     experts_backward(dx, w.dgate.data(), g, w.moe, dout, a.moe, a.gate.data(), p, M);
     for (int s = 0; s < NS; s++) {  // a shared expert's output enters with weight 1: dout passes straight in
         const size_t o = (size_t)s * M * F;
-        w.sh_dhg.assign((size_t)M * F, 0), w.sh_dh.assign((size_t)M * F, 0);
+        zero(w.sh_dhg, (size_t)M * F), zero(w.sh_dh, (size_t)M * F);
         mlp_backward(dx, g, w.sh_dhg.data(), w.sh_dh.data(), dout, x, &a.sh_h[o], &a.sh_th[o], &a.sh_hg[o], p, E + s, M);
     }
     topk_backward(w.dprobs.data(), w.dgate.data(), a.chosen.data(), a.gate.data(), a.probs.data(), M);
@@ -1557,9 +1609,7 @@ static void model_backward(Model& m) {
     Backward& w = g_bw;
     // Zero the buffers this pass accumulates into, then start from the loss:
     // cross-entropy -> lm_head -> ln_f, which gives dres at the top.
-    w.dres.assign((size_t)M * C, 0);
-    w.dlogits.assign((size_t)M * V, 0);
-    w.dln.assign((size_t)M * C, 0);
+    zero(w.dres, (size_t)M * C), zero(w.dlogits, (size_t)M * V), zero(w.dln, (size_t)M * C);
     if (m.n_targets)
         crossentropy_backward(w.dlogits.data(), m.probs.data(), m.targets.data(), M, V, (real)(1.0 / (double)m.n_targets));
     linear_backward(w.dln.data(), m.g.lm_head, nullptr, w.dlogits.data(), m.lnf.data(), m.p.lm_head, M, C, V);
@@ -1570,12 +1620,12 @@ static void model_backward(Model& m) {
         const LayerParams& p = m.p.h[l];
         LayerParams& g = m.g.h[l];
         // the MoE half: x_out = x_mid + moe(ln_2(x_mid))
-        w.dln.assign((size_t)M * C, 0);
+        zero(w.dln, (size_t)M * C);
         moe_backward(w.dln.data(), g, w.dres.data(), a, a.ln2.data(), p, m.valid.data(), M, m.aux_coef, (real)Z_COEF);
         layernorm_backward(w.dres.data(), g.ln2_w, g.ln2_b, w.dln.data(), a.x_mid.data(), p.ln2_w, a.ln2_mean.data(),
                            a.ln2_rstd.data(), M);
         // the attention half: x_mid = x + c_proj(attention(c_attn(ln_1(x))))
-        w.datty.assign((size_t)M * C, 0), w.dqkv.assign((size_t)M * 3 * C, 0), w.dln.assign((size_t)M * C, 0);
+        zero(w.datty, (size_t)M * C), zero(w.dqkv, (size_t)M * 3 * C), zero(w.dln, (size_t)M * C);
         linear_backward(w.datty.data(), g.attn_proj_w, g.attn_proj_b, w.dres.data(), a.atty.data(), p.attn_proj_w, M, C,
                         C);
         attention_backward(w.dqkv.data(), w.datty.data(), a.att.data(), a.qkv.data(), m.start.data(), m.len.data(),
