@@ -1650,9 +1650,9 @@ static void model_backward(Model& m) {
 // refresh_forward_params), so that the next forward pass need not make it:
 // with many experts, the parameters are many and the tokens few, and every
 // sweep over all of them shows in the time of a step. The work is cut into
-// blocks: 16 rows of a Linear weight, whose columns are then written to
-// params_t while the rows are still in the L1 cache (16 rows make each
-// written column one 64-byte cache line), or 4096 values of any other
+// blocks: 64 rows of a Linear weight, whose columns are then written to
+// params_t while the rows are still in the cache (64 rows make each written
+// column four whole 64-byte cache lines), or 4096 values of any other
 // tensor. The blocks are fixed by the shapes, and each value is updated by
 // the same expression in any block, so the result does not depend on the
 // number of threads.
@@ -1669,8 +1669,8 @@ static std::vector<AdamBlock> adam_blocks(const std::vector<TensorInfo>& tensors
     for (const auto& t : tensors) {
         if (is_linear_weight(t)) {
             const int rows = t.shape[0], cols = t.shape[1];
-            for (int r = 0; r < rows; r += 16)
-                b.push_back({t.offset + (size_t)r * cols, t.offset + (size_t)std::min(rows, r + 16) * cols, rows, cols,
+            for (int r = 0; r < rows; r += 64)
+                b.push_back({t.offset + (size_t)r * cols, t.offset + (size_t)std::min(rows, r + 64) * cols, rows, cols,
                              t.offset});
         } else {
             for (size_t i = 0; i < t.size; i += 4096)
