@@ -368,8 +368,8 @@ static void parallel_for_if_big(int64_t work, int n, const Fn& f) {
 // rarely come in eights) is padded with zero rows, a narrow last panel (the
 // router has E columns, lm_head V) with zero columns, and only real outputs
 // are stored. Every output is the same sum in the same k order wherever it
-// sits; the tiles are fixed by M and N alone; threads take whole row tiles;
-// so the result is the same for any thread count.
+// sits; the tiles are fixed by M and N alone; threads take whole row tiles
+// or whole panels; so the result is the same for any thread count.
 
 constexpr int TM = 8, TN = 32;
 
@@ -421,14 +421,14 @@ static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real*
                    const real* bias, bool add) {
     if (M <= 0 || N <= 0) return;
     g_flops += 2 * (int64_t)M * N * Kd;
-    int items = (M + TM - 1) / TM;  // row tiles, the last maybe short
-    auto work = [=](int i0, int i1) {
+    const int tiles = (M + TM - 1) / TM, panels = (N + TN - 1) / TN;  // the last of each maybe short
+    const bool pack_a = as == 1;
+    // Row tiles [t0, t1) times panels [p0, p1) of out.
+    auto work = [=](int t0, int t1, int p0, int p1) {
         // The packed copies live as long as the thread, so that after the
         // first step no matmul allocates.
         thread_local std::vector<real> apack, bpack;
-        const bool pack_a = as == 1;
-        const int short_rows = i1 == items ? M - (items - 1) * TM : TM;  // rows of this thread's last tile
-        apack.resize((size_t)(pack_a ? i1 - i0 : 1) * Kd * TM), bpack.resize((size_t)Kd * TN);
+        apack.resize((size_t)(pack_a ? t1 - t0 : 1) * Kd * TM), bpack.resize((size_t)Kd * TN);
         auto pack_tile = [&](real* p, int i, int rows) {  // row tile i of A -> p[Kd][TM]
             const real* a = A + (int64_t)i * TM * as;
             if (as == 1 && rows == TM)  // the 8 values of each k are consecutive
@@ -438,17 +438,18 @@ static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real*
                 for (int k = 0; k < Kd; k++)
                     for (int r = 0; r < TM; r++) p[(size_t)k * TM + r] = r < rows ? a[r * as + (int64_t)k * ak] : 0;
         };
+        const int last_rows = M - (tiles - 1) * TM;  // rows of the last tile
         if (pack_a)
-            for (int i = i0; i < i1; i++) pack_tile(&apack[(size_t)(i - i0) * Kd * TM], i, std::min(TM, M - i * TM));
-        else if (short_rows < TM)
-            pack_tile(apack.data(), i1 - 1, short_rows);
+            for (int i = t0; i < t1; i++) pack_tile(&apack[(size_t)(i - t0) * Kd * TM], i, std::min(TM, M - i * TM));
+        else if (t1 == tiles && last_rows < TM)
+            pack_tile(apack.data(), tiles - 1, last_rows);
         // Column panels outside, row tiles inside: a panel of B then stays
-        // in the cache while every row tile of this thread uses it.
-        for (int n0 = 0; n0 < N; n0 += TN) {
-            const int w = std::min(TN, N - n0);
+        // in the cache while every row tile uses it.
+        for (int pi = p0; pi < p1; pi++) {
+            const int n0 = pi * TN, w = std::min(TN, N - n0);
             const real* panel = B + n0;  // a full panel read by one row tile (sampling's one row) is not copied
             int ldb = N;
-            if (w < TN || i1 - i0 > 1) {
+            if (w < TN || t1 - t0 > 1) {
                 real* p = bpack.data();
                 if (w == TN)  // its own loop, so that it is vectorised
                     for (int k = 0; k < Kd; k++)
@@ -458,16 +459,25 @@ static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real*
                         for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = j < w ? panel[(int64_t)k * N + j] : 0;
                 panel = p, ldb = TN;
             }
-            for (int i = i0; i < i1; i++) {
+            for (int i = t0; i < t1; i++) {
                 const int rows = std::min(TM, M - i * TM);
                 const bool packed = pack_a || rows < TM;
-                const real* a = pack_a ? &apack[(size_t)(i - i0) * Kd * TM] : rows < TM ? apack.data() : A + (int64_t)i * TM * as;
+                const real* a = pack_a ? &apack[(size_t)(i - t0) * Kd * TM] : rows < TM ? apack.data() : A + (int64_t)i * TM * as;
                 matmul_tile(out + (int64_t)i * TM * N + n0, N, a, packed ? 1 : as, packed ? TM : ak, panel, ldb, Kd,
                             bias ? bias + n0 : nullptr, add, rows, w);
             }
         }
     };
-    parallel_for_if_big((int64_t)M * N * Kd, items, work);
+    // Threads share out the row tiles: each then copies every panel of B,
+    // but its rows of out stay in its own cache for the next layer, which
+    // shares out the rows the same way. A weight gradient (A read as a
+    // transpose) is not read again until AdamW: its panels are shared out
+    // instead when that makes the threads copy less (each copies all of A).
+    const int nt = std::min(g_threads, std::max(tiles, panels));
+    if (pack_a && panels >= nt && (int64_t)Kd * N / nt + (int64_t)Kd * M < (int64_t)Kd * N + (int64_t)Kd * M / nt)
+        parallel_for_if_big((int64_t)M * N * Kd, panels, [=](int p0, int p1) { work(0, tiles, p0, p1); });
+    else
+        parallel_for_if_big((int64_t)M * N * Kd, tiles, [=](int t0, int t1) { work(t0, t1, 0, panels); });
 }
 
 // ----------------------------------------------------------------------------
