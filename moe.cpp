@@ -2579,7 +2579,7 @@ static void model_step(Model& m, KVCache& c, int tok) {
     const int pos = c.len;
     const uint8_t valid = 1;
     real mu, rs;  // layernorm statistics, not needed afterwards
-    c.x.resize(C), c.ln.resize(C), c.qkv.resize(3 * C), c.y.resize(C), c.att.resize(BLOCK_SIZE), c.proj.resize(C);
+    c.x.resize(C), c.ln.resize(C), c.qkv.resize(3 * C), c.y.resize(C), c.att.resize(N_HEAD * BLOCK_SIZE), c.proj.resize(C);
     c.out.resize(C), c.logits.resize(m.V);
     encoder_forward(c.x.data(), &tok, &pos, m.pt.wte, m.pt.wpe, 1);
     const real scale = 1 / std::sqrt((real)HS);
@@ -2592,23 +2592,35 @@ static void model_step(Model& m, KVCache& c, int tok) {
         c.kt[l].resize((size_t)C * BLOCK_SIZE), c.v[l].resize((size_t)BLOCK_SIZE * C);
         for (int i = 0; i < C; i++) c.kt[l][(size_t)i * BLOCK_SIZE + pos] = c.qkv[C + i];
         std::memcpy(&c.v[l][(size_t)pos * C], &c.qkv[2 * C], C * sizeof(real));
-        for (int h = 0; h < N_HEAD; h++) {  // attention_forward's loop body, for the last position only
+        // attention_forward's loop body, for the last position only. First
+        // the scores q . k_s of each head for all s at once: with the keys
+        // transposed, the inner loop runs over s and vectorises (the same
+        // sums, in the same order, as attention_forward's dot products).
+        real* att = c.att.data();  // [N_HEAD, BLOCK_SIZE]
+        for (int h = 0; h < N_HEAD; h++) {
             const real* q = &c.qkv[h * HS];
-            // The scores q . k_s for all s at once: with the keys transposed,
-            // the inner loop runs over s and vectorises (the same sums, in the
-            // same order, as attention_forward's dot products).
-            for (int s = 0; s <= pos; s++) c.att[s] = 0;
+            real* a = att + h * BLOCK_SIZE;
+            for (int s = 0; s <= pos; s++) a[s] = 0;
             for (int j = 0; j < HS; j++) {
                 const real* kj = &c.kt[l][(size_t)(h * HS + j) * BLOCK_SIZE];
-                for (int s = 0; s <= pos; s++) c.att[s] += q[j] * kj[s];
+                for (int s = 0; s <= pos; s++) a[s] += q[j] * kj[s];
             }
-            for (int s = 0; s <= pos; s++) c.att[s] *= scale;
-            softmax_row(c.att.data(), pos + 1);
-            real* y = &c.y[h * HS];
-            for (int j = 0; j < HS; j++) y[j] = 0;
-            for (int s = 0; s <= pos; s++)
-                for (int j = 0; j < HS; j++) y[j] += c.att[s] * c.v[l][(size_t)s * C + h * HS + j];
+            for (int s = 0; s <= pos; s++) a[s] *= scale;
+            softmax_row(a, pos + 1);
         }
+        // Then y = sum_s att[s] v_s for every head at once, in a local array
+        // (the compiler must assume c.y might overlap the cache, and would
+        // add one float at a time): each s then adds to C/16 independent
+        // vectors, not to one vector that must wait for its previous sum.
+        real y[C] = {};
+        for (int s = 0; s <= pos; s++) {
+            const real* vs = &c.v[l][(size_t)s * C];
+            for (int h = 0; h < N_HEAD; h++) {
+                const real as = att[h * BLOCK_SIZE + s];
+                for (int j = 0; j < HS; j++) y[h * HS + j] += as * vs[h * HS + j];
+            }
+        }
+        std::memcpy(c.y.data(), y, sizeof y);
         linear_forward(c.proj.data(), c.y.data(), w.attn_proj_w, w.attn_proj_b, 1, C, C);
         for (int i = 0; i < C; i++) c.x[i] += c.proj[i];
         layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), w.ln2_w, w.ln2_b, 1);
