@@ -4,11 +4,13 @@
 //              of warm-up), tokens/s, model GFLOP/s (counted from the shapes),
 //              peak memory beside what the model needs, and a checksum of the
 //              weights after those steps (equal for every thread count);
+//   scaling:   one thread against two, measured side by side in one run;
 //   sampling:  the time to make token 10 and token 250 of a sample with the
 //              KV cache (median over 5 samples), and tokens/s.
 //
 //   bench header
 //   bench train NAME DATA lines|text BATCH THREADS
+//   bench scaling NAME DATA lines|text BATCH
 //   bench sample NAME DATA THREADS
 #include "common.h"
 
@@ -85,6 +87,34 @@ static void bench_train(const std::string& name, const std::string& data, bool t
                 model_mb(m), (unsigned long long)hash);
 }
 
+// Two threads against one, side by side: one model, whose steps alternate
+// between 2 threads and 1 (the results do not depend on the thread count,
+// so this is the same run either way), so that both figures see the same
+// machine at the same time. Medians of 20 steps each, after 10 of warm-up.
+static void bench_scaling(const std::string& name, const std::string& data, bool text, int B) {
+    set_threads(2);
+    Dataset d = load_dataset(data, text, 1, "");
+    Model m;
+    model_init(m, (int)d.vocab.size() + 1);
+    Rng init = make_rng(1, STREAM_INIT), rng = make_rng(1, STREAM_TRAIN);
+    init_params(m.params, m.tensors, init);
+    AdamW opt;
+    std::vector<int> in, tg;
+    std::vector<double> ms[2];
+    for (int step = 1; step <= 50; step++) {
+        g_threads = 1 + step % 2;
+        double t0 = now_ms();
+        train_batch(in, tg, d, B, rng);
+        model_forward(m, in.data(), tg.data(), B, d.T, AUX_COEF);
+        model_backward(m);
+        adamw_update(m, opt, step);
+        if (step > 10) ms[g_threads - 1].push_back(now_ms() - t0);
+    }
+    double one = median(ms[0]), two = median(ms[1]);
+    std::printf("| %-10s | %-20s | 1 and 2, alternating steps | 1 thread %.2f ms | 2 threads %.2f ms | speed-up %.2f |\n",
+                name.c_str(), shape().c_str(), one, two, one / two);
+}
+
 static void bench_sample(const std::string& name, const std::string& data, int threads) {
     set_threads(threads);
     Dataset d = load_dataset(data, true, 1, "");
@@ -115,10 +145,12 @@ int main(int argc, char** argv) {
             std::printf("|---|---|---|---|---|---|---|---|---|\n");
         } else if (mode == "train" && argc == 7) {
             bench_train(argv[2], argv[3], std::string(argv[4]) == "text", std::atoi(argv[5]), std::atoi(argv[6]));
+        } else if (mode == "scaling" && argc == 6) {
+            bench_scaling(argv[2], argv[3], std::string(argv[4]) == "text", std::atoi(argv[5]));
         } else if (mode == "sample" && argc == 5) {
             bench_sample(argv[2], argv[3], std::atoi(argv[4]));
         } else {
-            std::fprintf(stderr, "usage: bench header | train NAME DATA lines|text BATCH THREADS | sample NAME DATA THREADS\n");
+            std::fprintf(stderr, "usage: bench header | train NAME DATA lines|text BATCH THREADS | scaling NAME DATA lines|text BATCH | sample NAME DATA THREADS\n");
             return 2;
         }
     } catch (const std::exception& e) {
