@@ -364,6 +364,9 @@ static void parallel_for_if_big(int64_t work, int n, const Fn& f) {
 // 4 KB apart (256 or 1024 floats: an expert's width) fall into a few sets of
 // the L1 cache, which evicts them before they are used again. (A plain
 // row-major A is read in place: copying it costs more than it saves.)
+// A weight that the forward pass reads as B is kept packed all the time
+// (b_panels; see write_forward_panels): panel p at B + p*32*Kd, its row k at
+// + k*32 (a narrow last panel of width w: + k*w), so it need not be copied.
 // Packing also handles the edges: a short last row tile (an expert's rows
 // rarely come in eights) is padded with zero rows, a narrow last panel (the
 // router has E columns, lm_head V) with zero columns, and only real outputs
@@ -418,7 +421,7 @@ constexpr int TM = 8, TN = 32;
 static std::atomic<int64_t> g_flops{0};  // multiply-adds x 2, counted from the shapes, for the benchmark
 
 static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real* B, int M, int N, int Kd,
-                   const real* bias, bool add) {
+                   const real* bias, bool add, bool b_panels = false) {
     if (M <= 0 || N <= 0) return;
     g_flops += 2 * (int64_t)M * N * Kd;
     const int tiles = (M + TM - 1) / TM, panels = (N + TN - 1) / TN;  // the last of each maybe short
@@ -447,16 +450,19 @@ static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real*
         // in the cache while every row tile uses it.
         for (int pi = p0; pi < p1; pi++) {
             const int n0 = pi * TN, w = std::min(TN, N - n0);
-            const real* panel = B + n0;  // a full panel read by one row tile (sampling's one row) is not copied
-            int ldb = N;
-            if (w < TN || t1 - t0 > 1) {
+            const real* panel = b_panels ? B + (int64_t)n0 * Kd : B + n0;  // row k of it is at panel + k * ldb
+            int ldb = b_panels ? w : N;
+            // A narrow panel is always copied (it is padded); a full one is
+            // not when it is stored as a panel already, nor when only one row
+            // tile reads it (sampling's one row).
+            if (w < TN || (!b_panels && t1 - t0 > 1)) {
                 real* p = bpack.data();
                 if (w == TN)  // its own loop, so that it is vectorised
                     for (int k = 0; k < Kd; k++)
-                        for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = panel[(int64_t)k * N + j];
+                        for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = panel[(int64_t)k * ldb + j];
                 else
                     for (int k = 0; k < Kd; k++)
-                        for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = j < w ? panel[(int64_t)k * N + j] : 0;
+                        for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = j < w ? panel[(int64_t)k * ldb + j] : 0;
                 panel = p, ldb = TN;
             }
             for (int i = t0; i < t1; i++) {
@@ -709,10 +715,11 @@ static void layernorm_backward(real* dinp, real* dw, real* db, const real* dout,
 
 // --- Linear, as PyTorch's nn.Linear: out[M,OUT] = inp[M,IN] . w^T + b,
 // w is [OUT, IN], b is [OUT] or null. The product wants w^T, a row-major
-// [IN, OUT] matrix: the forward pass is given wt = w^T, which the model keeps
-// ready (see refresh_forward_params); the backward pass uses w itself.
+// [IN, OUT] matrix, cut into panels: the forward pass is given wt, w^T in
+// matmul's panels, which the model keeps ready (see write_forward_panels);
+// the backward pass uses w itself.
 static void linear_forward(real* out, const real* inp, const real* wt, const real* b, int M, int IN, int OUT) {
-    matmul(out, inp, IN, 1, wt, M, OUT, IN, b, false);
+    matmul(out, inp, IN, 1, wt, M, OUT, IN, b, false, true);
 }
 #if !MOE_INFERENCE_ONLY
 // out = inp . w^T + b, so
@@ -1108,7 +1115,7 @@ struct MoeActs {  // what one MoE layer saves for backward
 };
 
 // out[M,C] = sum_j gate[m,j] * expert_{chosen[m,j]}(inp[m]); p is the
-// layer's forward view of the weights (Linear weights transposed).
+// layer's forward view of the weights (Linear weights in panels).
 static void experts_forward(real* out, MoeActs& a, const real* inp, const int* chosen, const real* gate,
                             const LayerParams& p, int M) {
     a.offset.assign(E + 1, 0);
@@ -1390,9 +1397,10 @@ struct Model {
     std::vector<real> params;
     Params p;
     // The forward pass reads the weights through pt: a copy of params in
-    // which every Linear weight is stored transposed, [in, out], as
-    // linear_forward wants it. Refreshed at each forward pass (the weights
-    // change at every step), and once per sample when sampling.
+    // which every Linear weight is stored transposed and cut into panels,
+    // as linear_forward wants it (write_forward_panels). Refreshed at each
+    // forward pass (the weights change at every step), and once per sample
+    // when sampling.
     std::vector<real> params_t;
     Params pt;
     // True when params_t already holds the current params: AdamW sets it
@@ -1480,13 +1488,18 @@ static void model_init(Model& m, int V) {
 #endif
 }
 
-// dst[cols, rows] = src[rows, cols] transposed, in 16x16 blocks so that
-// both the reads and the writes stay in cache.
-static void transpose(real* dst, const real* src, int rows, int cols) {
-    for (int r0 = 0; r0 < rows; r0 += 16)
-        for (int c0 = 0; c0 < cols; c0 += 16)
-            for (int r = r0; r < std::min(rows, r0 + 16); r++)
-                for (int c = c0; c < std::min(cols, c0 + 16); c++) dst[(size_t)c * rows + r] = src[(size_t)r * cols + c];
+// The forward pass's copy of a Linear weight src [rows, cols] (rows: the
+// outputs): src^T [cols, rows] cut into matmul's panels of 32 of its columns,
+// each panel stored whole as [cols][32] (the last maybe narrower), so that
+// the kernel reads it as it is. Rows r0..r1 of src, r0 a multiple of 32:
+// whole panels, each written front to back.
+static void write_forward_panels(real* dst, const real* src, int rows, int cols, int r0, int r1) {
+    for (int p0 = r0; p0 < r1; p0 += TN) {
+        const int w = std::min(TN, rows - p0);
+        real* d = dst + (size_t)p0 * cols;
+        for (int c = 0; c < cols; c++)
+            for (int j = 0; j < w; j++) d[(size_t)c * w + j] = src[(size_t)(p0 + j) * cols + c];
+    }
 }
 
 // A Linear weight is a 2-D tensor that is not an embedding table.
@@ -1494,7 +1507,7 @@ static bool is_linear_weight(const TensorInfo& t) {
     return t.shape.size() == 2 && t.name.find(".wte.") == std::string::npos && t.name.find(".wpe.") == std::string::npos;
 }
 
-// params_t = params, with every Linear weight transposed. The tensors are
+// params_t = params, with every Linear weight in panels. The tensors are
 // shared out among the threads. Training does not need this: AdamW writes
 // params_t as it updates params (section 7), and sets pt_fresh.
 static void refresh_forward_params(Model& m) {
@@ -1503,7 +1516,8 @@ static void refresh_forward_params(Model& m) {
     real* dst = m.params_t.data();
     parallel_for((int)m.tensors.size(), [=](int i0, int i1) {
         for (int i = i0; i < i1; i++) {
-            if (is_linear_weight(t[i])) transpose(dst + t[i].offset, src + t[i].offset, t[i].shape[0], t[i].shape[1]);
+            if (is_linear_weight(t[i]))
+                write_forward_panels(dst + t[i].offset, src + t[i].offset, t[i].shape[0], t[i].shape[1], 0, t[i].shape[0]);
             else std::memcpy(dst + t[i].offset, src + t[i].offset, t[i].size * sizeof(real));
         }
     });
@@ -1656,14 +1670,13 @@ static void model_backward(Model& m) {
 // zeroed as it is used, ready for the next backward pass: a second sweep
 // over all the parameters just to zero them would cost as much again.
 //
-// The step also writes the forward pass's transposed copy (params_t, see
+// The step also writes the forward pass's copy (params_t, see
 // refresh_forward_params), so that the next forward pass need not make it:
 // with many experts, the parameters are many and the tokens few, and every
 // sweep over all of them shows in the time of a step. The work is cut into
-// blocks: 64 rows of a Linear weight, whose columns are then written to
-// params_t while the rows are still in the cache (64 rows make each written
-// column four whole 64-byte cache lines), or 4096 values of any other
-// tensor. The blocks are fixed by the shapes, and each value is updated by
+// blocks: 64 rows of a Linear weight, which are then written to params_t as
+// two whole panels while they are still in the cache, or 4096 values of any
+// other tensor. The blocks are fixed by the shapes, and each value is updated by
 // the same expression in any block, so the result does not depend on the
 // number of threads.
 struct AdamW {
@@ -1714,10 +1727,7 @@ static void adamw_update(Model& m, const AdamW& o, int64_t t) {
                 continue;
             }
             const int r0 = (int)((a.begin - a.base) / a.cols), r1 = (int)((a.end - a.base) / a.cols);
-            const real* src = p + a.base;
-            real* dst = pt + a.base;
-            for (int c = 0; c < a.cols; c++)
-                for (int r = r0; r < r1; r++) dst[(size_t)c * a.rows + r] = src[(size_t)r * a.cols + c];
+            write_forward_panels(pt + a.base, p + a.base, a.rows, a.cols, r0, r1);
         }
     });
     m.pt_fresh = true;

@@ -160,7 +160,7 @@ static void check_layers() {
         [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * C); layernorm_backward(dx.data(), dw.data(), db.data(), d.data(), x.data(), w.data(), mean.data(), rstd.data(), M); return dx; }, 1);
 
     std::vector<real> W = randv(OUT * IN, 0.5), Wt(IN * OUT), bias = randv(OUT, 0.5), dW(OUT * IN), dbias(OUT);
-    transpose(Wt.data(), W.data(), OUT, IN);  // the forward pass takes the weight transposed
+    write_forward_panels(Wt.data(), W.data(), OUT, IN, 0, OUT);  // the forward pass takes the weight in panels
     check_input("linear", randv(M * IN, 1),
         [&](const std::vector<real>& x) { std::vector<real> y(M * OUT); linear_forward(y.data(), x.data(), Wt.data(), bias.data(), M, IN, OUT); return y; },
         [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * IN); linear_backward(dx.data(), dW.data(), dbias.data(), d.data(), x.data(), W.data(), M, IN, OUT); return dx; }, 2);

@@ -52,7 +52,7 @@ static void test_dense() {
     std::vector<int> chosen(M * K);
     std::vector<uint8_t> valid(M, 1);
     refresh_forward_params(m);
-    const LayerParams& p = m.pt.h[0];  // the forward view: Linear weights transposed
+    const LayerParams& p = m.pt.h[0];  // the forward view: Linear weights in panels
     linear_forward(logits.data(), x.data(), p.router_w, nullptr, M, C, E);
     softmax_forward(probs.data(), logits.data(), M, E);
     topk_forward(chosen.data(), gate.data(), probs.data(), valid.data(), M);
@@ -190,6 +190,11 @@ static void test_matmul() {
         std::vector<real> A((size_t)M * Kd), B((size_t)Kd * N), bias(N), init((size_t)M * N);
         for (auto* v : {&A, &B, &bias, &init})
             for (auto& x : *v) x = (real)r.normal();
+        // B as the forward pass keeps a weight: W = B^T [N, Kd], written in panels
+        std::vector<real> W((size_t)N * Kd), Bp((size_t)Kd * N);
+        for (int k = 0; k < Kd; k++)
+            for (int n = 0; n < N; n++) W[(size_t)n * Kd + k] = B[(size_t)k * N + n];
+        write_forward_panels(Bp.data(), W.data(), N, Kd, 0, N);
         for (int tr = 0; tr < 2; tr++)  // A row-major [M,Kd], or read as the transpose of a [Kd,M] matrix
             for (int mode = 0; mode < 3; mode++) {  // set, set + bias, add
                 const int64_t as = tr ? 1 : Kd, ak = tr ? M : 1;
@@ -203,17 +208,18 @@ static void test_matmul() {
                         real& o = want[(size_t)m * N + n];
                         o = (add ? o : 0) + (bp ? bp[n] : 0) + acc;
                     }
-                for (int nt = 1; nt <= 2; nt++) {
-                    g_threads = nt;
-                    std::vector<real> got = init;
-                    matmul(got.data(), A.data(), as, ak, B.data(), M, N, Kd, bp, add);
-                    bad += got != want, cases++;
-                }
+                for (int nt = 1; nt <= 2; nt++)
+                    for (int panels = 0; panels < 2; panels++) {
+                        g_threads = nt;
+                        std::vector<real> got = init;
+                        matmul(got.data(), A.data(), as, ak, panels ? Bp.data() : B.data(), M, N, Kd, bp, add, panels);
+                        bad += got != want, cases++;
+                    }
                 g_threads = 1;
             }
     }
     check(bad == 0, "matmul equals the plain loop bit for bit in %lld of %lld cases (9 shapes, 2 layouts of A, "
-                    "set/bias/add, 1 and 2 threads)", (long long)(cases - bad), (long long)cases);
+                    "B row-major or in panels, set/bias/add, 1 and 2 threads)", (long long)(cases - bad), (long long)cases);
 }
 
 int main() {
