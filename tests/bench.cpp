@@ -22,9 +22,10 @@ static double peak_mb() {
     return r.ru_maxrss / 1024.0;  // Linux reports kilobytes
 }
 
-// What the model needs: its five parameter-sized buffers (weights, their
-// transposed copy for the forward pass, gradients, two AdamW moments) and the
-// activations saved by the forward pass (and the backward pass's scratch).
+// What the model needs: its five parameter-sized buffers (the weights, the
+// forward pass's copy of them in matmul's panels, gradients, two AdamW
+// moments) and the activations saved by the forward pass (and the backward
+// pass's scratch).
 static double model_mb(const Model& m) {
     size_t bytes = 5 * m.n_params * sizeof(real);
     auto add = [&](const auto& v) { bytes += v.capacity() * sizeof(v[0]); };
@@ -55,25 +56,42 @@ static std::string shape() {
     return b;
 }
 
+// A training run as the benchmark makes it: weights and batches from seed 1.
+struct Run {
+    Dataset d;
+    Model m;
+    AdamW opt;
+    Rng rng = make_rng(1, STREAM_TRAIN);
+    std::vector<int> in, tg;
+    int B = 0;
+};
+static void start_run(Run& r, const std::string& data, bool text, int B) {
+    r.d = load_dataset(data, text, 1, ""), r.B = B;
+    model_init(r.m, (int)r.d.vocab.size() + 1);
+    Rng init = make_rng(1, STREAM_INIT);
+    init_params(r.m.params, r.m.tensors, init);
+}
+// One training step; returns its time in ms.
+static double train_step(Run& r, int step) {
+    double t0 = now_ms();
+    train_batch(r.in, r.tg, r.d, r.B, r.rng);
+    model_forward(r.m, r.in.data(), r.tg.data(), r.B, r.d.T, AUX_COEF);
+    model_backward(r.m);
+    adamw_update(r.m, r.opt, step);
+    return now_ms() - t0;
+}
+
 static void bench_train(const std::string& name, const std::string& data, bool text, int B, int threads) {
     set_threads(threads);
-    Dataset d = load_dataset(data, text, 1, "");
-    Model m;
-    model_init(m, (int)d.vocab.size() + 1);
-    Rng init = make_rng(1, STREAM_INIT), rng = make_rng(1, STREAM_TRAIN);
-    init_params(m.params, m.tensors, init);
-    AdamW opt;
-    std::vector<int> in, tg;
+    Run r;
+    start_run(r, data, text, B);
+    const Model& m = r.m;
     std::vector<double> ms;
     int64_t tokens = 0, flops = 0;
     for (int step = 1; step <= 40; step++) {
         g_flops = 0;
-        double t0 = now_ms();
-        train_batch(in, tg, d, B, rng);
-        model_forward(m, in.data(), tg.data(), B, d.T, AUX_COEF);
-        model_backward(m);
-        adamw_update(m, opt, step);
-        if (step > 10) ms.push_back(now_ms() - t0), tokens += m.n_targets, flops += g_flops;
+        double t = train_step(r, step);
+        if (step > 10) ms.push_back(t), tokens += m.n_targets, flops += g_flops;
     }
     double med = median(ms), total = std::accumulate(ms.begin(), ms.end(), 0.0);
     uint64_t hash = 1469598103934665603ull;  // FNV-1a of the weights' bytes
@@ -93,22 +111,13 @@ static void bench_train(const std::string& name, const std::string& data, bool t
 // machine at the same time. Medians of 20 steps each, after 10 of warm-up.
 static void bench_scaling(const std::string& name, const std::string& data, bool text, int B) {
     set_threads(2);
-    Dataset d = load_dataset(data, text, 1, "");
-    Model m;
-    model_init(m, (int)d.vocab.size() + 1);
-    Rng init = make_rng(1, STREAM_INIT), rng = make_rng(1, STREAM_TRAIN);
-    init_params(m.params, m.tensors, init);
-    AdamW opt;
-    std::vector<int> in, tg;
+    Run r;
+    start_run(r, data, text, B);
     std::vector<double> ms[2];
     for (int step = 1; step <= 50; step++) {
         g_threads = 1 + step % 2;
-        double t0 = now_ms();
-        train_batch(in, tg, d, B, rng);
-        model_forward(m, in.data(), tg.data(), B, d.T, AUX_COEF);
-        model_backward(m);
-        adamw_update(m, opt, step);
-        if (step > 10) ms[g_threads - 1].push_back(now_ms() - t0);
+        double t = train_step(r, step);
+        if (step > 10) ms[g_threads - 1].push_back(t);
     }
     double one = median(ms[0]), two = median(ms[1]);
     std::printf("| %-10s | %-20s | 1 and 2, alternating steps | 1 thread %.2f ms | 2 threads %.2f ms | speed-up %.2f |\n",
