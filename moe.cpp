@@ -698,7 +698,8 @@ static void layernorm_backward(real* dinp, real* dw, real* db, const real* dout,
             }
         }
     });
-    parallel_for_if_big((int64_t)M * C, (C + 15) / 16, [=](int c0, int c1) {  // blocks of 16 channels: a cache line of each row
+    // blocks of 16 channels: one cache line of each row
+    parallel_for_if_big((int64_t)M * C, (C + 15) / 16, [=](int c0, int c1) {
         for (int m = 0; m < M; m++) {
             const real* x = inp + (int64_t)m * C;
             const real* d = dout + (int64_t)m * C;
@@ -1516,9 +1517,12 @@ static void refresh_forward_params(Model& m) {
     real* dst = m.params_t.data();
     parallel_for((int)m.tensors.size(), [=](int i0, int i1) {
         for (int i = i0; i < i1; i++) {
-            if (is_linear_weight(t[i]))
-                write_forward_panels(dst + t[i].offset, src + t[i].offset, t[i].shape[0], t[i].shape[1], 0, t[i].shape[0]);
-            else std::memcpy(dst + t[i].offset, src + t[i].offset, t[i].size * sizeof(real));
+            if (!is_linear_weight(t[i])) {
+                std::memcpy(dst + t[i].offset, src + t[i].offset, t[i].size * sizeof(real));
+                continue;
+            }
+            const int rows = t[i].shape[0];
+            write_forward_panels(dst + t[i].offset, src + t[i].offset, rows, t[i].shape[1], 0, rows);
         }
     });
 }
@@ -1676,9 +1680,9 @@ static void model_backward(Model& m) {
 // sweep over all of them shows in the time of a step. The work is cut into
 // blocks: 64 rows of a Linear weight, which are then written to params_t as
 // two whole panels while they are still in the cache, or 4096 values of any
-// other tensor. The blocks are fixed by the shapes, and each value is updated by
-// the same expression in any block, so the result does not depend on the
-// number of threads.
+// other tensor. The blocks are fixed by the shapes, and each value is
+// updated by the same expression in any block, so the result does not depend
+// on the number of threads.
 struct AdamW {
     float lr = 5e-4f, weight_decay = 0.01f, beta1 = 0.9f, beta2 = 0.99f, eps = 1e-8f;
 };
@@ -1692,9 +1696,10 @@ static std::vector<AdamBlock> adam_blocks(const std::vector<TensorInfo>& tensors
     for (const auto& t : tensors) {
         if (is_linear_weight(t)) {
             const int rows = t.shape[0], cols = t.shape[1];
-            for (int r = 0; r < rows; r += 64)
-                b.push_back({t.offset + (size_t)r * cols, t.offset + (size_t)std::min(rows, r + 64) * cols, rows, cols,
-                             t.offset});
+            for (int r = 0; r < rows; r += 2 * TN) {  // two panels (write_forward_panels wants whole ones)
+                const int r1 = std::min(rows, r + 2 * TN);
+                b.push_back({t.offset + (size_t)r * cols, t.offset + (size_t)r1 * cols, rows, cols, t.offset});
+            }
         } else {
             for (size_t i = 0; i < t.size; i += 4096)
                 b.push_back({t.offset + i, t.offset + std::min(t.size, i + 4096), 0, 0, t.offset});
@@ -2589,8 +2594,8 @@ static void model_step(Model& m, KVCache& c, int tok) {
     const int pos = c.len;
     const uint8_t valid = 1;
     real mu, rs;  // layernorm statistics, not needed afterwards
-    c.x.resize(C), c.ln.resize(C), c.qkv.resize(3 * C), c.y.resize(C), c.att.resize(N_HEAD * BLOCK_SIZE), c.proj.resize(C);
-    c.out.resize(C), c.logits.resize(m.V);
+    c.x.resize(C), c.ln.resize(C), c.qkv.resize(3 * C), c.y.resize(C), c.proj.resize(C);
+    c.att.resize(N_HEAD * BLOCK_SIZE), c.out.resize(C), c.logits.resize(m.V);
     encoder_forward(c.x.data(), &tok, &pos, m.pt.wte, m.pt.wpe, 1);
     const real scale = 1 / std::sqrt((real)HS);
     // The same layers as model_forward, for one row; the new key and value
