@@ -621,13 +621,19 @@ static void init_params(std::vector<real>& params, const std::vector<TensorInfo>
 // rows; attention alone needs to know where each sequence starts.
 
 // --- token and position embedding: out[M,C] = wte[tok[i]] + wpe[pos[i]]
+// (Row-wise passes like this one, however small, share out their rows as the
+// layers after them do: a row then stays in the cache of the core that
+// reads it next, and a row that one core wrote and another reads costs a
+// transfer between their caches.)
 static void encoder_forward(real* out, const int* tok, const int* pos, const real* wte, const real* wpe, int M) {
-    for (int i = 0; i < M; i++) {
-        real* o = out + (int64_t)i * C;
-        const real* we = wte + (int64_t)tok[i] * C;
-        const real* pe = wpe + (int64_t)pos[i] * C;
-        for (int c = 0; c < C; c++) o[c] = we[c] + pe[c];
-    }
+    parallel_for(M, [=](int m0, int m1) {
+        for (int i = m0; i < m1; i++) {
+            real* o = out + (int64_t)i * C;
+            const real* we = wte + (int64_t)tok[i] * C;
+            const real* pe = wpe + (int64_t)pos[i] * C;
+            for (int c = 0; c < C; c++) o[c] = we[c] + pe[c];
+        }
+    });
 }
 #if !MOE_INFERENCE_ONLY
 // A lookup's gradient goes back to the row it read: every position adds its
@@ -646,9 +652,27 @@ static void encoder_backward(real* dwte, real* dwpe, const real* dout, const int
 // be a itself). Its backward is in model_backward: the gradient of the sum
 // passes unchanged to both a and b.
 static void residual_forward(real* out, const real* a, const real* b, int M) {
-    parallel_for_if_big((int64_t)M * C, M, [=](int m0, int m1) {
+    parallel_for(M, [=](int m0, int m1) {
         for (size_t i = (size_t)m0 * C; i < (size_t)m1 * C; i++) out[i] = a[i] + b[i];
     });
+}
+
+// A sum of n terms f(0) + ... + f(n-1), as 16 interleaved partial sums
+// (term i goes to sum i % 16) that are added up at the end. One running
+// total makes each addition wait for the one before (the compiler may not
+// reorder float additions, as that changes the result); 16 independent sums
+// fill one vector register, and the CPU overlaps them.
+template <class Fn>
+static inline real lane_sum(int n, const Fn& f) {
+    constexpr int L = 16;
+    real acc[L] = {};
+    int i = 0;
+    for (; i + L <= n; i += L)
+        for (int j = 0; j < L; j++) acc[j] += f(i + j);
+    for (int j = 0; i + j < n; j++) acc[j] += f(i + j);
+    for (int w = L / 2; w > 0; w /= 2)  // then pairwise: 8 sums, 4, 2, 1
+        for (int j = 0; j < w; j++) acc[j] += acc[j + w];
+    return acc[0];
 }
 
 // --- LayerNorm over the C channels of each of M rows, eps 1e-5:
@@ -658,11 +682,8 @@ static void layernorm_forward(real* out, real* mean, real* rstd, const real* inp
     parallel_for(M, [=](int m0, int m1) {  // rows are independent
         for (int m = m0; m < m1; m++) {
             const real* x = inp + (int64_t)m * C;
-            real mu = 0, var = 0;
-            for (int i = 0; i < C; i++) mu += x[i];
-            mu /= C;
-            for (int i = 0; i < C; i++) var += (x[i] - mu) * (x[i] - mu);
-            var /= C;
+            const real mu = lane_sum(C, [x](int i) { return x[i]; }) / C;
+            const real var = lane_sum(C, [x, mu](int i) { return (x[i] - mu) * (x[i] - mu); }) / C;
             real rs = 1 / std::sqrt(var + (real)1e-5);
             real* o = out + (int64_t)m * C;
             for (int i = 0; i < C; i++) o[i] = (x[i] - mu) * rs * w[i] + b[i];
@@ -682,17 +703,13 @@ static void layernorm_forward(real* out, real* mean, real* rstd, const real* inp
 // each channel adding up its rows in order (whatever the number of threads).
 static void layernorm_backward(real* dinp, real* dw, real* db, const real* dout, const real* inp, const real* w,
                                const real* mean, const real* rstd, int M) {
-    parallel_for_if_big((int64_t)M * C, M, [=](int m0, int m1) {
+    parallel_for(M, [=](int m0, int m1) {
         for (int m = m0; m < m1; m++) {
             const real* x = inp + (int64_t)m * C;
             const real* d = dout + (int64_t)m * C;
-            real mu = mean[m], rs = rstd[m];
-            real dn_mean = 0, dn_n_mean = 0;
-            for (int i = 0; i < C; i++) {
-                real n = (x[i] - mu) * rs, dn = d[i] * w[i];
-                dn_mean += dn, dn_n_mean += dn * n;
-            }
-            dn_mean /= C, dn_n_mean /= C;
+            const real mu = mean[m], rs = rstd[m];
+            const real dn_mean = lane_sum(C, [d, w](int i) { return d[i] * w[i]; }) / C;
+            const real dn_n_mean = lane_sum(C, [=](int i) { return d[i] * w[i] * ((x[i] - mu) * rs); }) / C;
             real* dx = dinp + (int64_t)m * C;
             for (int i = 0; i < C; i++) {
                 real n = (x[i] - mu) * rs, dn = d[i] * w[i];
@@ -1207,9 +1224,8 @@ static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& w
             int i = src[s];
             const real* d = dout + (int64_t)(i / K) * C;
             const real* y = ys + (size_t)s * C;
-            real dot = 0;
-            for (int c = 0; c < C; c++) dot += d[c] * y[c], dys[(size_t)s * C + c] = gate[i] * d[c];
-            dgate[i] += dot;
+            for (int c = 0; c < C; c++) dys[(size_t)s * C + c] = gate[i] * d[c];
+            dgate[i] += lane_sum(C, [d, y](int c) { return d[c] * y[c]; });
         }
     });
     for_each_expert(S, [&a, &p, &g, &ws](int e) {  // each expert's gradients are its own
