@@ -821,15 +821,26 @@ static void softmax_row(real* a, int n) {
 // vectorises, and the 16 sums stay in a register while j runs. Each is
 // still the sum over j in order (a dot product's own loop over j would not
 // vectorise: that reorders the sum, which the compiler may not do to
-// floats). Written out[s] for s < n; the backward pass uses it for dy . v_s.
-constexpr int S16 = 16;
+// floats). Four query rows go at once, q + r*ldq for r < rows <= 4: each
+// multiply-add must wait for the one before it on the same sums, and four
+// rows give the CPU four independent chains to overlap. Row r's products go
+// to out + r*ldo, positions s < n. The backward pass uses it for dy . v_s.
+constexpr int S16 = 16, QR = 4;
 constexpr int BLOCK_PAD = (BLOCK_SIZE + S16 - 1) / S16 * S16;  // BLOCK_SIZE rounded up to 16
-static inline void dots16(real* out, const real* q, const real* kt, int ld, int n) {
+static inline void dots16(real* out, int ldo, const real* q, int64_t ldq, int rows, const real* kt, int ld, int n) {
+    // (missing rows repeat the last one; their sums are not stored)
+    const real *q0 = q, *q1 = q + std::min(1, rows - 1) * ldq, *q2 = q + std::min(2, rows - 1) * ldq,
+               *q3 = q + std::min(3, rows - 1) * ldq;
     for (int s0 = 0; s0 < n; s0 += S16) {
-        real acc[S16] = {};
-        for (int j = 0; j < HS; j++)
-            for (int i = 0; i < S16; i++) acc[i] += q[j] * kt[(int64_t)j * ld + s0 + i];
-        for (int i = 0; i < S16 && s0 + i < n; i++) out[s0 + i] = acc[i];
+        real c0[S16] = {}, c1[S16] = {}, c2[S16] = {}, c3[S16] = {};
+        for (int j = 0; j < HS; j++) {
+            const real* k = kt + (int64_t)j * ld + s0;
+            for (int i = 0; i < S16; i++)
+                c0[i] += q0[j] * k[i], c1[i] += q1[j] * k[i], c2[i] += q2[j] * k[i], c3[i] += q3[j] * k[i];
+        }
+        const real* c[QR] = {c0, c1, c2, c3};
+        for (int r = 0; r < rows; r++)
+            for (int i = 0; i < S16 && s0 + i < n; i++) out[r * ldo + s0 + i] = c[r][i];
     }
 }
 // kt[j][s] = head h's key channel j of row s, for rows 0..T of a sequence
@@ -854,9 +865,10 @@ static void attention_forward(real* y, real* att, const real* qkv, const int* st
             const real* base = qkv + (int64_t)start[b] * 3 * C;
             const int ld = transpose_head(kt, base, C, h, T);
             for (int t = 0; t < T; t++) {
-                const real* q = base + (int64_t)t * 3 * C + h * HS;
                 real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
-                dots16(a, q, kt, ld, t + 1);
+                if (t % QR == 0)  // the scores of rows t..t+3, each up to the last of them (the rest is zeroed below)
+                    dots16(a, T, base + (int64_t)t * 3 * C + h * HS, 3 * C, std::min(QR, T - t), kt, ld,
+                           std::min(t + QR, T));
                 for (int s = 0; s <= t; s++) a[s] *= scale;
                 softmax_row(a, t + 1);
                 for (int s = t + 1; s < T; s++) a[s] = 0;
@@ -885,7 +897,7 @@ static void attention_backward(real* dqkv, const real* dy, const real* att, cons
     const real scale = 1 / std::sqrt((real)HS);
     for (int b = 0; b < B; b++) g_flops += 4 * (int64_t)N_HEAD * len[b] * (len[b] + 1) * HS;  // twice the forward
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
-        real da[BLOCK_PAD], vt[HS * BLOCK_PAD];  // vt: this head's values transposed, as kt in the forward pass
+        real da4[QR * BLOCK_PAD], vt[HS * BLOCK_PAD];  // vt: this head's values transposed, as kt in the forward pass
         for (int i = i0; i < i1; i++) {
             int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
             const real* base = qkv + (int64_t)start[b] * 3 * C;
@@ -895,7 +907,9 @@ static void attention_backward(real* dqkv, const real* dy, const real* att, cons
                 const real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
                 const real* dyt = dy + ((int64_t)start[b] + t) * C + h * HS;
                 const real* q = base + (int64_t)t * 3 * C + h * HS;
-                dots16(da, dyt, vt, ld, t + 1);
+                if (t % QR == 0)  // da of rows t..t+3
+                    dots16(da4, BLOCK_PAD, dyt, C, std::min(QR, T - t), vt, ld, std::min(t + QR, T));
+                const real* da = da4 + (t % QR) * BLOCK_PAD;
                 real sum = 0;
                 for (int s = 0; s <= t; s++) {
                     real* dv = dbase + (int64_t)s * 3 * C + 2 * C + h * HS;
@@ -2662,7 +2676,7 @@ static void model_step(Model& m, KVCache& c, int tok) {
         real* att = c.att.data();  // [N_HEAD, BLOCK_SIZE]
         for (int h = 0; h < N_HEAD; h++) {
             real* a = att + h * BLOCK_SIZE;
-            dots16(a, &c.qkv[h * HS], &c.kt[l][(size_t)h * HS * BLOCK_PAD], BLOCK_PAD, pos + 1);
+            dots16(a, 0, &c.qkv[h * HS], 0, 1, &c.kt[l][(size_t)h * HS * BLOCK_PAD], BLOCK_PAD, pos + 1);
             for (int s = 0; s <= pos; s++) a[s] *= scale;
             softmax_row(a, pos + 1);
         }
