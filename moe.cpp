@@ -1490,6 +1490,13 @@ struct Model {
 
 [[maybe_unused]] static int64_t expert_params() { return (int64_t)F * C + F + (int64_t)C * F + C; }
 
+// With one expert (the dense baseline) the router has nothing to decide: a
+// softmax over one logit is 1 whatever the logit, so every gate is 1, and
+// the gradient that reaches the logit is exactly 0. Its two products (the
+// logit, and in backward the logit's gradient through it) are skipped then,
+// unless the z-loss, which reads the logit itself, is on.
+constexpr bool ROUTER_IDLE = E == 1 && Z_COEF == 0;
+
 // The MoE block for M rows, x = ln_2 of the residual stream:
 //   router logits -> (noise) -> softmax -> top-k -> (capacity) -> aux loss,
 //   (z-loss) -> the routed experts -> (plus the shared experts) -> out[M,C]
@@ -1498,7 +1505,10 @@ static void moe_forward(real* out, LayerActs& a, const real* x, const LayerParam
                         Rng* train_rng, double capacity_factor) {
     a.logits.resize((size_t)M * E), a.probs.resize((size_t)M * E), a.chosen.resize((size_t)M * K);
     a.gate.resize((size_t)M * K), a.f.resize(E);
-    linear_forward(a.logits.data(), x, w.router_w, nullptr, M, C, E);
+    if (ROUTER_IDLE)
+        std::fill(a.logits.begin(), a.logits.end(), (real)0);
+    else
+        linear_forward(a.logits.data(), x, w.router_w, nullptr, M, C, E);
     const real* z = a.logits.data();
     a.noise_on = NOISY_GATE && train_rng;
     if (a.noise_on) {
@@ -1679,7 +1689,7 @@ static void moe_backward(real* dx, LayerParams& g, const real* dout, const Layer
         linear_backward(dx, g.noise_w, nullptr, w.dnoise.data(), x, p.noise_w, M, C, E);
     }
     if (Z_COEF > 0) zloss_backward(w.drouter.data(), a.lse.data(), a.logits.data(), valid, M, z_coef);
-    linear_backward(dx, g.router_w, nullptr, w.drouter.data(), x, p.router_w, M, C, E);
+    if (!ROUTER_IDLE) linear_backward(dx, g.router_w, nullptr, w.drouter.data(), x, p.router_w, M, C, E);
 }
 
 // The backward pass walks the forward pass in reverse. dres carries the
