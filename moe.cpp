@@ -1171,6 +1171,14 @@ struct MoeActs {  // what one MoE layer saves for backward
     std::vector<real> y;        // [S, C] expert outputs, before the gate
 };
 
+// The dense baseline (one expert, which every row goes to with gate 1, as
+// a softmax over one logit gives) needs no gathering or scattering: row m is
+// slot m, and out = 1 * y exactly. The test is cheap, and exact: anything
+// else takes the general path.
+static bool one_expert_for_all(int S, int M, const real* gate) {
+    return E == 1 && S == M && std::all_of(gate, gate + M, [](real g) { return g == 1; });
+}
+
 // out[M,C] = sum_j gate[m,j] * expert_{chosen[m,j]}(inp[m]); p is the
 // layer's forward view of the weights (Linear weights in panels).
 static void experts_forward(real* out, MoeActs& a, const real* inp, const int* chosen, const real* gate,
@@ -1185,7 +1193,12 @@ static void experts_forward(real* out, MoeActs& a, const real* inp, const int* c
     std::vector<int> fill(a.offset.begin(), a.offset.end() - 1);
     for (int i = 0; i < M * K; i++)  // in token order, so each expert's rows keep it
         if (chosen[i] >= 0) a.slot_of[i] = fill[chosen[i]]++, a.slot_src[a.slot_of[i]] = i;
-    a.x.resize((size_t)S * C), a.h.resize((size_t)S * F), a.th.resize((size_t)S * F), a.hg.resize((size_t)S * F), a.y.resize((size_t)S * C);
+    a.h.resize((size_t)S * F), a.th.resize((size_t)S * F), a.hg.resize((size_t)S * F);
+    if (one_expert_for_all(S, M, gate)) {  // nothing to gather or scatter: the expert reads inp, writes out
+        mlp_forward(out, a.h.data(), a.th.data(), a.hg.data(), inp, p, 0, M);
+        return;
+    }
+    a.x.resize((size_t)S * C), a.y.resize((size_t)S * C);
     real* xs = a.x.data();
     const int* src = a.slot_src.data();
     parallel_for(S, [=](int s0, int s1) {  // gather: each slot copies its token's row
@@ -1223,9 +1236,14 @@ static void experts_forward(real* out, MoeActs& a, const real* inp, const int* c
 struct MoeGrad {
     std::vector<real> dy, dhg, dh, dx;
 };
-static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& ws, const real* dout,
+static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& ws, const real* dout, const real* inp,
                              const MoeActs& a, const real* gate, const LayerParams& p, int M) {
     int S = a.offset[E];
+    if (one_expert_for_all(S, M, gate)) {  // dy = dout, and dx goes straight to dinp; dgate is left
+        zero(ws.dhg, (size_t)S * F), zero(ws.dh, (size_t)S * F);  // alone (one expert's gate gets no gradient)
+        mlp_backward(dinp, g, ws.dhg.data(), ws.dh.data(), dout, inp, a.h.data(), a.th.data(), a.hg.data(), p, 0, M);
+        return;
+    }
     ws.dy.resize((size_t)S * C);  // every element is set below: no need to zero it
     // dhg, dh and dx accumulate: each expert zeroes its own rows just before
     // it uses them (in parallel, and while they are in the cache).
@@ -1674,7 +1692,7 @@ static void moe_backward(real* dx, LayerParams& g, const real* dout, const Layer
                          const LayerParams& p, const uint8_t* valid, int M, real aux_coef, real z_coef) {
     Backward& w = g_bw;
     w.dgate.assign((size_t)M * K, 0), w.dprobs.assign((size_t)M * E, 0), w.drouter.assign((size_t)M * E, 0);
-    experts_backward(dx, w.dgate.data(), g, w.moe, dout, a.moe, a.gate.data(), p, M);
+    experts_backward(dx, w.dgate.data(), g, w.moe, dout, x, a.moe, a.gate.data(), p, M);
     for (int s = 0; s < NS; s++) {  // a shared expert's output enters with weight 1: dout passes straight in
         const size_t o = (size_t)s * M * F;
         zero(w.sh_dhg, (size_t)M * F), zero(w.sh_dh, (size_t)M * F);

@@ -211,10 +211,10 @@ static void check_layers() {
     std::vector<real> x0 = randv(M * C, 1), g0 = gate;
     check_input("experts (x)", x0,
         [&](const std::vector<real>& x) { std::vector<real> y(M * C); experts_forward(y.data(), acts, x.data(), chosen.data(), g0.data(), m.pt.h[0], M); return y; },
-        [&](const std::vector<real>& x, const std::vector<real>& d) { (void)x; std::vector<real> dx(M * C), dg(M * K); experts_backward(dx.data(), dg.data(), m.g.h[0], ws, d.data(), acts, g0.data(), m.p.h[0], M); return dx; }, 8);
+        [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * C), dg(M * K); experts_backward(dx.data(), dg.data(), m.g.h[0], ws, d.data(), x.data(), acts, g0.data(), m.p.h[0], M); return dx; }, 8);
     check_input("experts (gate)", g0,
         [&](const std::vector<real>& g) { std::vector<real> y(M * C); experts_forward(y.data(), acts, x0.data(), chosen.data(), g.data(), m.pt.h[0], M); return y; },
-        [&](const std::vector<real>& g, const std::vector<real>& d) { std::vector<real> dx(M * C), dg(M * K); experts_backward(dx.data(), dg.data(), m.g.h[0], ws, d.data(), acts, g.data(), m.p.h[0], M); return dg; }, 9);
+        [&](const std::vector<real>& g, const std::vector<real>& d) { std::vector<real> dx(M * C), dg(M * K); experts_backward(dx.data(), dg.data(), m.g.h[0], ws, d.data(), x0.data(), acts, g.data(), m.p.h[0], M); return dg; }, 9);
 
     // The whole MoE block, as the model runs it (with this build's variants:
     // noise drawn afresh but identically each time, capacity, shared experts).
