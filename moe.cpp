@@ -787,8 +787,7 @@ static inline real exp_fast(real x) {  // for x <= 0, as in a softmax after subt
 
 // Softmax of one row of attention scores, in place. The max is subtracted
 // first so exp cannot overflow. The max and the sum run as eight interleaved
-// partial results: one running total makes each step wait for the last,
-// eight independent ones the CPU overlaps (and vectorises).
+// partial results, for the reason lane_sum gives (eight: rows are short).
 static void softmax_row(real* a, int n) {
     real mx[8], sm[8] = {};
     for (int j = 0; j < 8; j++) mx[j] = a[0];
