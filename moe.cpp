@@ -20,7 +20,7 @@ of which each token uses one:
 -DMOE_INFERENCE_ONLY=1 compiles out the backward pass and the optimizer: that
 binary loads a checkpoint and samples or evaluates. ./moe --help lists flags.
 -fno-math-errno changes no result; it lets AdamW's square roots be
-vectorised (section 7), which makes a training step about 10% faster.
+vectorised (section 7), which makes a training step 10-15% faster.
 
 The file reads top to bottom; each idea is explained where it first appears.
 
@@ -1769,9 +1769,9 @@ static void model_backward(Model& m) {
 // Why the build line has -fno-math-errno: C's sqrt must set errno when its
 // argument is negative, so without the flag g++ and clang++ emit a test and
 // a possible library call for every square root, and that branch stops them
-// from vectorising this loop. It then runs one value at a time, three to
-// four times as slow. v is never negative, the flag changes no result, and
-// a build without it prints a note when it trains.
+// from vectorising this loop. It then runs one value at a time, two to four
+// times as slow. v is never negative, the flag changes no result, and a
+// build without it prints a note when it trains.
 struct AdamW {
     float lr = 5e-4f, weight_decay = 0.01f, beta1 = 0.9f, beta2 = 0.99f, eps = 1e-8f;
 };
