@@ -1166,14 +1166,13 @@ static void for_each_expert(int S, const int* offset, const Fn& fn) {
         for (int e = 0; e < E; e++) fn(e);
         return;
     }
+    auto rows = [offset](int e) { return offset[e + 1] - offset[e]; };
     int order[E];
     std::iota(order, order + E, 0);
-    std::stable_sort(order, order + E, [offset](int x, int y) { return offset[x + 1] - offset[x] > offset[y + 1] - offset[y]; });
-    std::atomic<int> taken{0};
-    std::atomic<int>* next = &taken;
-    const int* ord = order;
-    parallel_for(g_threads, [&fn, next, ord](int, int) {  // one chunk per thread, each taking experts
-        for (int i; (i = next->fetch_add(1)) < E;) fn(ord[i]);
+    std::stable_sort(order, order + E, [&rows](int x, int y) { return rows(x) > rows(y); });
+    std::atomic<int> next{0};  // shared by the threads on purpose: it hands out the experts
+    parallel_for(g_threads, [&fn, &order, &next](int, int) {  // one chunk per thread
+        for (int i; (i = next.fetch_add(1)) < E;) fn(order[i]);
     });
 }
 

@@ -1,9 +1,9 @@
 // Sparse cost, side by side: two models that differ only in the number of
 // experts (PAIR_E_FEW and PAIR_E_MANY, with the same K and everything else)
 // are built into one program and trained in alternating blocks of steps, so
-// that both see the machine at the same moment. On a shared machine whose speed moves
-// by tens of percent between runs, the ratio of two separate runs says more
-// about the machine than about the experts; this one does not.
+// that both see the machine at the same moment. On a shared machine whose
+// speed moves by tens of percent between runs, the ratio of two separate runs
+// says more about the machine than about the experts; this one does not.
 //
 //   bench_pair pair NAME DATA lines|text BATCH THREADS
 //
