@@ -278,24 +278,85 @@ static thread_local bool t_in_parallel = false;
     g_pool.start(n);
 }
 
+// Where parallel_for cuts [0, n) among the threads, as fractions of n: at[i]
+// is where thread i's chunk starts (at[0] = 0, at[threads] = 1). Each call
+// site keeps its own (see parallel_for).
+struct Cuts {
+    std::vector<double> at;
+    std::vector<int> cut;       // this call's cuts, in indices
+    std::vector<double> secs;   // this call's time per chunk
+};
+
 // Each thread runs its own copy of f, and the call sites capture by value
 // ([=]): a lambda that captures by reference makes every thread read the
 // caller's stack while the caller writes to it, and the cache line shared by
 // both then bounces between the cores (it halved the speed of two threads).
+//
+// Where to cut. Equal chunks finish together only if both cores run at the
+// same speed, and on a shared machine they often do not: for minutes at a
+// time one runs 10-30% slower than the other, which then waits at the
+// end of every call. Handing out small pieces from a shared counter would
+// even that out, but a thread would then no longer work on the rows it wrote
+// in the previous call, which are in its own cache (that was 2-4% slower).
+// So each call site keeps its cuts from call to call and moves them towards
+// where the threads would have finished together: each chunk is timed, its
+// time is taken as spread evenly over its indices, and each cut moves a fifth
+// of the way to the index where the times, added up, reach its share of the
+// total. A cut stays within half a chunk of the even split. When the cores
+// run alike, the cuts stay near the middle, and the rows near the cut are the
+// only ones that change hands. Results do not depend on where the cuts fall,
+// for the reason above (every index is computed alike in any chunk). A call
+// with fewer than 4 indices per thread is cut evenly: an index or two is too
+// coarse to balance.
+// f(begin, end), compiled once for each f, and called through a pointer
+// that the compiler cannot see through (parallel_for's `range`), so it is
+// neither inlined nor specialised. A loop inlined into two callers is compiled
+// twice, and the copies may differ in the last bit of a float (whether a*b + c
+// becomes one fused multiply-add depends on what the compiler sees around it):
+// then the serial path and a thread's chunk, or two threads, would compute
+// the same index differently. It happened, in a build with ThreadSanitizer.
+template <class Fn>
+static void run_range(const void* f, int begin, int end) {
+    Fn mine = *static_cast<const Fn*>(f);
+    mine(begin, end);
+}
+
 template <class Fn>
 static void parallel_for(int n, const Fn& f) {
+    static void (*volatile range)(const void*, int, int) = run_range<Fn>;  // volatile: read at run time
     int nt = std::min(g_threads, n);
     if (nt <= 1 || t_in_parallel) {
-        if (n > 0) f(0, n);
+        if (n > 0) range(&f, 0, n);
         return;
     }
-    std::function<void(int)> chunk = [&f, n, nt](int i) {
-        Fn mine = f;
+    static Cuts s;  // one per call site: each lambda is a type of its own, so each site its own parallel_for
+    if ((int)s.at.size() != g_threads + 1) {
+        s.at.resize(g_threads + 1), s.cut.resize(g_threads + 1), s.secs.resize(g_threads);
+        for (int i = 0; i <= g_threads; i++) s.at[i] = (double)i / g_threads;
+    }
+    const bool adapt = n >= 4 * g_threads;  // then nt == g_threads
+    for (int i = 0; i <= nt; i++) s.cut[i] = adapt ? (int)std::lround(s.at[i] * n) : (int)((int64_t)n * i / nt);
+    const int* cut = s.cut.data();
+    double* secs = s.secs.data();  // each thread writes its own entry; run() returns after all have
+    std::function<void(int)> chunk = [&f, cut, secs](int i) {
+        const auto t0 = std::chrono::steady_clock::now();
         t_in_parallel = true;
-        mine((int)((int64_t)n * i / nt), (int)((int64_t)n * (i + 1) / nt));
+        range(&f, cut[i], cut[i + 1]);
         t_in_parallel = false;
+        secs[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     };
     g_pool.run(nt, chunk);
+    double total = 0, before = 0;  // all chunks' time; the time of chunks 0..i-1
+    for (int i = 0; i < nt; i++) total += s.secs[i];
+    if (!adapt || !(total > 0)) return;
+    for (int j = 1, i = 0; j < nt; j++) {  // cut j: where the time adds up to j/nt of the total
+        const double share = total * j / nt;
+        while (i < nt - 1 && before + s.secs[i] < share) before += s.secs[i++];
+        const double into = s.secs[i] > 0 ? std::max(0.0, share - before) / s.secs[i] : 0;
+        const double want = (s.cut[i] + into * (s.cut[i + 1] - s.cut[i])) / n;
+        const double moved = s.at[j] + 0.2 * (want - s.at[j]);
+        s.at[j] = std::clamp(moved, (j - 0.5) / nt, (j + 0.5) / nt);
+    }
 }
 
 // A parallel_for over a loop that does `work` simple operations in all: a
