@@ -336,14 +336,14 @@ static void parallel_for(int n, const Fn& f) {
     }
     const bool adapt = n >= 4 * g_threads;  // then nt == g_threads
     for (int i = 0; i <= nt; i++) s.cut[i] = adapt ? (int)std::lround(s.at[i] * n) : (int)((int64_t)n * i / nt);
-    const int* cut = s.cut.data();
-    double* secs = s.secs.data();  // each thread writes its own entry; run() returns after all have
-    std::function<void(int)> chunk = [&f, cut, secs](int i) {
+    // (s is static, so the lambda needs no copy of it: a std::function holds
+    // up to 16 bytes of captures in place, and allocates for more.)
+    std::function<void(int)> chunk = [&f](int i) {
         const auto t0 = std::chrono::steady_clock::now();
         t_in_parallel = true;
-        range(&f, cut[i], cut[i + 1]);
+        range(&f, s.cut[i], s.cut[i + 1]);
         t_in_parallel = false;
-        secs[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        s.secs[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();  // its own entry
     };
     g_pool.run(nt, chunk);
     double total = 0, before = 0;  // all chunks' time; the time of chunks 0..i-1
