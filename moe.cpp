@@ -287,10 +287,24 @@ struct Cuts {
     std::vector<double> secs;   // this call's time per chunk
 };
 
-// Each thread runs its own copy of f, and the call sites capture by value
-// ([=]): a lambda that captures by reference makes every thread read the
-// caller's stack while the caller writes to it, and the cache line shared by
-// both then bounces between the cores (it halved the speed of two threads).
+// f(begin, end), on a copy of f of its own. It is compiled once for each f
+// and called through a pointer that the compiler cannot see through
+// (parallel_for's `range`), so it is neither inlined nor specialised. A loop
+// inlined into two callers is compiled twice, and the copies may differ in
+// the last bit of a float (whether a*b + c becomes one fused multiply-add
+// depends on what the compiler sees around it): then the serial path and a
+// thread's chunk, or two threads, would compute the same index differently.
+// That happened, in a build with ThreadSanitizer.
+template <class Fn>
+static void run_range(const void* f, int begin, int end) {
+    Fn mine = *static_cast<const Fn*>(f);
+    mine(begin, end);
+}
+
+// Each thread runs its own copy of f (run_range), and the call sites capture
+// by value ([=]): a lambda that captures by reference makes every thread read
+// the caller's stack while the caller writes to it, and the cache line shared
+// by both then bounces between the cores (it halved the speed of two threads).
 //
 // Where to cut. Equal chunks finish together only if both cores run at the
 // same speed, and on a shared machine they often do not: for minutes at a
@@ -308,19 +322,6 @@ struct Cuts {
 // for the reason above (every index is computed alike in any chunk). A call
 // with fewer than 4 indices per thread is cut evenly: an index or two is too
 // coarse to balance.
-// f(begin, end), compiled once for each f, and called through a pointer
-// that the compiler cannot see through (parallel_for's `range`), so it is
-// neither inlined nor specialised. A loop inlined into two callers is compiled
-// twice, and the copies may differ in the last bit of a float (whether a*b + c
-// becomes one fused multiply-add depends on what the compiler sees around it):
-// then the serial path and a thread's chunk, or two threads, would compute
-// the same index differently. It happened, in a build with ThreadSanitizer.
-template <class Fn>
-static void run_range(const void* f, int begin, int end) {
-    Fn mine = *static_cast<const Fn*>(f);
-    mine(begin, end);
-}
-
 template <class Fn>
 static void parallel_for(int n, const Fn& f) {
     static void (*volatile range)(const void*, int, int) = run_range<Fn>;  // volatile: read at run time
