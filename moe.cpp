@@ -362,7 +362,8 @@ static void parallel_for(int n, const Fn& f) {
 
 // A parallel_for over a loop that does `work` simple operations in all: a
 // small one runs on the calling thread, since handing it over would cost
-// more than it saves.
+// more than it saves. (It calls f directly, not through run_range: which
+// path a call takes depends on its size alone, never on the thread count.)
 template <class Fn>
 static void parallel_for_if_big(int64_t work, int n, const Fn& f) {
     if (work < (1 << 14)) {
