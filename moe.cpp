@@ -20,31 +20,53 @@ of which each token uses one:
 -DMOE_INFERENCE_ONLY=1 compiles out the backward pass and the optimizer: that
 binary loads a checkpoint and samples or evaluates. ./moe --help lists flags.
 -fno-math-errno changes no result; it lets AdamW's square roots be
-vectorised (section 7), which makes a training step 10-15% faster.
+vectorised (section 16), which makes a training step 10-15% faster.
 
-The file reads top to bottom; each idea is explained where it first appears.
+The file has two parts, and reads top to bottom; each idea is explained
+where it first appears. Part one is the trainer: plain, correct code, from
+the configuration to main(). A reader who stops at its end has read all of
+it. Part two, "Making it fast", holds every piece that exists only for
+speed: the thread pool, the tiled matrix multiply, vectorised math, fused
+passes. Each opens with the plain function it replaces and the test that
+holds the two together. -DMOE_FAST=0 builds part one alone, on one thread,
+so that a debugger steps through exactly the code one reads.
 
+  Part one: the trainer
   1. Configuration          compile-time model constants
-  2. Helpers                errors, random numbers, a small thread pool
-  3. Matrix multiply        the one kernel that does nearly all the work
-  4. Parameters             one buffer carved into named tensors; init
-  5. Layers                 forward/backward pairs: embedding, layernorm,
-                            linear, attention, GELU, and the MoE parts:
-                            router, top-k gate, load-balancing loss, experts;
-                            the variants: noisy gating, expert capacity,
-                            router z-loss, shared and fine-grained experts;
-                            cross-entropy
+  2. Helpers                errors, random numbers, parallel_for, and the
+                            kernels that part two makes fast
+  3. Parameters             one buffer carved into named tensors; init
+  4. Layers                 forward/backward pairs: matmul, softmax,
+                            embedding, residual, layernorm, linear,
+                            attention, GELU
+  5. The Mixture of Experts router, top-k gate, load-balancing loss,
+                            experts; the variants: noisy gating, expert
+                            capacity, router z-loss, shared and fine-grained
+                            experts; cross-entropy
   6. The model              the layers wired together; saved activations
   7. AdamW                  the optimizer
   8. Data                   line mode (names) and text mode (a byte stream)
   9. Checkpoints            safetensors files PyTorch can load
  10. Evaluation and sampling, and the reports: routing tables, arithmetic
                             accuracy, the routing explorer, SVG pictures
- 11. Command line and main
+ 11. Command line and main  training, sampling, evaluation
+
+  Part two: making it fast
+ 12. The thread pool        parallel_for, and where it cuts a loop
+ 13. The tiled matmul       register tiles, packed panels, and the forward
+                            pass's copy of the weights in panels
+ 14. Vectorised math        exp, tanh and sums the compiler can vectorise;
+                            GELU and layernorm with them
+ 15. Fast attention         16 positions at a time, four query rows at once
+ 16. AdamW, fused           the update writes the forward pass's panels;
+                            zeroing and the NaN check on both cores
+ 17. The experts, scheduled threads take experts from a shared counter;
+                            the dense baseline's shortcuts
 
 Shapes in comments: B batch, T time (positions), C channels (N_EMBD),
 H heads, hs head size, V vocabulary, E experts, K experts chosen per token,
-F expert hidden width (4C unless MOE_FF), N positions that carry a target, S routing slots.
+F expert hidden width (4C unless MOE_FF), M rows (positions of a batch),
+N positions that carry a target, S routing slots.
 */
 
 #include <algorithm>
@@ -73,6 +95,10 @@ F expert hidden width (4C unless MOE_FF), N positions that carry a target, S rou
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>  // fsync: make a checkpoint durable before renaming it into place
 #endif
+
+// ============================================================================
+// PART ONE: THE TRAINER
+// ============================================================================
 
 // ----------------------------------------------------------------------------
 // 1. Configuration
@@ -125,6 +151,9 @@ F expert hidden width (4C unless MOE_FF), N positions that carry a target, S rou
 #ifndef MOE_DOUBLE  // 1: compute in double (the gradient-check tests use it)
 #define MOE_DOUBLE 0
 #endif
+#ifndef MOE_FAST  // 0: part one's plain code alone, on one thread (part two is left out)
+#define MOE_FAST 1
+#endif
 
 constexpr int N_LAYER = MOE_N_LAYER;
 constexpr int N_HEAD = MOE_N_HEAD;
@@ -140,6 +169,7 @@ constexpr int NS = MOE_N_SHARED;
 constexpr int BLOCK_SIZE = MOE_BLOCK_SIZE;
 constexpr bool NORM_TOPK = MOE_NORM_TOPK;
 constexpr bool INFERENCE_ONLY = MOE_INFERENCE_ONLY;
+constexpr bool FAST = MOE_FAST;
 constexpr float AUX_COEF = 0.01f;  // default weight of the load-balancing loss
 constexpr int MAX_VOCAB = 257;     // 256 byte values + the start/end marker
 static_assert(N_LAYER >= 1 && N_HEAD >= 1 && C >= 1 && F >= 1 && BLOCK_SIZE >= 2, "sizes must be positive");
@@ -188,201 +218,75 @@ static Rng make_rng(uint64_t seed, Stream s) {
     return r;
 }
 
-// A small pool of worker threads, started once. parallel_for(n, f) cuts
-// [0, n) into one contiguous chunk per thread and calls f(begin, end) on each;
-// the calling thread takes the first chunk. Every index is computed by the
-// same code whatever chunk it lands in, and no two chunks write the same
-// float, so results do not depend on the number of threads.
-struct ThreadPool {
-    std::vector<std::thread> workers;
-    std::mutex mu;
-    std::condition_variable wake;
-    const std::function<void(int)>* job = nullptr;
-    std::atomic<int> n_jobs{0}, pending{0};
-    std::atomic<uint64_t> generation{0};  // bumped once per parallel_for
-    std::atomic<bool> quit{false};
-
-    // Thread 0 is the caller; threads 1..n-1 are workers that live as long
-    // as the program.
-    void start(int n_threads) {
-        for (int i = 1; i < n_threads; i++) workers.emplace_back([this, i] { loop(i); });
-    }
-    // A training step makes a few hundred parallel calls, microseconds apart,
-    // with stretches of serial work between them. Waking a sleeping thread
-    // costs tens of microseconds (more in a virtual machine), as much as a
-    // small parallel call saves, so an idle worker watches the generation
-    // counter for 5 ms before it goes to sleep: through a training step it
-    // never sleeps, and an idle program soon stops watching. It spins for
-    // the first few thousand looks, then yields the core between looks, so
-    // that with more threads than cores the ones with work get to run.
-    void loop(int me) {
-        uint64_t seen = 0;
-        for (;;) {
-            auto idle_since = std::chrono::steady_clock::now();
-            for (int looks = 0; generation.load(std::memory_order_acquire) == seen && !quit; looks++) {
-                if (looks < 4096) continue;
-                std::this_thread::yield();
-                if (std::chrono::steady_clock::now() - idle_since < std::chrono::milliseconds(5)) continue;
-                std::unique_lock<std::mutex> lock(mu);
-                wake.wait(lock, [&] { return quit || generation.load() != seen; });
-            }
-            if (quit) return;
-            // Read the job and its size together with the generation they
-            // belong to, under the lock run() publishes them with: a worker
-            // that sat out one job (me >= n) may wake only after the next one
-            // is posted, and must not mix one job's size with another's.
-            const std::function<void(int)>* f;
-            int n;
-            {
-                std::lock_guard<std::mutex> lock(mu);
-                seen = generation.load(), f = job, n = n_jobs.load();
-            }
-            if (me < n) {
-                (*f)(me);
-                pending.fetch_sub(1, std::memory_order_acq_rel);
-            }
-        }
-    }
-    // Publish the job, bump the generation (which is what the workers wait
-    // for), run chunk 0 here, then wait until every worker has reported.
-    void run(int n, const std::function<void(int)>& f) {  // f(0) .. f(n-1), n <= threads
-        {
-            std::lock_guard<std::mutex> lock(mu);  // no worker misses the wake-up or sees half a job
-            job = &f;
-            n_jobs.store(n), pending.store(n - 1);
-            generation.fetch_add(1, std::memory_order_acq_rel);
-        }
-        wake.notify_all();
-        f(0);
-        for (int spins = 0; pending.load(std::memory_order_acquire) != 0; spins++)
-            if (spins > 1000) std::this_thread::yield();
-    }
-    ~ThreadPool() {  // at exit: wake every worker with quit set, and join them
-        {
-            std::lock_guard<std::mutex> lock(mu);
-            quit = true;
-        }
-        wake.notify_all();
-        for (auto& t : workers) t.join();
-    }
-};
-static ThreadPool g_pool;
-static int g_threads = 1;
-// True on a thread that is running a chunk of a parallel_for: a parallel_for
-// inside it (a matmul inside one expert, say) then runs serially on that
-// thread. Nothing changes in the result, only who computes it.
-static thread_local bool t_in_parallel = false;
-
-[[maybe_unused]] static void set_threads(int n) {
-    g_threads = n;
-    g_pool.start(n);
-}
-
-// Where parallel_for cuts [0, n) among the threads, as fractions of n: at[i]
-// is where thread i's chunk starts (at[0] = 0, at[threads] = 1). Each call
-// site keeps its own (see parallel_for).
-struct Cuts {
-    std::vector<double> at;
-    std::vector<int> cut;       // this call's cuts, in indices
-    std::vector<double> secs;   // this call's time per chunk
-};
-
-// f(begin, end), on a copy of f of its own. It is compiled once for each f
-// and called through a pointer that the compiler cannot see through
-// (parallel_for's `range`), so it is neither inlined nor specialised. A loop
-// inlined into two callers is compiled twice, and the copies may differ in
-// the last bit of a float (whether a*b + c becomes one fused multiply-add
-// depends on what the compiler sees around it): then the serial path and a
-// thread's chunk, or two threads, would compute the same index differently.
-// That happened, in a build with ThreadSanitizer.
+// parallel_for(n, f) calls f(begin, end) on contiguous ranges that together
+// cover [0, n) exactly once, maybe on several threads at the same time. The
+// contract that makes that safe: no two indices write the same float, and
+// every index is computed by the same code whichever range it falls in. Then
+// the result does not depend on the number of threads, nor on where [0, n)
+// is cut, and a run with --threads 1 and one with 2 save the same checkpoint.
+// In the plain build (-DMOE_FAST=0) it is the plain loop f(0, n); part two
+// (section 12) runs the ranges on a pool of threads.
+[[maybe_unused]] static int g_threads = 1;  // threads parallel_for may use (--threads)
+#if MOE_FAST
 template <class Fn>
-static void run_range(const void* f, int begin, int end) {
-    Fn mine = *static_cast<const Fn*>(f);
-    mine(begin, end);
-}
-
-// Each thread runs its own copy of f (run_range), and the call sites capture
-// by value ([=]): a lambda that captures by reference makes every thread read
-// the caller's stack while the caller writes to it, and the cache line shared
-// by both then bounces between the cores (it halved the speed of two threads).
-//
-// Where to cut. Equal chunks finish together only if both cores run at the
-// same speed, and on a shared machine they often do not: for minutes at a
-// time one runs 10-30% slower than the other, which then waits at the
-// end of every call. Handing out small pieces from a shared counter would
-// even that out, but a thread would then no longer work on the rows it wrote
-// in the previous call, which are in its own cache (that was 2-4% slower).
-// So each call site keeps its cuts from call to call and moves them towards
-// where the threads would have finished together: each chunk is timed, its
-// time is taken as spread evenly over its indices, and each cut moves a fifth
-// of the way to the index where the times, added up, reach its share of the
-// total. A cut stays within half a chunk of the even split. When the cores
-// run alike, the cuts stay near the middle, and the rows near the cut are the
-// only ones that change hands. Results do not depend on where the cuts fall,
-// for the reason above (every index is computed alike in any chunk). A call
-// with fewer than 4 indices per thread is cut evenly: an index or two is too
-// coarse to balance.
+static void parallel_for(int n, const Fn& f);
+static void set_threads(int n);
+#else
 template <class Fn>
 static void parallel_for(int n, const Fn& f) {
-    static void (*volatile range)(const void*, int, int) = run_range<Fn>;  // volatile: read at run time
-    int nt = std::min(g_threads, n);
-    if (nt <= 1 || t_in_parallel) {
-        if (n > 0) range(&f, 0, n);
-        return;
-    }
-    static Cuts s;  // one per call site: each lambda is a type of its own, so each site its own parallel_for
-    if ((int)s.at.size() != g_threads + 1) {
-        s.at.resize(g_threads + 1), s.cut.resize(g_threads + 1), s.secs.resize(g_threads);
-        for (int i = 0; i <= g_threads; i++) s.at[i] = (double)i / g_threads;
-    }
-    const bool adapt = n >= 4 * g_threads;  // then nt == g_threads
-    for (int i = 0; i <= nt; i++) s.cut[i] = adapt ? (int)std::lround(s.at[i] * n) : (int)((int64_t)n * i / nt);
-    // (s is static, so the lambda needs no copy of it: a std::function holds
-    // up to 16 bytes of captures in place, and allocates for more.)
-    std::function<void(int)> chunk = [&f](int i) {
-        const auto t0 = std::chrono::steady_clock::now();
-        t_in_parallel = true;
-        range(&f, s.cut[i], s.cut[i + 1]);
-        t_in_parallel = false;
-        s.secs[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();  // its own entry
-    };
-    g_pool.run(nt, chunk);
-    double total = 0, before = 0;  // all chunks' time; the time of chunks 0..i-1
-    for (int i = 0; i < nt; i++) total += s.secs[i];
-    if (!adapt || !(total > 0)) return;
-    for (int j = 1, i = 0; j < nt; j++) {  // cut j: where the time adds up to j/nt of the total
-        const double share = total * j / nt;
-        while (i < nt - 1 && before + s.secs[i] < share) before += s.secs[i++];
-        const double into = s.secs[i] > 0 ? std::max(0.0, share - before) / s.secs[i] : 0;
-        const double want = (s.cut[i] + into * (s.cut[i + 1] - s.cut[i])) / n;
-        const double moved = s.at[j] + 0.2 * (want - s.at[j]);
-        s.at[j] = std::clamp(moved, (j - 0.5) / nt, (j + 0.5) / nt);
-    }
+    if (n > 0) f(0, n);
 }
+[[maybe_unused]] static void set_threads(int) {}
+#endif
 
-// A parallel_for over a loop that does `work` simple operations in all: a
-// small one runs on the calling thread, since handing it over would cost
-// more than it saves. (It calls f directly, not through run_range: which
-// path a call takes depends on its size alone, never on the thread count.)
+// The kernels that part two makes fast. A plain function below that has a
+// fast twin begins with the line
+//     if constexpr (FAST) if (fast::on) return fast::<its name>(...);
+// so the default build runs the twin, and -DMOE_FAST=0 compiles the line
+// away (with these declarations and part two). The twins compute the same
+// thing: the matrix multiply bit for bit, the rest within a float rounding
+// bound that tests/test_fast.cpp states and checks, by calling each plain
+// function here with fast::on switched off. Skip this list on a first read.
+struct Model;
+struct AdamW;
+struct LayerParams;
+struct MoeActs;
+struct MoeGrad;
+struct KVLayer;
+namespace fast {
+extern bool on;  // true; the tests switch it off to run the plain code in a fast build
+void matmul(real* out, const real* A, int64_t as, int64_t ak, const real* B, int M, int N, int Kd, const real* bias,
+            bool add);
+void linear_forward(real* out, const real* inp, const real* w, const real* b, int M, int IN, int OUT);
+void bias_backward(real* db, const real* dout, int M, int OUT);
+void layernorm_forward(real* out, real* mean, real* rstd, const real* inp, const real* w, const real* b, int M);
+void layernorm_backward(real* dinp, real* dw, real* db, const real* dout, const real* inp, const real* w,
+                        const real* mean, const real* rstd, int M);
+void attention_forward(real* y, real* att, const real* qkv, const int* start, const int* len, const int64_t* att_off,
+                       int B);
+void attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, const int* start, const int* len,
+                        const int64_t* att_off, int B);
+void attention_step(real* y, real* att, const real* qkv, KVLayer& c, int pos);
+void gelu_forward(real* out, real* th, const real* inp, int64_t n);
+real dot(const real* a, const real* b, int n);
+void zero(real* p, size_t n);
+bool all_finite(const real* p, size_t n);
+void router_forward(real* logits, const real* x, const LayerParams& w, int M);
+void router_backward(real* dx, LayerParams& g, const real* drouter, const real* x, const LayerParams& p, int M);
 template <class Fn>
-static void parallel_for_if_big(int64_t work, int n, const Fn& f) {
-    if (work < (1 << 14)) {
-        if (n > 0) f(0, n);
-    } else {
-        parallel_for(n, f);
-    }
-}
+void for_each_expert(int S, const int* offset, const Fn& fn);
+bool experts_forward_dense(real* out, MoeActs& a, const real* inp, const real* gate, const LayerParams& p, int M);
+bool experts_backward_dense(real* dinp, LayerParams& g, MoeGrad& ws, const real* dout, const real* inp,
+                            const MoeActs& a, const real* gate, const LayerParams& p, int M);
+void adamw_update(Model& m, const AdamW& o, int64_t t);
+void forward_begin(const Model& m);  // see ForwardPass (section 6)
+void forward_end();
+}  // namespace fast
 
-// Set n floats to zero, in blocks shared out among the threads: the backward
-// pass zeroes megabytes of scratch per layer in the big configurations, and
-// one thread alone would keep the other waiting. Inside a parallel_for it
-// runs on the calling thread, like any other.
+// Set n floats to zero: the buffers that a backward pass accumulates into.
 [[maybe_unused]] static void zero(real* p, size_t n) {
-    constexpr size_t blk = 1 << 15;
-    parallel_for((int)((n + blk - 1) / blk), [=](int b0, int b1) {
-        const size_t i0 = b0 * blk, i1 = std::min(n, b1 * blk);
-        std::memset(p + i0, 0, (i1 - i0) * sizeof(real));
-    });
+    if constexpr (FAST) if (fast::on) return fast::zero(p, n);
+    std::fill(p, p + n, (real)0);
 }
 // v = n zeros (keeping its memory, as resize does)
 [[maybe_unused]] static void zero(std::vector<real>& v, size_t n) {
@@ -403,156 +307,7 @@ static void parallel_for_if_big(int64_t work, int n, const Fn& f) {
 }
 
 // ----------------------------------------------------------------------------
-// 3. Matrix multiply
-//
-// out[M,N] (+)= A[M,Kd] . B[Kd,N] (+ bias), with B row-major and A addressed as
-// A[m*as + k*ak]: (as, ak) = (Kd, 1) is a plain row-major A, and (1, M) reads
-// a row-major [Kd, M] matrix as its transpose without copying it. Every
-// Linear layer, forward and backward, is one of these calls. With `add` the
-// product is added to out (backward accumulates); without, out is set to
-// bias + product (bias may be null), so the forward pass needs no extra pass
-// over out, and each thread only ever touches its own rows of it.
-//
-// The plain loop is
-//     for m, for n: for k: out[m][n] += A[m][k] * B[k][n]
-// and it is slow because each output is loaded and stored Kd times. The fast
-// version keeps an 8x32 tile of outputs in registers (16 accumulators of 16
-// floats: one AVX-512 register each, or two AVX2 ones; -O3 -march=native
-// vectorises the j loops), streams a row of B and eight values of A per k,
-// and writes the tile once. Per k that is 16 multiply-adds for 2 loads of B
-// and 8 of A: the loads no longer limit the speed, as they do with 8x16.
-//
-// Each 32-column panel of B is first copied ("packed") into consecutive
-// memory, Kd rows of 32, and A too when it is read as a transpose (as = 1),
-// each row tile as Kd groups of its 8 values. The kernel then reads
-// consecutive memory. Without the copies, rows that lie a multiple of 1 or
-// 4 KB apart (256 or 1024 floats: an expert's width) fall into a few sets of
-// the L1 cache, which evicts them before they are used again. (A plain
-// row-major A is read in place: copying it costs more than it saves.)
-// A weight that the forward pass reads as B is kept packed all the time
-// (b_panels; see write_forward_panels): panel p at B + p*32*Kd, its row k at
-// + k*32 (a narrow last panel of width w: + k*w), so it need not be copied.
-// Packing also handles the edges: a short last row tile (an expert's rows
-// rarely come in eights) is padded with zero rows, a narrow last panel (the
-// router has E columns, lm_head V) with zero columns, and only real outputs
-// are stored. Every output is the same sum in the same k order wherever it
-// sits; the tiles are fixed by M and N alone; threads take whole row tiles
-// or whole panels; so the result is the same for any thread count.
-
-constexpr int TM = 8, TN = 32;
-
-// One tile: out[0..rows, 0..cols] (+)= A . B (+ bias), rows <= TM, cols <= TN.
-// A holds the tile's rows, addressed A[r*as + k*ak]; row k of the panel of B
-// is at B + k*ldb (ldb = TN when packed); out and bias point at the tile's
-// first row and column, and ldo is out's row stride. (noinline: inlined into matmul, g++ runs out of
-// registers for the eight row offsets and reloads them on every k.)
-[[gnu::noinline]] static void matmul_tile(real* out, int ldo, const real* A, int64_t as, int64_t ak, const real* B,
-                                          int ldb, int Kd, const real* bias, bool add, int rows, int cols) {
-    // Sixteen named accumulators, a 16-column half of each of the 8 rows,
-    // rather than acc[8][32]: g++ then keeps all of them in vector registers
-    // (with arrays of 2-D shape or of 32 columns it spills them to memory).
-    constexpr int H = TN / 2;
-    real c0[H] = {}, c1[H] = {}, c2[H] = {}, c3[H] = {}, c4[H] = {}, c5[H] = {}, c6[H] = {}, c7[H] = {};
-    real d0[H] = {}, d1[H] = {}, d2[H] = {}, d3[H] = {}, d4[H] = {}, d5[H] = {}, d6[H] = {}, d7[H] = {};
-    for (int k = 0; k < Kd; k++) {
-        const real* b = B + (int64_t)k * ldb;
-        const real* ac = A + k * ak;  // column k of this tile's eight rows of A
-        real a0 = ac[0], a1 = ac[as], a2 = ac[2 * as], a3 = ac[3 * as];
-        real a4 = ac[4 * as], a5 = ac[5 * as], a6 = ac[6 * as], a7 = ac[7 * as];
-        for (int j = 0; j < H; j++) {
-            c0[j] += a0 * b[j], c1[j] += a1 * b[j], c2[j] += a2 * b[j], c3[j] += a3 * b[j];
-            c4[j] += a4 * b[j], c5[j] += a5 * b[j], c6[j] += a6 * b[j], c7[j] += a7 * b[j];
-        }
-        for (int j = 0; j < H; j++) {
-            d0[j] += a0 * b[H + j], d1[j] += a1 * b[H + j], d2[j] += a2 * b[H + j], d3[j] += a3 * b[H + j];
-            d4[j] += a4 * b[H + j], d5[j] += a5 * b[H + j], d6[j] += a6 * b[H + j], d7[j] += a7 * b[H + j];
-        }
-    }
-    auto store = [&](const real* c, const real* d, int i) {
-        if (i >= rows) return;
-        real* o = out + (int64_t)i * ldo;
-        if (cols == TN) {  // the common case, as its own loops so that they are vectorised
-            for (int j = 0; j < H; j++) o[j] = (add ? o[j] : 0) + (bias ? bias[j] : 0) + c[j];
-            for (int j = 0; j < H; j++) o[H + j] = (add ? o[H + j] : 0) + (bias ? bias[H + j] : 0) + d[j];
-        } else {
-            for (int j = 0; j < cols; j++)
-                o[j] = (add ? o[j] : 0) + (bias ? bias[j] : 0) + (j < H ? c[j] : d[j - H]);
-        }
-    };
-    store(c0, d0, 0), store(c1, d1, 1), store(c2, d2, 2), store(c3, d3, 3);
-    store(c4, d4, 4), store(c5, d5, 5), store(c6, d6, 6), store(c7, d7, 7);
-}
-
-static std::atomic<int64_t> g_flops{0};  // multiply-adds x 2, counted from the shapes, for the benchmark
-
-static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real* B, int M, int N, int Kd,
-                   const real* bias, bool add, bool b_panels = false) {
-    if (M <= 0 || N <= 0) return;
-    g_flops += 2 * (int64_t)M * N * Kd;
-    const int tiles = (M + TM - 1) / TM, panels = (N + TN - 1) / TN;  // the last of each maybe short
-    const bool pack_a = as == 1;
-    // Row tiles [t0, t1) times panels [p0, p1) of out.
-    auto work = [=](int t0, int t1, int p0, int p1) {
-        // The packed copies live as long as the thread, so that after the
-        // first step no matmul allocates.
-        thread_local std::vector<real> apack, bpack;
-        apack.resize((size_t)(pack_a ? t1 - t0 : 1) * Kd * TM), bpack.resize((size_t)Kd * TN);
-        auto pack_tile = [&](real* p, int i, int rows) {  // row tile i of A -> p[Kd][TM]
-            const real* a = A + (int64_t)i * TM * as;
-            if (as == 1 && rows == TM)  // the 8 values of each k are consecutive
-                for (int k = 0; k < Kd; k++)
-                    for (int r = 0; r < TM; r++) p[(size_t)k * TM + r] = a[(int64_t)k * ak + r];
-            else
-                for (int k = 0; k < Kd; k++)
-                    for (int r = 0; r < TM; r++) p[(size_t)k * TM + r] = r < rows ? a[r * as + (int64_t)k * ak] : 0;
-        };
-        const int last_rows = M - (tiles - 1) * TM;  // rows of the last tile
-        if (pack_a)
-            for (int i = t0; i < t1; i++) pack_tile(&apack[(size_t)(i - t0) * Kd * TM], i, std::min(TM, M - i * TM));
-        else if (t1 == tiles && last_rows < TM)
-            pack_tile(apack.data(), tiles - 1, last_rows);
-        // Column panels outside, row tiles inside: a panel of B then stays
-        // in the cache while every row tile uses it.
-        for (int pi = p0; pi < p1; pi++) {
-            const int n0 = pi * TN, w = std::min(TN, N - n0);
-            const real* panel = b_panels ? B + (int64_t)n0 * Kd : B + n0;  // row k of it is at panel + k * ldb
-            int ldb = b_panels ? w : N;
-            // A narrow panel is always copied (it is padded); a full one is
-            // not when it is stored as a panel already, nor when only one row
-            // tile reads it (sampling's one row).
-            if (w < TN || (!b_panels && t1 - t0 > 1)) {
-                real* p = bpack.data();
-                if (w == TN)  // its own loop, so that it is vectorised
-                    for (int k = 0; k < Kd; k++)
-                        for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = panel[(int64_t)k * ldb + j];
-                else
-                    for (int k = 0; k < Kd; k++)
-                        for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = j < w ? panel[(int64_t)k * ldb + j] : 0;
-                panel = p, ldb = TN;
-            }
-            for (int i = t0; i < t1; i++) {
-                const int rows = std::min(TM, M - i * TM);
-                const bool packed = pack_a || rows < TM;
-                const real* a = pack_a ? &apack[(size_t)(i - t0) * Kd * TM] : rows < TM ? apack.data() : A + (int64_t)i * TM * as;
-                matmul_tile(out + (int64_t)i * TM * N + n0, N, a, packed ? 1 : as, packed ? TM : ak, panel, ldb, Kd,
-                            bias ? bias + n0 : nullptr, add, rows, w);
-            }
-        }
-    };
-    // Threads share out the row tiles: each then copies every panel of B,
-    // but its rows of out stay in its own cache for the next layer, which
-    // shares out the rows the same way. A weight gradient (A read as a
-    // transpose) is not read again until AdamW: its panels are shared out
-    // instead when that makes the threads copy less (each copies all of A).
-    const int nt = std::min(g_threads, std::max(tiles, panels));
-    if (pack_a && panels >= nt && (int64_t)Kd * N / nt + (int64_t)Kd * M < (int64_t)Kd * N + (int64_t)Kd * M / nt)
-        parallel_for_if_big((int64_t)M * N * Kd, panels, [=](int p0, int p1) { work(0, tiles, p0, p1); });
-    else
-        parallel_for_if_big((int64_t)M * N * Kd, tiles, [=](int t0, int t1) { work(t0, t1, 0, panels); });
-}
-
-// ----------------------------------------------------------------------------
-// 4. Parameters
+// 3. Parameters
 //
 // All weights live in one contiguous buffer; gradients and the two AdamW
 // moments are buffers of the same size and layout, so the optimizer is a
@@ -665,7 +420,7 @@ static void init_params(std::vector<real>& params, const std::vector<TensorInfo>
 #endif
 
 // ----------------------------------------------------------------------------
-// 5. Layers
+// 4. Layers
 //
 // Each layer is a pair of free functions over raw pointers. x_forward
 // computes its output and whatever backward will need; x_backward takes the
@@ -673,21 +428,84 @@ static void init_params(std::vector<real>& params, const std::vector<TensorInfo>
 // gradients of its inputs and parameters into buffers the caller has zeroed.
 // Accumulating is what a layer used twice needs (the residual stream, a
 // token sent to two experts), and it makes every backward the same shape.
-// Rows: M = B*T positions, each a vector of C channels.
-
+//
 // Rows. A batch is B sequences padded to T positions, but in line mode most
 // of a row is padding: a name of 6 letters uses 7 of the 16 positions.
 // Padding carries no target, and no position with a target attends to it
 // (attention looks only backwards), so the model drops it: the rows of all
 // sequences are packed one after another, M rows in all, and row i knows
 // its token tok[i] and position pos[i]. Every layer below works on these M
-// rows; attention alone needs to know where each sequence starts.
+// rows, each a vector of C channels; attention alone needs to know where
+// each sequence starts.
+
+// --- matrix multiply: out[M,N] (+)= A[M,Kd] . B[Kd,N] (+ bias[N]), the one
+// kernel that does nearly all the work (every Linear layer, forward and
+// backward). B is row-major; A is read through strides, A[m][k] =
+// A[m*as + k*ak], so that (as, ak) = (Kd, 1) is a row-major A and (1, M)
+// reads a row-major [Kd, M] matrix as its transpose, in place, which is what
+// Linear's backward needs. With `add` the product is added to out (backward
+// accumulates); without, out = bias + product (bias may be null).
+//
+// Each output is one sum over k, in order, from zero: out[m][n] = sum_k
+// A[m][k] B[k][n]. The loop over k runs outside the loop over n, so that the
+// innermost loop walks along a row of B and a row of sums, which the
+// compiler turns into vector instructions. Part two's tiled matmul (section
+// 13) adds up exactly the same terms in the same order, so the two agree
+// bit for bit, which the tests check.
+static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real* B, int M, int N, int Kd,
+                   const real* bias, bool add) {
+    if constexpr (FAST) if (fast::on) return fast::matmul(out, A, as, ak, B, M, N, Kd, bias, add);
+    parallel_for(M, [=](int m0, int m1) {  // each range of rows writes only its own rows of out
+        std::vector<real> acc(N);
+        for (int m = m0; m < m1; m++) {
+            std::fill(acc.begin(), acc.end(), (real)0);
+            for (int k = 0; k < Kd; k++) {
+                const real a = A[m * as + k * ak], *b = B + (int64_t)k * N;
+                for (int n = 0; n < N; n++) acc[n] += a * b[n];
+            }
+            real* o = out + (int64_t)m * N;
+            for (int n = 0; n < N; n++) o[n] = (add ? o[n] : 0) + (bias ? bias[n] : 0) + acc[n];
+        }
+    });
+}
+
+// --- a dot product, sum_i a[i] b[i], added up in order
+static real dot(const real* a, const real* b, int n) {
+    if constexpr (FAST) if (fast::on) return fast::dot(a, b, n);
+    real s = 0;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+// --- softmax over the n entries of each of M rows, in place or not:
+//   p_i = exp(z_i - max z) / sum_j exp(z_j - max z)
+// Subtracting the max changes nothing (it cancels) but keeps exp from
+// overflowing. Attention, the router and the cross-entropy all use it.
+static void softmax_forward(real* probs, const real* logits, int M, int n) {
+    for (int m = 0; m < M; m++) {
+        const real* z = logits + (int64_t)m * n;
+        real* p = probs + (int64_t)m * n;
+        real maxv = z[0], sum = 0;
+        for (int i = 1; i < n; i++) maxv = std::max(maxv, z[i]);
+        for (int i = 0; i < n; i++) sum += (p[i] = std::exp(z[i] - maxv));
+        for (int i = 0; i < n; i++) p[i] /= sum;
+    }
+}
+#if !MOE_INFERENCE_ONLY
+// p_i = exp(z_i) / sum_j exp(z_j)  ->  dp_i/dz_k = p_i (delta_ik - p_k), so
+//   dz_k += sum_i dp_i p_i (delta_ik - p_k) = p_k (dp_k - sum_i p_i dp_i)
+static void softmax_backward(real* dlogits, const real* dprobs, const real* probs, int M, int n) {
+    for (int m = 0; m < M; m++) {
+        const real* p = probs + (int64_t)m * n;
+        const real* dp = dprobs + (int64_t)m * n;
+        real dot = 0;
+        for (int i = 0; i < n; i++) dot += p[i] * dp[i];
+        for (int i = 0; i < n; i++) dlogits[(int64_t)m * n + i] += p[i] * (dp[i] - dot);
+    }
+}
+#endif
 
 // --- token and position embedding: out[M,C] = wte[tok[i]] + wpe[pos[i]]
-// (Row-wise passes like this one, however small, share out their rows as the
-// layers after them do: a row then stays in the cache of the core that
-// reads it next, and a row that one core wrote and another reads costs a
-// transfer between their caches.)
 static void encoder_forward(real* out, const int* tok, const int* pos, const real* wte, const real* wpe, int M) {
     parallel_for(M, [=](int m0, int m1) {
         for (int i = m0; i < m1; i++) {
@@ -700,7 +518,9 @@ static void encoder_forward(real* out, const int* tok, const int* pos, const rea
 }
 #if !MOE_INFERENCE_ONLY
 // A lookup's gradient goes back to the row it read: every position adds its
-// dout to the row of its token and to the row of its position.
+// dout to the row of its token and to the row of its position. (Two
+// positions may share a token, so this loop is not shared out: two threads
+// would add to the same row.)
 static void encoder_backward(real* dwte, real* dwpe, const real* dout, const int* tok, const int* pos, int M) {
     for (int i = 0; i < M; i++) {
         const real* d = dout + (int64_t)i * C;
@@ -720,34 +540,22 @@ static void residual_forward(real* out, const real* a, const real* b, int M) {
     });
 }
 
-// A sum of n terms f(0) + ... + f(n-1), as 16 interleaved partial sums
-// (term i goes to sum i % 16) that are added up at the end. One running
-// total makes each addition wait for the one before (the compiler may not
-// reorder float additions, as that changes the result); 16 independent sums
-// fill one vector register, and the CPU overlaps them.
-template <class Fn>
-static inline real lane_sum(int n, const Fn& f) {
-    constexpr int L = 16;
-    real acc[L] = {};
-    int i = 0;
-    for (; i + L <= n; i += L)
-        for (int j = 0; j < L; j++) acc[j] += f(i + j);
-    for (int j = 0; i + j < n; j++) acc[j] += f(i + j);
-    for (int w = L / 2; w > 0; w /= 2)  // then pairwise: 8 sums, 4, 2, 1
-        for (int j = 0; j < w; j++) acc[j] += acc[j + w];
-    return acc[0];
-}
-
 // --- LayerNorm over the C channels of each of M rows, eps 1e-5:
-// out = (x - mean) * rstd * w + b with rstd = 1 / sqrt(var + eps), var biased.
+//   out = (x - mean) * rstd * w + b,   rstd = 1 / sqrt(var + eps)
+// with the biased variance (divided by C, as PyTorch). mean and rstd [M]
+// are saved for backward.
 static void layernorm_forward(real* out, real* mean, real* rstd, const real* inp, const real* w, const real* b,
                               int M) {
+    if constexpr (FAST) if (fast::on) return fast::layernorm_forward(out, mean, rstd, inp, w, b, M);
     parallel_for(M, [=](int m0, int m1) {  // rows are independent
         for (int m = m0; m < m1; m++) {
             const real* x = inp + (int64_t)m * C;
-            const real mu = lane_sum(C, [x](int i) { return x[i]; }) / C;
-            const real var = lane_sum(C, [x, mu](int i) { return (x[i] - mu) * (x[i] - mu); }) / C;
-            real rs = 1 / std::sqrt(var + (real)1e-5);
+            real mu = 0, var = 0;
+            for (int i = 0; i < C; i++) mu += x[i];
+            mu /= C;
+            for (int i = 0; i < C; i++) var += (x[i] - mu) * (x[i] - mu);
+            var /= C;
+            const real rs = 1 / std::sqrt(var + (real)1e-5);
             real* o = out + (int64_t)m * C;
             for (int i = 0; i < C; i++) o[i] = (x[i] - mu) * rs * w[i] + b[i];
             mean[m] = mu, rstd[m] = rs;
@@ -760,19 +568,20 @@ static void layernorm_forward(real* out, real* mean, real* rstd, const real* inp
 // n depends on every x of the row through mean and rstd. Differentiating,
 //   dx_i = rstd * (dn_i - mean_j(dn_j) - n_i * mean_j(dn_j * n_j)):
 // the gradient minus its mean (the mean is subtracted out) and minus its
-// component along n (the scale is divided out).
-// dx is a row's own, so the rows are shared out among the threads; dw and db
-// sum over all the rows, so for them the channels are shared out instead,
-// each channel adding up its rows in order (whatever the number of threads).
+// component along n (the scale is divided out). dx is a row's own, so the
+// rows are shared out; dw and db sum over all the rows, so for them the
+// channels are shared out instead, each adding up its rows in order.
 static void layernorm_backward(real* dinp, real* dw, real* db, const real* dout, const real* inp, const real* w,
                                const real* mean, const real* rstd, int M) {
+    if constexpr (FAST) if (fast::on) return fast::layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, M);
     parallel_for(M, [=](int m0, int m1) {
         for (int m = m0; m < m1; m++) {
             const real* x = inp + (int64_t)m * C;
             const real* d = dout + (int64_t)m * C;
             const real mu = mean[m], rs = rstd[m];
-            const real dn_mean = lane_sum(C, [d, w](int i) { return d[i] * w[i]; }) / C;
-            const real dn_n_mean = lane_sum(C, [=](int i) { return d[i] * w[i] * ((x[i] - mu) * rs); }) / C;
+            real dn_mean = 0, dn_n_mean = 0;
+            for (int i = 0; i < C; i++) dn_mean += d[i] * w[i], dn_n_mean += d[i] * w[i] * ((x[i] - mu) * rs);
+            dn_mean /= C, dn_n_mean /= C;
             real* dx = dinp + (int64_t)m * C;
             for (int i = 0; i < C; i++) {
                 real n = (x[i] - mu) * rs, dn = d[i] * w[i];
@@ -780,169 +589,81 @@ static void layernorm_backward(real* dinp, real* dw, real* db, const real* dout,
             }
         }
     });
-    // blocks of 16 channels: one cache line of each row
-    parallel_for_if_big((int64_t)M * C, (C + 15) / 16, [=](int c0, int c1) {
-        for (int m = 0; m < M; m++) {
-            const real* x = inp + (int64_t)m * C;
-            const real* d = dout + (int64_t)m * C;
-            real mu = mean[m], rs = rstd[m];
-            for (int i = c0 * 16; i < std::min(C, c1 * 16); i++) {
-                real n = (x[i] - mu) * rs;
-                dw[i] += d[i] * n;
-                db[i] += d[i];
+    parallel_for(C, [=](int c0, int c1) {
+        for (int m = 0; m < M; m++)
+            for (int i = c0; i < c1; i++) {
+                const real* x = inp + (int64_t)m * C;
+                const real g = dout[(int64_t)m * C + i];
+                dw[i] += g * ((x[i] - mean[m]) * rstd[m]);
+                db[i] += g;
             }
-        }
     });
 }
 #endif
 
-// --- Linear, as PyTorch's nn.Linear: out[M,OUT] = inp[M,IN] . w^T + b,
-// w is [OUT, IN], b is [OUT] or null. The product wants w^T, a row-major
-// [IN, OUT] matrix, cut into panels: the forward pass is given wt, w^T in
-// matmul's panels, which the model keeps ready (see write_forward_panels);
-// the backward pass uses w itself.
-static void linear_forward(real* out, const real* inp, const real* wt, const real* b, int M, int IN, int OUT) {
-    matmul(out, inp, IN, 1, wt, M, OUT, IN, b, false, true);
+// --- Linear, as PyTorch's nn.Linear: out[M,OUT] = inp[M,IN] . w^T + b, with
+// w [OUT, IN] row-major (PyTorch's layout) and b [OUT] or null. The product
+// wants B = w^T [IN, OUT] row-major, so w is transposed first, into a copy
+// of this thread's. (The fast build keeps every weight's transpose ready, in
+// the layout its kernel reads: section 13.)
+static void linear_forward(real* out, const real* inp, const real* w, const real* b, int M, int IN, int OUT) {
+    if constexpr (FAST) if (fast::on) return fast::linear_forward(out, inp, w, b, M, IN, OUT);
+    thread_local std::vector<real> wt;
+    wt.resize((size_t)IN * OUT);
+    for (int o = 0; o < OUT; o++)
+        for (int i = 0; i < IN; i++) wt[(size_t)i * OUT + o] = w[(size_t)o * IN + i];
+    matmul(out, inp, IN, 1, wt.data(), M, OUT, IN, b, false);
 }
 #if !MOE_INFERENCE_ONLY
-// out = inp . w^T + b, so
-//   dinp += dout . w       ([M,OUT] . [OUT,IN]: w is already row-major [OUT,IN])
-//   dw   += dout^T . inp   ([OUT,M] . [M,IN]: dout read transposed, as = 1, ak = OUT)
+// db += the sum over rows of dout: each bias element gathers every row's
+// gradient, in row order.
+static void bias_backward(real* db, const real* dout, int M, int OUT) {
+    if constexpr (FAST) if (fast::on) return fast::bias_backward(db, dout, M, OUT);
+    for (int m = 0; m < M; m++)
+        for (int o = 0; o < OUT; o++) db[o] += dout[(int64_t)m * OUT + o];
+}
+// out = inp . w^T + b, so, as products:
+//   dinp += dout . w       [M,OUT] . [OUT,IN]: w is row-major [OUT, IN] already
+//   dw   += dout^T . inp   [OUT,M] . [M,IN]: dout read as its transpose, strides (1, OUT)
 //   db   += sum over rows of dout
 static void linear_backward(real* dinp, real* dw, real* db, const real* dout, const real* inp, const real* w, int M,
                             int IN, int OUT) {
     if (dinp) matmul(dinp, dout, OUT, 1, w, M, IN, OUT, nullptr, true);
     matmul(dw, dout, 1, OUT, inp, OUT, IN, M, nullptr, true);
-    if (db)  // each thread sums its own columns over all rows, in row order, as layernorm's dw
-        parallel_for_if_big((int64_t)M * OUT, (OUT + 15) / 16, [=](int c0, int c1) {
-            for (int m = 0; m < M; m++)
-                for (int o = c0 * 16; o < std::min(OUT, c1 * 16); o++) db[o] += dout[(int64_t)m * OUT + o];
-        });
+    if (db) bias_backward(db, dout, M, OUT);
 }
 #endif
-
-// --- exp, written so the compiler can vectorise it (the C library's expf is
-// one function call per element, and attention and the GELU make many).
-// Write x = n ln2 + r with n an integer and |r| <= ln2/2; then
-// exp(x) = 2^n exp(r), exp(r) is its Taylor polynomial of degree 6 (error
-// r^7/7! < 2e-7, a float's precision), and 2^n is written straight into the
-// float's exponent bits. (The double build, used by the gradient check,
-// keeps std::exp.)
-[[maybe_unused]] static inline float exp_poly(float x) {  // for -87 < x < 88
-    // round(x / ln2): adding then subtracting 1.5 * 2^23 leaves no fraction
-    // bits, so the float rounds to the nearest integer (std::floor or
-    // std::round here would stop the compiler from vectorising the loop).
-    float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
-    float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, ln2 split in two for precision
-    float p = 1 + r * (1 + r * (0.5f + r * (1 / 6.f + r * (1 / 24.f + r * (1 / 120.f + r * (1 / 720.f))))));
-    int32_t bits = ((int32_t)n + 127) << 23;  // the float 2^n
-    float scale;
-    std::memcpy(&scale, &bits, 4);
-    return p * scale;
-}
-static inline real exp_fast(real x) {  // for x <= 0, as in a softmax after subtracting the max
-#if MOE_DOUBLE
-    return std::exp(x);
-#else
-    return exp_poly(x < -87.f ? -87.f : x);  // exp(-87) is 1.6e-38: zero, for a softmax
-#endif
-}
-
-// Softmax of one row of attention scores, in place. The max is subtracted
-// first so exp cannot overflow. The max and the sum run as eight interleaved
-// partial results, for the reason lane_sum gives (eight: rows are short).
-static void softmax_row(real* a, int n) {
-    real mx[8], sm[8] = {};
-    for (int j = 0; j < 8; j++) mx[j] = a[0];
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) mx[j] = a[i + j] > mx[j] ? a[i + j] : mx[j];
-    real maxv = a[0];
-    for (int j = 0; j < 8; j++) maxv = mx[j] > maxv ? mx[j] : maxv;
-    for (int r = i; r < n; r++) maxv = a[r] > maxv ? a[r] : maxv;
-    for (int s = 0; s < n; s++) a[s] = exp_fast(a[s] - maxv);
-    for (i = 0; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) sm[j] += a[i + j];
-    real sum = 0;
-    for (int j = 0; j < 8; j++) sum += sm[j];
-    for (int r = i; r < n; r++) sum += a[r];
-    for (int s = 0; s < n; s++) a[s] /= sum;
-}
 
 // --- Causal self-attention over packed rows. qkv[M,3C] comes from c_attn
 // (q in channels 0..C, k in C..2C, v in 2C..3C; head h owns channels
 // h*hs..(h+1)*hs of each). Sequence b is rows start[b]..start[b]+len[b].
 // For each head, position t of a sequence attends to its positions s <= t:
 //   att[t,s] = softmax_s(q_t . k_s / sqrt(hs)),  y_t = sum_s att[t,s] v_s.
-// att is saved for backward: for sequence b and head h a [len, len] block
-// (zero above the diagonal) at att + att_off[b] + h*len*len. y is [M,C].
-//
-// The dot products q . k_s, for 16 positions s at a time: with the keys
-// copied transposed, kt[j][s] (a row of ld >= n positions, a multiple of 16,
-// padded with zeros), the inner loop runs over 16 consecutive s and
-// vectorises, and the 16 sums stay in a register while j runs. Each is
-// still the sum over j in order (a dot product's own loop over j would not
-// vectorise: that reorders the sum, which the compiler may not do to
-// floats). Four query rows go at once, q + r*ldq for r < rows <= 4: each
-// multiply-add must wait for the one before it on the same sums, and four
-// rows give the CPU four independent chains to overlap. Row r's products go
-// to out + r*ldo, positions s < n. The backward pass uses it for dy . v_s.
-constexpr int S16 = 16, QR = 4;
-constexpr int BLOCK_PAD = (BLOCK_SIZE + S16 - 1) / S16 * S16;  // BLOCK_SIZE rounded up to 16
-static inline void dots16(real* out, int ldo, const real* q, int64_t ldq, int rows, const real* kt, int ld, int n) {
-    // (missing rows repeat the last one; their sums are not stored)
-    const real *q0 = q, *q1 = q + std::min(1, rows - 1) * ldq, *q2 = q + std::min(2, rows - 1) * ldq,
-               *q3 = q + std::min(3, rows - 1) * ldq;
-    for (int s0 = 0; s0 < n; s0 += S16) {
-        real c0[S16] = {}, c1[S16] = {}, c2[S16] = {}, c3[S16] = {};
-        for (int j = 0; j < HS; j++) {
-            const real* k = kt + (int64_t)j * ld + s0;
-            for (int i = 0; i < S16; i++)
-                c0[i] += q0[j] * k[i], c1[i] += q1[j] * k[i], c2[i] += q2[j] * k[i], c3[i] += q3[j] * k[i];
-        }
-        const real* c[QR] = {c0, c1, c2, c3};
-        for (int r = 0; r < rows; r++)
-            for (int i = 0; i < S16 && s0 + i < n; i++) out[r * ldo + s0 + i] = c[r][i];
-    }
-}
-// kt[j][s] = head h's key channel j of row s, for rows 0..T of a sequence
-// whose qkv rows start at base (channel offset koff: C for keys, 2C for
-// values); the row is padded with zeros to ld. Returns ld.
-static inline int transpose_head(real* kt, const real* base, int koff, int h, int T) {
-    const int ld = (T + S16 - 1) / S16 * S16;
-    for (int j = 0; j < HS; j++)
-        for (int s = T; s < ld; s++) kt[j * ld + s] = 0;
-    for (int s = 0; s < T; s++)
-        for (int j = 0; j < HS; j++) kt[j * ld + s] = base[(int64_t)s * 3 * C + koff + h * HS + j];
-    return ld;
-}
+// Dividing by sqrt(hs) keeps the scores' spread independent of the head size
+// (a dot product of hs unit-variance terms has variance hs), so the softmax
+// does not saturate. att is saved for backward: for sequence b and head h a
+// [len, len] block (zero above the diagonal) at att + att_off[b] + h*len*len.
+// y is [M,C]. Each (sequence, head) pair is independent: they are shared out.
 static void attention_forward(real* y, real* att, const real* qkv, const int* start, const int* len,
                               const int64_t* att_off, int B) {
+    if constexpr (FAST) if (fast::on) return fast::attention_forward(y, att, qkv, start, len, att_off, B);
     const real scale = 1 / std::sqrt((real)HS);
-    for (int b = 0; b < B; b++) g_flops += 2 * (int64_t)N_HEAD * len[b] * (len[b] + 1) * HS;  // q.k and att.v
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
-        real kt[HS * BLOCK_PAD];
         for (int i = i0; i < i1; i++) {
-            int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
-            const real* base = qkv + (int64_t)start[b] * 3 * C;
-            const int ld = transpose_head(kt, base, C, h, T);
+            const int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
+            const real* base = qkv + (int64_t)start[b] * 3 * C;  // row t of the sequence is base + t*3C
             for (int t = 0; t < T; t++) {
-                real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
-                if (t % QR == 0)  // the scores of rows t..t+3, each up to the last of them (the rest is zeroed below)
-                    dots16(a, T, base + (int64_t)t * 3 * C + h * HS, 3 * C, std::min(QR, T - t), kt, ld,
-                           std::min(t + QR, T));
-                for (int s = 0; s <= t; s++) a[s] *= scale;
-                softmax_row(a, t + 1);
-                for (int s = t + 1; s < T; s++) a[s] = 0;
-                // y_t in a local array: the compiler must assume y might
-                // overlap att or qkv, and would otherwise store and reload
-                // it for every s.
-                real acc[HS] = {};
+                const real* q = base + (int64_t)t * 3 * C + h * HS;
+                real* a = att + att_off[b] + ((int64_t)h * T + t) * T;  // the scores of row t, then its weights
+                for (int s = 0; s <= t; s++) a[s] = dot(q, base + (int64_t)s * 3 * C + C + h * HS, HS) * scale;
+                softmax_forward(a, a, 1, t + 1);
+                for (int s = t + 1; s < T; s++) a[s] = 0;  // the future: no weight
+                real* yt = y + ((int64_t)start[b] + t) * C + h * HS;
+                for (int j = 0; j < HS; j++) yt[j] = 0;
                 for (int s = 0; s <= t; s++) {
                     const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
-                    for (int j = 0; j < HS; j++) acc[j] += a[s] * v[j];
+                    for (int j = 0; j < HS; j++) yt[j] += a[s] * v[j];
                 }
-                std::memcpy(y + ((int64_t)start[b] + t) * C + h * HS, acc, sizeof acc);
             }
         }
     });
@@ -953,40 +674,35 @@ static void attention_forward(real* y, real* att, const real* qkv, const int* st
 //   a = softmax(z)             ->  dz_s = a_s (da_s - sum_r a_r da_r)
 //   z_s = q_t . k_s * scale    ->  dq_t += scale dz_s k_s,  dk_s += scale dz_s q_t
 // Each (b, h) pair writes only its own rows and channels of dqkv, so the
-// pairs run in parallel.
+// pairs are shared out as in the forward pass.
 static void attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, const int* start,
                                const int* len, const int64_t* att_off, int B) {
+    if constexpr (FAST) if (fast::on) return fast::attention_backward(dqkv, dy, att, qkv, start, len, att_off, B);
     const real scale = 1 / std::sqrt((real)HS);
-    for (int b = 0; b < B; b++) g_flops += 4 * (int64_t)N_HEAD * len[b] * (len[b] + 1) * HS;  // twice the forward
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
-        real da4[QR * BLOCK_PAD], vt[HS * BLOCK_PAD];  // vt: this head's values transposed, as kt in the forward pass
         for (int i = i0; i < i1; i++) {
-            int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
+            const int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
             const real* base = qkv + (int64_t)start[b] * 3 * C;
             real* dbase = dqkv + (int64_t)start[b] * 3 * C;
-            const int ld = transpose_head(vt, base, 2 * C, h, T);
             for (int t = 0; t < T; t++) {
                 const real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
                 const real* dyt = dy + ((int64_t)start[b] + t) * C + h * HS;
                 const real* q = base + (int64_t)t * 3 * C + h * HS;
-                if (t % QR == 0)  // da of rows t..t+3
-                    dots16(da4, BLOCK_PAD, dyt, C, std::min(QR, T - t), vt, ld, std::min(t + QR, T));
-                const real* da = da4 + (t % QR) * BLOCK_PAD;
-                real sum = 0;
+                real* dq = dbase + (int64_t)t * 3 * C + h * HS;
+                real da[BLOCK_SIZE], sum = 0;  // da_s, and sum_r a_r da_r
                 for (int s = 0; s <= t; s++) {
+                    const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
                     real* dv = dbase + (int64_t)s * 3 * C + 2 * C + h * HS;
+                    da[s] = dot(dyt, v, HS);
                     for (int j = 0; j < HS; j++) dv[j] += a[s] * dyt[j];
                     sum += a[s] * da[s];
                 }
-                real dq[HS] = {};  // summed over s here, added to dqkv once (as y in the forward pass)
                 for (int s = 0; s <= t; s++) {
-                    real dz = a[s] * (da[s] - sum) * scale;
+                    const real dz = a[s] * (da[s] - sum) * scale;
                     const real* k = base + (int64_t)s * 3 * C + C + h * HS;
                     real* dk = dbase + (int64_t)s * 3 * C + C + h * HS;
                     for (int j = 0; j < HS; j++) dq[j] += dz * k[j], dk[j] += dz * q[j];
                 }
-                real* dqt = dbase + (int64_t)t * 3 * C + h * HS;
-                for (int j = 0; j < HS; j++) dqt[j] += dq[j];
             }
         }
     });
@@ -995,35 +711,24 @@ static void attention_backward(real* dqkv, const real* dy, const real* att, cons
 
 // --- GELU, the tanh form GPT-2 uses:
 //   gelu(x) = x/2 (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
-// The experts evaluate it S*F times per layer, so it has to be fast, and the
-// C library's tanhf is one function call per element. In float,
-// tanh(u) = 1 - 2 / (exp(2u) + 1) with the vectorisable exp above; u is
-// clamped to +-9, where tanh is 1 in float.
-// tanh(u) is saved for the backward pass, which then needs no exp at all.
-// (The double build, used by the gradient check, keeps std::tanh.)
+// a smooth ReLU: near 0 for negative x, near x for positive. tanh(u) is
+// saved (th) so that the backward pass need not compute it again. Elements
+// are independent; they are shared out in chunks of 4096.
 static constexpr real GELU_S = (real)0.7978845608028654;  // sqrt(2/pi)
-static inline real tanh_fast(real u) {
-#if MOE_DOUBLE
-    return std::tanh(u);
-#else
-    u = u < -9.f ? -9.f : u > 9.f ? 9.f : u;  // (std::min and std::max also block vectorising)
-    return 1 - 2 / (exp_poly(2 * u) + 1);
-#endif
-}
-// out = gelu(inp), th = tanh(u) saved for backward; n elements, in parallel chunks.
 static void gelu_forward(real* out, real* th, const real* inp, int64_t n) {
+    if constexpr (FAST) if (fast::on) return fast::gelu_forward(out, th, inp, n);
     const int64_t chunk = 4096;
     parallel_for((int)((n + chunk - 1) / chunk), [=](int c0, int c1) {
-        const int64_t i0 = c0 * chunk, i1 = std::min(n, c1 * chunk);
-        for (int64_t i = i0; i < i1; i++) {
-            real x = inp[i];
-            th[i] = tanh_fast(GELU_S * (x + (real)0.044715 * x * x * x));
+        for (int64_t i = c0 * chunk; i < std::min(n, c1 * chunk); i++) {
+            const real x = inp[i];
+            th[i] = std::tanh(GELU_S * (x + (real)0.044715 * x * x * x));
             out[i] = (real)0.5 * x * (1 + th[i]);
         }
     });
 }
 #if !MOE_INFERENCE_ONLY
-//   d gelu/dx = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+// d gelu/dx = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) du/dx,
+//   du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)          (tanh' = 1 - tanh^2)
 // Unlike the other backward functions it sets dinp instead of adding to it:
 // its one caller (the expert MLP) hands it scratch that nothing else
 // writes, which then need not be zeroed first.
@@ -1040,8 +745,8 @@ static void gelu_backward(real* dinp, const real* inp, const real* th, const rea
 }
 #endif
 
-// ============================================================================
-// The Mixture of Experts
+// ----------------------------------------------------------------------------
+// 5. The Mixture of Experts
 //
 // A dense Transformer sends every token through one big MLP. An MoE layer
 // has E smaller MLPs ("experts") and a router that scores them per token;
@@ -1059,28 +764,17 @@ static void gelu_backward(real* dinp, const real* inp, const real* th, const rea
 // likely to be chosen. Below are the router (a Linear then a softmax), the
 // top-k gate, the load-balancing loss, and the experts themselves.
 
-// --- router softmax over the E experts of each of M rows (logits -> probs)
-static void softmax_forward(real* probs, const real* logits, int M, int n) {
-    for (int m = 0; m < M; m++) {
-        const real* z = logits + (int64_t)m * n;
-        real* p = probs + (int64_t)m * n;
-        real maxv = z[0], sum = 0;
-        for (int i = 1; i < n; i++) maxv = std::max(maxv, z[i]);
-        for (int i = 0; i < n; i++) sum += (p[i] = std::exp(z[i] - maxv));
-        for (int i = 0; i < n; i++) p[i] /= sum;
-    }
+// --- the router: logits[M,E] = x . Wr^T, a Linear without bias, then a
+// softmax over the E experts of each row (softmax_forward, section 4).
+static void router_forward(real* logits, const real* x, const LayerParams& w, int M) {
+    if constexpr (FAST) if (fast::on) return fast::router_forward(logits, x, w, M);
+    linear_forward(logits, x, w.router_w, nullptr, M, C, E);
 }
 #if !MOE_INFERENCE_ONLY
-// p_i = exp(z_i) / sum_j exp(z_j)  ->  dp_i/dz_k = p_i (delta_ik - p_k), so
-//   dz_k += p_k (dp_k - sum_i p_i dp_i)
-static void softmax_backward(real* dlogits, const real* dprobs, const real* probs, int M, int n) {
-    for (int m = 0; m < M; m++) {
-        const real* p = probs + (int64_t)m * n;
-        const real* dp = dprobs + (int64_t)m * n;
-        real dot = 0;
-        for (int i = 0; i < n; i++) dot += p[i] * dp[i];
-        for (int i = 0; i < n; i++) dlogits[(int64_t)m * n + i] += p[i] * (dp[i] - dot);
-    }
+// The logits' gradient through the router Linear into x and Wr.
+static void router_backward(real* dx, LayerParams& g, const real* drouter, const real* x, const LayerParams& p, int M) {
+    if constexpr (FAST) if (fast::on) return fast::router_backward(dx, g, drouter, x, p, M);
+    linear_backward(dx, g.router_w, nullptr, drouter, x, p.router_w, M, C, E);
 }
 #endif
 
@@ -1213,30 +907,14 @@ static void mlp_backward(real* dx, LayerParams& g, real* dhg, real* dh, const re
 #endif
 
 // Run fn(e) for each expert e, where the S routed slots are shared out
-// among them (expert e has offset[e+1] - offset[e] of them). Small experts:
-// the threads share out whole experts, with no hand-over between the layers
-// of one expert. They take them from a shared counter, largest first, so a
-// thread that is done takes the next: that evens out experts of unequal
-// size, and a core that runs slower (on a shared machine) does fewer (1-2%
-// of a step with 4 experts, 4% with 16). Big experts (above 16M
-// multiply-adds per layer): one after the other, each product sharing out
-// its rows, since whole experts of unequal size would leave a thread idle.
-// Each expert is computed alike whichever thread runs it, so results are the
-// same.
+// among them (expert e has offset[e+1] - offset[e] of them). The experts
+// are independent (their own weights, their own rows), so in what order, or
+// on which thread, each runs changes nothing: part two runs them two at a
+// time (section 17).
 template <class Fn>
 static void for_each_expert(int S, const int* offset, const Fn& fn) {
-    if ((int64_t)S * F * C >= (1 << 24)) {
-        for (int e = 0; e < E; e++) fn(e);
-        return;
-    }
-    auto rows = [offset](int e) { return offset[e + 1] - offset[e]; };
-    int order[E];
-    std::iota(order, order + E, 0);
-    std::stable_sort(order, order + E, [&rows](int x, int y) { return rows(x) > rows(y); });
-    std::atomic<int> next{0};  // shared by the threads on purpose: it hands out the experts
-    parallel_for(g_threads, [&fn, &order, &next](int, int) {  // one chunk per thread
-        for (int i; (i = next.fetch_add(1)) < E;) fn(order[i]);
-    });
+    if constexpr (FAST) if (fast::on) return fast::for_each_expert(S, offset, fn);
+    for (int e = 0; e < E; e++) fn(e);
 }
 
 struct MoeActs {  // what one MoE layer saves for backward
@@ -1250,16 +928,9 @@ struct MoeActs {  // what one MoE layer saves for backward
     std::vector<real> y;        // [S, C] expert outputs, before the gate
 };
 
-// The dense baseline (one expert, which every row goes to with gate 1, as
-// a softmax over one logit gives) needs no gathering or scattering: row m is
-// slot m, and out = 1 * y exactly. The test is cheap, and exact: anything
-// else takes the general path.
-static bool one_expert_for_all(int S, int M, const real* gate) {
-    return E == 1 && S == M && std::all_of(gate, gate + M, [](real g) { return g == 1; });
-}
-
-// out[M,C] = sum_j gate[m,j] * expert_{chosen[m,j]}(inp[m]); p is the
-// layer's forward view of the weights (Linear weights in panels).
+// out[M,C] = sum_j gate[m,j] * expert_{chosen[m,j]}(inp[m]), for the
+// layer's weights p: route (the counting sort), gather, run the experts,
+// scatter.
 static void experts_forward(real* out, MoeActs& a, const real* inp, const int* chosen, const real* gate,
                             const LayerParams& p, int M) {
     a.offset.assign(E + 1, 0);
@@ -1273,17 +944,13 @@ static void experts_forward(real* out, MoeActs& a, const real* inp, const int* c
     for (int i = 0; i < M * K; i++)  // in token order, so each expert's rows keep it
         if (chosen[i] >= 0) a.slot_of[i] = fill[chosen[i]]++, a.slot_src[a.slot_of[i]] = i;
     a.h.resize((size_t)S * F), a.th.resize((size_t)S * F), a.hg.resize((size_t)S * F);
-    if (one_expert_for_all(S, M, gate)) {  // nothing to gather or scatter: the expert reads inp, writes out
-        mlp_forward(out, a.h.data(), a.th.data(), a.hg.data(), inp, p, 0, M);
-        return;
-    }
+    if constexpr (FAST) if (fast::on && fast::experts_forward_dense(out, a, inp, gate, p, M)) return;
     a.x.resize((size_t)S * C), a.y.resize((size_t)S * C);
     real* xs = a.x.data();
     const int* src = a.slot_src.data();
     parallel_for(S, [=](int s0, int s1) {  // gather: each slot copies its token's row
         for (int s = s0; s < s1; s++) std::memcpy(xs + (size_t)s * C, inp + (int64_t)(src[s] / K) * C, C * sizeof(real));
     });
-    // The experts are independent (their own weights, their own rows).
     for_each_expert(S, a.offset.data(), [&a, &p](int e) {
         int s0 = a.offset[e], n = a.offset[e + 1] - s0;
         if (n == 0) return;
@@ -1317,12 +984,8 @@ struct MoeGrad {
 };
 static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& ws, const real* dout, const real* inp,
                              const MoeActs& a, const real* gate, const LayerParams& p, int M) {
-    int S = a.offset[E];
-    if (one_expert_for_all(S, M, gate)) {  // dy = dout, and dx goes straight to dinp; dgate is left
-        ws.dhg.resize((size_t)S * F), ws.dh.resize((size_t)S * F);  // alone (one expert's gate gets no gradient)
-        mlp_backward(dinp, g, ws.dhg.data(), ws.dh.data(), dout, inp, a.h.data(), a.th.data(), a.hg.data(), p, 0, M);
-        return;
-    }
+    if constexpr (FAST) if (fast::on && fast::experts_backward_dense(dinp, g, ws, dout, inp, a, gate, p, M)) return;
+    const int S = a.offset[E];
     ws.dy.resize((size_t)S * C);  // every element is set below: no need to zero it
     // dx accumulates: each expert zeroes its own rows just before it uses
     // them (in parallel, and while they are in the cache). dhg and dh are set.
@@ -1336,7 +999,7 @@ static void experts_backward(real* dinp, real* dgate, LayerParams& g, MoeGrad& w
             const real* d = dout + (int64_t)(i / K) * C;
             const real* y = ys + (size_t)s * C;
             for (int c = 0; c < C; c++) dys[(size_t)s * C + c] = gate[i] * d[c];
-            dgate[i] += lane_sum(C, [d, y](int c) { return d[c] * y[c]; });
+            dgate[i] += dot(d, y, C);
         }
     });
     for_each_expert(S, a.offset.data(), [&a, &p, &g, &ws](int e) {  // each expert's gradients are its own
@@ -1549,18 +1212,6 @@ struct Model {
     size_t n_params = 0;
     std::vector<real> params;
     Params p;
-    // The forward pass reads the weights through pt: a copy of params in
-    // which every Linear weight is stored transposed and cut into panels,
-    // as linear_forward wants it (write_forward_panels). Refreshed at each
-    // forward pass (the weights change at every step), and once per sample
-    // when sampling.
-    std::vector<real> params_t;
-    Params pt;
-    // True when params_t already holds the current params: AdamW sets it
-    // (it writes both), the next forward pass uses it and clears it. Code
-    // that changes params in any other way leaves it false, and the forward
-    // pass then refreshes params_t itself.
-    bool pt_fresh = false;
 #if !MOE_INFERENCE_ONLY
     std::vector<real> grads, adam_m, adam_v;  // same layout as params
     Params g;
@@ -1587,13 +1238,6 @@ struct Model {
 
 [[maybe_unused]] static int64_t expert_params() { return (int64_t)F * C + F + (int64_t)C * F + C; }
 
-// With one expert (the dense baseline) the router has nothing to decide: a
-// softmax over one logit is 1 whatever the logit, so every gate is 1, and
-// the gradient that reaches the logit is exactly 0. Its two products (the
-// logit, and in backward the logit's gradient through it) are skipped then,
-// unless the z-loss, which reads the logit itself, is on.
-constexpr bool ROUTER_IDLE = E == 1 && Z_COEF == 0;
-
 // The MoE block for M rows, x = ln_2 of the residual stream:
 //   router logits -> (noise) -> softmax -> top-k -> (capacity) -> aux loss,
 //   (z-loss) -> the routed experts -> (plus the shared experts) -> out[M,C]
@@ -1602,10 +1246,7 @@ static void moe_forward(real* out, LayerActs& a, const real* x, const LayerParam
                         Rng* train_rng, double capacity_factor) {
     a.logits.resize((size_t)M * E), a.probs.resize((size_t)M * E), a.chosen.resize((size_t)M * K);
     a.gate.resize((size_t)M * K), a.f.resize(E);
-    if (ROUTER_IDLE)
-        std::fill(a.logits.begin(), a.logits.end(), (real)0);
-    else
-        linear_forward(a.logits.data(), x, w.router_w, nullptr, M, C, E);
+    router_forward(a.logits.data(), x, w, M);
     const real* z = a.logits.data();
     a.noise_on = NOISY_GATE && train_rng;
     if (a.noise_on) {
@@ -1643,58 +1284,30 @@ static void model_init(Model& m, int V) {
     m.n_params = m.tensors.back().offset + m.tensors.back().size;
     m.params.assign(m.n_params, 0);
     point_params(m.p, m.params.data(), m.tensors);
-    m.params_t.assign(m.n_params, 0);
-    point_params(m.pt, m.params_t.data(), m.tensors);
 #if !MOE_INFERENCE_ONLY
     m.grads.assign(m.n_params, 0), m.adam_m.assign(m.n_params, 0), m.adam_v.assign(m.n_params, 0);
     point_params(m.g, m.grads.data(), m.tensors);
 #endif
 }
 
-// The forward pass's copy of a Linear weight src [rows, cols] (rows: the
-// outputs): src^T [cols, rows] cut into matmul's panels of 32 of its columns,
-// each panel stored whole as [cols][32] (the last maybe narrower), so that
-// the kernel reads it as it is. Rows r0..r1 of src, r0 a multiple of 32:
-// whole panels, each written front to back.
-static void write_forward_panels(real* dst, const real* src, int rows, int cols, int r0, int r1) {
-    for (int p0 = r0; p0 < r1; p0 += TN) {
-        const int w = std::min(TN, rows - p0);
-        real* d = dst + (size_t)p0 * cols;
-        for (int c = 0; c < cols; c++)
-            for (int j = 0; j < w; j++) d[(size_t)c * w + j] = src[(size_t)(p0 + j) * cols + c];
-    }
-}
+// The length of one forward pass (model_forward, or a sample's tokens). The
+// plain build needs nothing here; the fast one keeps, for as long as the
+// pass lasts, a copy of the weights in the layout its matmul reads fastest
+// (section 13).
+struct ForwardPass {
+    explicit ForwardPass(const Model& m) { if constexpr (FAST) if (fast::on) fast::forward_begin(m); }
+    ~ForwardPass() { if constexpr (FAST) if (fast::on) fast::forward_end(); }
+    ForwardPass(const ForwardPass&) = delete;
+    ForwardPass& operator=(const ForwardPass&) = delete;
+};
 
-// A Linear weight is a 2-D tensor that is not an embedding table.
-static bool is_linear_weight(const TensorInfo& t) {
-    return t.shape.size() == 2 && t.name.find(".wte.") == std::string::npos && t.name.find(".wpe.") == std::string::npos;
-}
-
-// params_t = params, with every Linear weight in panels. The tensors are
-// shared out among the threads. Training does not need this: AdamW writes
-// params_t as it updates params (section 7), and sets pt_fresh.
-static void refresh_forward_params(Model& m) {
-    const TensorInfo* t = m.tensors.data();
-    const real* src = m.params.data();
-    real* dst = m.params_t.data();
-    parallel_for((int)m.tensors.size(), [=](int i0, int i1) {
-        for (int i = i0; i < i1; i++) {
-            if (!is_linear_weight(t[i])) {
-                std::memcpy(dst + t[i].offset, src + t[i].offset, t[i].size * sizeof(real));
-                continue;
-            }
-            const int rows = t[i].shape[0];
-            write_forward_panels(dst + t[i].offset, src + t[i].offset, rows, t[i].shape[1], 0, rows);
-        }
-    });
-}
-
-// inputs, targets: [B,T]. targets may be null (sampling): then every position
-// is used and no loss is computed. Returns ce + aux_coef * aux_sum (+ Z_COEF * z_sum).
-static double model_forward(Model& m, const int* inputs, const int* targets, int B, int T, real aux_coef) {
-    // Pack: sequence b keeps its positions up to its last target (all T
-    // when sampling); what follows is padding, and is dropped.
-    m.B = B, m.aux_coef = aux_coef;
+// Pack a batch, inputs and targets [B,T] (targets null when sampling), into
+// rows (section 4): sequence b keeps its positions up to its last target
+// (all T when sampling); what follows is padding, and is dropped. Sets the
+// rows' tokens, positions and targets, where each sequence starts, and the
+// size of the attention blocks; returns that size.
+static int64_t pack_batch(Model& m, const int* inputs, const int* targets, int B, int T) {
+    m.B = B;
     m.start.resize(B), m.len.resize(B), m.att_off.resize(B);
     m.tok.clear(), m.pos.clear(), m.targets.clear();
     int64_t att_size = 0;
@@ -1709,11 +1322,20 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
             m.targets.push_back(targets ? targets[b * T + t] : -1);
         }
     }
-    const int M = m.M = (int)m.tok.size(), V = m.V;
+    m.M = (int)m.tok.size();
+    m.valid.resize(m.M);
+    for (int i = 0; i < m.M; i++) m.valid[i] = targets ? m.targets[i] >= 0 : 1;
+    return att_size;
+}
+
+// inputs, targets: [B,T]. targets may be null (sampling): then every position
+// is used and no loss is computed. Returns ce + aux_coef * aux_sum (+ Z_COEF * z_sum).
+static double model_forward(Model& m, const int* inputs, const int* targets, int B, int T, real aux_coef) {
+    const int64_t att_size = pack_batch(m, inputs, targets, B, T);
+    const int M = m.M, V = m.V;
+    m.aux_coef = aux_coef;
     // Size every saved activation for these M rows. resize keeps the memory
     // of a larger batch, so after the first step nothing is allocated.
-    m.valid.resize(M);
-    for (int i = 0; i < M; i++) m.valid[i] = targets ? m.targets[i] >= 0 : 1;
     for (auto& a : m.L) {
         a.x.resize((size_t)M * C), a.ln1.resize((size_t)M * C), a.ln1_mean.resize(M), a.ln1_rstd.resize(M);
         a.qkv.resize((size_t)M * 3 * C), a.att.resize((size_t)att_size), a.atty.resize((size_t)M * C);
@@ -1725,13 +1347,12 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
 
     // The forward pass proper: each layer reads the previous one's output
     // and writes its own named activations.
-    if (!m.pt_fresh) refresh_forward_params(m);
-    m.pt_fresh = false;
-    encoder_forward(m.L[0].x.data(), m.tok.data(), m.pos.data(), m.pt.wte, m.pt.wpe, M);
+    const ForwardPass pass(m);
+    encoder_forward(m.L[0].x.data(), m.tok.data(), m.pos.data(), m.p.wte, m.p.wpe, M);
     m.aux_sum = 0, m.z_sum = 0, m.dropped = 0, m.slots = 0;
     for (int l = 0; l < N_LAYER; l++) {
         LayerActs& a = m.L[l];
-        const LayerParams& w = m.pt.h[l];
+        const LayerParams& w = m.p.h[l];
         layernorm_forward(a.ln1.data(), a.ln1_mean.data(), a.ln1_rstd.data(), a.x.data(), w.ln1_w, w.ln1_b, M);
         linear_forward(a.qkv.data(), a.ln1.data(), w.attn_w, w.attn_b, M, C, 3 * C);
         attention_forward(a.atty.data(), a.att.data(), a.qkv.data(), m.start.data(), m.len.data(), m.att_off.data(), B);
@@ -1744,8 +1365,8 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
         real* next = l + 1 < N_LAYER ? m.L[l + 1].x.data() : m.x_out.data();
         residual_forward(next, a.x_mid.data(), a.moe_out.data(), M);
     }
-    layernorm_forward(m.lnf.data(), m.lnf_mean.data(), m.lnf_rstd.data(), m.x_out.data(), m.pt.lnf_w, m.pt.lnf_b, M);
-    linear_forward(m.logits.data(), m.lnf.data(), m.pt.lm_head, nullptr, M, C, V);
+    layernorm_forward(m.lnf.data(), m.lnf_mean.data(), m.lnf_rstd.data(), m.x_out.data(), m.p.lnf_w, m.p.lnf_b, M);
+    linear_forward(m.logits.data(), m.lnf.data(), m.p.lm_head, nullptr, M, C, V);
     // The loss: mean cross-entropy over the positions with a target, plus
     // the weighted load-balancing loss of every layer.
     m.ce_sum = 0, m.ce = 0, m.n_targets = 0;
@@ -1786,7 +1407,7 @@ static void moe_backward(real* dx, LayerParams& g, const real* dout, const Layer
         linear_backward(dx, g.noise_w, nullptr, w.dnoise.data(), x, p.noise_w, M, C, E);
     }
     if (Z_COEF > 0) zloss_backward(w.drouter.data(), a.lse.data(), a.logits.data(), valid, M, z_coef);
-    if (!ROUTER_IDLE) linear_backward(dx, g.router_w, nullptr, w.drouter.data(), x, p.router_w, M, C, E);
+    router_backward(dx, g, w.drouter.data(), x, p, M);
 }
 
 // The backward pass walks the forward pass in reverse. dres carries the
@@ -1832,79 +1453,39 @@ static void model_backward(Model& m) {
 //   p -= lr * wd * p                               decoupled weight decay
 //   m  = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2
 //   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-// Weight decay applies to every parameter, as in makemore. The gradient is
-// zeroed as it is used, ready for the next backward pass: a second sweep
-// over all the parameters just to zero them would cost as much again.
-//
-// The step also writes the forward pass's copy (params_t, see
-// refresh_forward_params), so that the next forward pass need not make it:
-// with many experts, the parameters are many and the tokens few, and every
-// sweep over all of them shows in the time of a step. The work is cut into
-// blocks: 64 rows of a Linear weight, which are then written to params_t as
-// two whole panels while they are still in the cache, or 4096 values of any
-// other tensor. The blocks are fixed by the shapes, and each value is
-// updated by the same expression in any block, so the result does not depend
-// on the number of threads.
-//
-// Why the build line has -fno-math-errno: C's sqrt must set errno when its
-// argument is negative, so without the flag g++ and clang++ emit a test and
-// a possible library call for every square root, and that branch stops them
-// from vectorising this loop. It then runs one value at a time, two to four
-// times as slow. v is never negative, the flag changes no result, and a
-// build without it prints a note when it trains.
+// m is a running mean of the gradient (momentum), v of its square; dividing
+// by sqrt(v) gives every parameter a step of about lr whatever the scale of
+// its gradient. Both start at zero, which biases them towards zero for the
+// first steps: dividing by 1 - b^t undoes that. The decay is "decoupled":
+// it shrinks the weight directly instead of joining the gradient, so Adam's
+// scaling does not undo it. Weight decay applies to every parameter, as in
+// makemore. The gradient is zeroed as it is used, ready for the next
+// backward pass (model_backward accumulates).
 struct AdamW {
     float lr = 5e-4f, weight_decay = 0.01f, beta1 = 0.9f, beta2 = 0.99f, eps = 1e-8f;
 };
-struct AdamBlock {
-    size_t begin, end;  // the values params[begin, end) of one tensor
-    int rows, cols;     // a Linear weight [rows, cols] starting at `base`...
-    size_t base;        // ...whose rows (begin-base)/cols .. (end-base)/cols these are; rows = 0 otherwise
+// The constants of step t, computed once per step.
+struct AdamStep {
+    real decay, step_size, bc2_sqrt, b1, b2, eps;
 };
-static std::vector<AdamBlock> adam_blocks(const std::vector<TensorInfo>& tensors) {
-    std::vector<AdamBlock> b;
-    for (const auto& t : tensors) {
-        if (is_linear_weight(t)) {
-            const int rows = t.shape[0], cols = t.shape[1];
-            for (int r = 0; r < rows; r += 2 * TN) {  // two panels (write_forward_panels wants whole ones)
-                const int r1 = std::min(rows, r + 2 * TN);
-                b.push_back({t.offset + (size_t)r * cols, t.offset + (size_t)r1 * cols, rows, cols, t.offset});
-            }
-        } else {
-            for (size_t i = 0; i < t.size; i += 4096)
-                b.push_back({t.offset + i, t.offset + std::min(t.size, i + 4096), 0, 0, t.offset});
-        }
-    }
-    return b;
+static AdamStep adam_step(const AdamW& o, int64_t t) {
+    const double bc1 = 1 - std::pow((double)o.beta1, (double)t), bc2 = 1 - std::pow((double)o.beta2, (double)t);
+    return {(real)(1 - (double)o.lr * o.weight_decay), (real)(o.lr / bc1), (real)std::sqrt(bc2), o.beta1, o.beta2,
+            o.eps};
+}
+// One parameter p with moments m, v and gradient g (zeroed here). The fast
+// AdamW (section 16) calls this same function, so both give the same bits.
+static inline void adam_update_one(real& p, real& m, real& v, real& g, const AdamStep& s) {
+    const real gr = g;
+    g = 0;
+    m = s.b1 * m + (1 - s.b1) * gr;
+    v = s.b2 * v + (1 - s.b2) * gr * gr;
+    p = p * s.decay - s.step_size * m / (std::sqrt(v) / s.bc2_sqrt + s.eps);
 }
 static void adamw_update(Model& m, const AdamW& o, int64_t t) {
-    double bc1 = 1 - std::pow((double)o.beta1, (double)t), bc2 = 1 - std::pow((double)o.beta2, (double)t);
-    const real step_size = (real)(o.lr / bc1), bc2_sqrt = (real)std::sqrt(bc2);
-    const real decay = (real)(1 - (double)o.lr * o.weight_decay);
-    const real b1 = o.beta1, b2 = o.beta2, eps = o.eps;
-    static std::vector<AdamBlock> blocks;  // the same for every step of this model
-    if (blocks.empty() || blocks.back().end != m.n_params) blocks = adam_blocks(m.tensors);
-    const AdamBlock* blk = blocks.data();
-    real *p = m.params.data(), *mm = m.adam_m.data(), *vv = m.adam_v.data(), *gr = m.grads.data();
-    real* pt = m.params_t.data();
-    parallel_for((int)blocks.size(), [=](int k0, int k1) {
-        for (int k = k0; k < k1; k++) {
-            const AdamBlock& a = blk[k];
-            for (size_t i = a.begin; i < a.end; i++) {
-                real g = gr[i];
-                gr[i] = 0;
-                mm[i] = b1 * mm[i] + (1 - b1) * g;
-                vv[i] = b2 * vv[i] + (1 - b2) * g * g;
-                p[i] = p[i] * decay - step_size * mm[i] / (std::sqrt(vv[i]) / bc2_sqrt + eps);
-            }
-            if (a.rows == 0) {
-                std::memcpy(pt + a.begin, p + a.begin, (a.end - a.begin) * sizeof(real));
-                continue;
-            }
-            const int r0 = (int)((a.begin - a.base) / a.cols), r1 = (int)((a.end - a.base) / a.cols);
-            write_forward_panels(pt + a.base, p + a.base, a.rows, a.cols, r0, r1);
-        }
-    });
-    m.pt_fresh = true;
+    if constexpr (FAST) if (fast::on) return fast::adamw_update(m, o, t);
+    const AdamStep s = adam_step(o, t);
+    for (size_t i = 0; i < m.n_params; i++) adam_update_one(m.params[i], m.adam_m[i], m.adam_v[i], m.grads[i], s);
 }
 #endif
 
@@ -2087,6 +1668,21 @@ static Dataset dataset_from_bytes(const std::string& raw, const std::string& pat
 
 static Dataset load_dataset(const std::string& path, bool text, uint64_t seed, const std::string& vocab) {
     return dataset_from_bytes(read_file(path), path, text, seed, vocab);
+}
+
+// A file of lines to evaluate (--eval, --val), with a model's vocabulary:
+// its lines encoded, and the context they need (the longest line + 1).
+// `flag` names the option in errors.
+struct LineFile {
+    std::vector<std::vector<int>> lines;
+    int T = 0;
+};
+static LineFile load_line_file(const std::string& path, const std::string& vocab, const std::string& flag) {
+    std::vector<Line> lines = split_lines(read_file(path));
+    if (lines.empty()) fail(flag + ": '" + path + "' has no non-empty lines to evaluate");
+    size_t longest = 0;
+    for (const auto& l : lines) longest = std::max(longest, l.text.size());
+    return {encode_lines(lines, vocab, path), (int)longest + 1};
 }
 
 // Fill inputs/targets [n, T] with the lines numbered in `which`, in the
@@ -2748,66 +2344,62 @@ static int sample_token(const real* logits, int V, double temperature, int top_k
 // backwards). So each layer keeps them in a cache, and one step runs the new
 // token alone through the same layer functions, attending over the cache:
 // the cost of a token grows with t (the attention), not with t^2.
+// One layer's cache: the key and value of every position so far, [BLOCK_SIZE, C]
+// each, and kt, part two's copy of the keys, transposed (section 15).
+struct KVLayer {
+    std::vector<real> k, v, kt;
+};
 struct KVCache {
-    std::vector<real> kt[N_LAYER];  // [C, BLOCK_PAD] per layer: keys, stored transposed (see model_step)
-    std::vector<real> v[N_LAYER];   // [BLOCK_SIZE, C] per layer: values
-    int len = 0;                               // positions cached
+    KVLayer L[N_LAYER];
+    int len = 0;  // positions cached
     // one token's activations, reused by every step
     std::vector<real> x, ln, qkv, y, att, proj, out, logits;
     LayerActs moe;  // the MoE block's activations for the one token (only the router's and experts' are used)
 };
 
+// Attention for one new position pos of a sequence whose earlier keys and
+// values are in the cache c: attention_forward's loop body for t = pos. The
+// new row's key and value (in qkv, [3C]) go into the cache first; y [C] gets
+// the heads' outputs, att [N_HEAD, BLOCK_SIZE] their weights.
+static void attention_step(real* y, real* att, const real* qkv, KVLayer& c, int pos) {
+    c.k.resize((size_t)BLOCK_SIZE * C), c.v.resize((size_t)BLOCK_SIZE * C);
+    std::memcpy(&c.k[(size_t)pos * C], qkv + C, C * sizeof(real));
+    std::memcpy(&c.v[(size_t)pos * C], qkv + 2 * C, C * sizeof(real));
+    if constexpr (FAST) if (fast::on) return fast::attention_step(y, att, qkv, c, pos);
+    const real scale = 1 / std::sqrt((real)HS);
+    for (int h = 0; h < N_HEAD; h++) {
+        real* a = att + h * BLOCK_SIZE;
+        for (int s = 0; s <= pos; s++) a[s] = dot(qkv + h * HS, &c.k[(size_t)s * C + h * HS], HS) * scale;
+        softmax_forward(a, a, 1, pos + 1);
+        for (int j = 0; j < HS; j++) y[h * HS + j] = 0;
+        for (int s = 0; s <= pos; s++)
+            for (int j = 0; j < HS; j++) y[h * HS + j] += a[s] * c.v[(size_t)s * C + h * HS + j];
+    }
+}
+
 // Run token `tok` at position cache.len; leaves its logits in cache.logits.
-// Reads the weights through m.pt: call refresh_forward_params first.
 static void model_step(Model& m, KVCache& c, int tok) {
+    const ForwardPass pass(m);
     const int pos = c.len;
     const uint8_t valid = 1;
     real mu, rs;  // layernorm statistics, not needed afterwards
     c.x.resize(C), c.ln.resize(C), c.qkv.resize(3 * C), c.y.resize(C), c.proj.resize(C);
     c.att.resize(N_HEAD * BLOCK_SIZE), c.out.resize(C), c.logits.resize(m.V);
-    encoder_forward(c.x.data(), &tok, &pos, m.pt.wte, m.pt.wpe, 1);
-    const real scale = 1 / std::sqrt((real)HS);
-    // The same layers as model_forward, for one row; the new key and value
-    // go into the cache before the attention reads it.
+    encoder_forward(c.x.data(), &tok, &pos, m.p.wte, m.p.wpe, 1);
+    // The same layers as model_forward, for one row.
     for (int l = 0; l < N_LAYER; l++) {
-        const LayerParams& w = m.pt.h[l];
+        const LayerParams& w = m.p.h[l];
         layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), w.ln1_w, w.ln1_b, 1);
         linear_forward(c.qkv.data(), c.ln.data(), w.attn_w, w.attn_b, 1, C, 3 * C);
-        c.kt[l].resize((size_t)C * BLOCK_PAD), c.v[l].resize((size_t)BLOCK_SIZE * C);
-        for (int i = 0; i < C; i++) c.kt[l][(size_t)i * BLOCK_PAD + pos] = c.qkv[C + i];
-        std::memcpy(&c.v[l][(size_t)pos * C], &c.qkv[2 * C], C * sizeof(real));
-        // attention_forward's loop body, for the last position only. First
-        // the scores q . k_s of each head, with the cached keys already
-        // transposed (rows of BLOCK_PAD: whatever lies past pos is finite,
-        // and is computed but not used).
-        real* att = c.att.data();  // [N_HEAD, BLOCK_SIZE]
-        for (int h = 0; h < N_HEAD; h++) {
-            real* a = att + h * BLOCK_SIZE;
-            dots16(a, 0, &c.qkv[h * HS], 0, 1, &c.kt[l][(size_t)h * HS * BLOCK_PAD], BLOCK_PAD, pos + 1);
-            for (int s = 0; s <= pos; s++) a[s] *= scale;
-            softmax_row(a, pos + 1);
-        }
-        // Then y = sum_s att[s] v_s for every head at once, in a local array
-        // (the compiler must assume c.y might overlap the cache, and would
-        // add one float at a time): each s then adds to C/16 independent
-        // vectors, not to one vector that must wait for its previous sum.
-        real y[C] = {};
-        for (int s = 0; s <= pos; s++) {
-            const real* vs = &c.v[l][(size_t)s * C];
-            for (int h = 0; h < N_HEAD; h++) {
-                const real as = att[h * BLOCK_SIZE + s];
-                for (int j = 0; j < HS; j++) y[h * HS + j] += as * vs[h * HS + j];
-            }
-        }
-        std::memcpy(c.y.data(), y, sizeof y);
+        attention_step(c.y.data(), c.att.data(), c.qkv.data(), c.L[l], pos);
         linear_forward(c.proj.data(), c.y.data(), w.attn_proj_w, w.attn_proj_b, 1, C, C);
         for (int i = 0; i < C; i++) c.x[i] += c.proj[i];
         layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), w.ln2_w, w.ln2_b, 1);
         moe_forward(c.out.data(), c.moe, c.ln.data(), w, &valid, 1, nullptr, 0);
         for (int i = 0; i < C; i++) c.x[i] += c.out[i];
     }
-    layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), m.pt.lnf_w, m.pt.lnf_b, 1);
-    linear_forward(c.logits.data(), c.ln.data(), m.pt.lm_head, nullptr, 1, C, m.V);
+    layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), m.p.lnf_w, m.p.lnf_b, 1);
+    linear_forward(c.logits.data(), c.ln.data(), m.p.lm_head, nullptr, 1, C, m.V);
     c.len++;
 }
 
@@ -2819,7 +2411,7 @@ static std::vector<int> generate(Model& m, std::vector<int> ctx, int max_new, bo
                                  double temperature, int top_k, Rng& rng,
                                  const std::function<void(int, double)>& emit) {
     KVCache cache;
-    refresh_forward_params(m);
+    const ForwardPass pass(m);  // one copy of the weights for the whole sample (section 13)
     size_t fed = ctx.size() - std::min<size_t>(ctx.size(), BLOCK_SIZE);  // ctx[fed..] is in the cache
     for (size_t i = fed; i < ctx.size(); i++) model_step(m, cache, ctx[i]);
     for (int i = 0; i < max_new; i++) {
@@ -3440,28 +3032,19 @@ extern "C" void on_signal(int sig) {
     g_signal = sig;
 }
 
+// Are all n values finite (no NaN, no infinity)?
+static bool all_finite(const real* p, size_t n) {
+    if constexpr (FAST) if (fast::on) return fast::all_finite(p, n);
+    for (size_t i = 0; i < n; i++)
+        if (!std::isfinite(p[i])) return false;
+    return true;
+}
 // The first parameter tensor whose gradient holds a NaN or an infinity, or
 // null. Checked every step, so a run that blows up stops before a bad update
 // reaches the weights (and the checkpoints).
-// (In float, a value is NaN or infinite when its exponent bits are all 1;
-// testing the bits with integer operations lets the loop vectorise.)
 static const TensorInfo* bad_gradient(const Model& m) {
-    for (const auto& t : m.tensors) {
-        const real* g = m.grads.data() + t.offset;
-        bool bad = false;
-#if MOE_DOUBLE
-        for (size_t i = 0; i < t.size; i++) bad |= !std::isfinite(g[i]);
-#else
-        uint32_t any = 0;
-        for (size_t i = 0; i < t.size; i++) {
-            uint32_t bits;
-            std::memcpy(&bits, &g[i], 4);
-            any |= (bits & 0x7f800000u) == 0x7f800000u;
-        }
-        bad = any;
-#endif
-        if (bad) return &t;
-    }
+    for (const auto& t : m.tensors)
+        if (!all_finite(m.grads.data() + t.offset, t.size)) return &t;
     return nullptr;
 }
 
@@ -3499,83 +3082,99 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
     return ts;
 }
 
-[[maybe_unused]] static int train(const Options& o) {
-    namespace fs = std::filesystem;
-    const std::string last = (fs::path(o.work_dir) / "last.safetensors").string();
-    const std::string best_path = (fs::path(o.work_dir) / "model.safetensors").string();
-    // A fresh run initialises the model from the seed. --resume rebuilds it
-    // from a checkpoint instead, with the checkpoint's seed (so the test
-    // split is the same) and, when the checkpoint holds it, the training
-    // state: step, generator, best loss and AdamW moments.
+// --- a training run: everything it holds between steps, and the pieces of
+// train() below (start, resume, evaluate and save, report).
+struct Training {
     Model m;
+    Dataset d;
+    int64_t seed = 0, step = 0;
+    double best = INFINITY;            // the best test loss so far (model.safetensors has its weights)
+    Rng rng{0}, noise{0};              // the batches; noisy gating's draws, apart from them
+    std::string last, best_path, log_path, svg_path;  // the files in the work dir
+    std::vector<std::string> val_names;  // the --val files' stems, which name them in the log and report
+    std::vector<LineFile> val;
+    std::vector<LogRow> hist;                // every evaluation, for log.tsv and report.svg
+    Routing rt_test;                         // the routing of the latest evaluation in this process
+    std::vector<std::vector<double>> rt_val;  // ... and of each --val file
+    bool evaluated = false;
+};
+
+// A 64-bit generator state kept as decimal text in a checkpoint's metadata.
+static bool meta_state(const Checkpoint& ck, const std::string& key, uint64_t* state) {
+    const std::string v = meta_get(ck, key);
+    char* end = nullptr;
+    errno = 0;
+    *state = std::strtoull(v.c_str(), &end, 10);
+    return !v.empty() && std::isdigit((unsigned char)v[0]) && !*end && !errno;
+}
+
+// --resume from a checkpoint with training state: the AdamW moments, the
+// step, the generators and the best loss, so the run continues bit for bit.
+static void restore_training_state(Training& t, const Checkpoint& ck) {
+    std::vector<int64_t> flat = {(int64_t)t.m.n_params};
+    copy_tensor(t.m.adam_m.data(), ck, "adamw.m", flat, true);
+    copy_tensor(t.m.adam_v.data(), ck, "adamw.v", flat, true);
+    t.step = meta_int(ck, "step");
+    bool ok = meta_state(ck, "rng", &t.rng.state);
+    if (NOISY_GATE) ok = meta_state(ck, "noise_rng", &t.noise.state) && ok;
+    // capacity and z-loss change training, not the tensors: only resuming must match them
+    for (auto [key, value, macro] : {std::tuple{"capacity_factor", CAPACITY_FACTOR, "MOE_CAPACITY_FACTOR"},
+                                     std::tuple{"z_coef", Z_COEF, "MOE_Z_COEF"}}) {
+        std::string v = ck.meta.count(key) ? meta_get(ck, key) : "0";
+        if (v != fmt("%g", value))
+            fail("checkpoint '" + ck.path + "' was trained with " + key + "=" + v + " but this binary was built with " +
+                 macro + "=" + fmt("%g", value) + ": to resume, rebuild with -D" + macro + "=" + v);
+    }
+    const std::string b = meta_get(ck, "best_test_loss");
+    char* end = nullptr;
+    t.best = std::strtod(b.c_str(), &end);
+    if (t.step < 0 || t.step > 1000000000 || !ok || b.empty() || *end || std::isnan(t.best))
+        fail("checkpoint '" + ck.path + "': its training state (step, rng, best_test_loss) is damaged; "
+             "resume from another checkpoint, or train afresh");
+    std::printf("resuming from %s at step %lld (seed %lld from the checkpoint)\n", ck.path.c_str(), (long long)t.step,
+                (long long)t.seed);
+}
+
+// The model, the data and the --val files of a run. A fresh run initialises
+// the model from the seed. --resume rebuilds it from a checkpoint instead,
+// with the checkpoint's seed (so the test split is the same) and, when the
+// checkpoint holds it, the training state. Everything is checked before
+// anything is written.
+static void start_training(Training& t, const Options& o) {
+    namespace fs = std::filesystem;
+    t.last = (fs::path(o.work_dir) / "last.safetensors").string();
+    t.best_path = (fs::path(o.work_dir) / "model.safetensors").string();
+    t.log_path = (fs::path(o.work_dir) / "log.tsv").string();
+    t.svg_path = (fs::path(o.work_dir) / "report.svg").string();
     Checkpoint ck;
-    int64_t seed = o.seed, step = 0;
-    double best = INFINITY;
-    bool have_state = false;
-    if (o.resume) {  // everything is checked before anything is written
-        ck = read_safetensors(o.checkpoint.empty() ? last : o.checkpoint);
-        load_model(m, ck);
+    t.seed = o.seed;
+    if (o.resume) {
+        ck = read_safetensors(o.checkpoint.empty() ? t.last : o.checkpoint);
+        load_model(t.m, ck);
         if ((meta_get(ck, "mode") == "text") != o.text)
             fail("checkpoint '" + ck.path + "' was trained in " + meta_get(ck, "mode") + " mode: " +
                  (o.text ? "drop --text" : "add --text"));
-        seed = meta_int(ck, "seed");
-        have_state = ck.tensors.count("adamw.m") && ck.tensors.count("adamw.v") && ck.meta.count("rng");
+        t.seed = meta_int(ck, "seed");
     }
-    Dataset d = load_dataset(o.input, o.text, (uint64_t)seed, o.resume ? checkpoint_vocab(ck) : "");
-    Rng rng = make_rng((uint64_t)seed, STREAM_TRAIN);
-    Rng noise = make_rng((uint64_t)seed, STREAM_NOISE);  // noisy gating's draws, apart from the batches
+    t.d = load_dataset(o.input, o.text, (uint64_t)t.seed, o.resume ? checkpoint_vocab(ck) : "");
+    t.rng = make_rng((uint64_t)t.seed, STREAM_TRAIN), t.noise = make_rng((uint64_t)t.seed, STREAM_NOISE);
     if (!o.resume) {
-        model_init(m, (int)d.vocab.size() + 1);
-        Rng init = make_rng((uint64_t)seed, STREAM_INIT);
-        init_params(m.params, m.tensors, init);
-    } else if (have_state) {
-        std::vector<int64_t> flat = {(int64_t)m.n_params};
-        copy_tensor(m.adam_m.data(), ck, "adamw.m", flat, true);
-        copy_tensor(m.adam_v.data(), ck, "adamw.v", flat, true);
-        step = meta_int(ck, "step");
-        std::string r = meta_get(ck, "rng"), b = meta_get(ck, "best_test_loss");
-        char* end = nullptr;
-        errno = 0;
-        rng.state = std::strtoull(r.c_str(), &end, 10);
-        bool rng_ok = !r.empty() && std::isdigit((unsigned char)r[0]) && !*end && !errno;
-        if (NOISY_GATE) {
-            std::string nr = meta_get(ck, "noise_rng");
-            errno = 0;
-            noise.state = std::strtoull(nr.c_str(), &end, 10);
-            rng_ok = rng_ok && !nr.empty() && std::isdigit((unsigned char)nr[0]) && !*end && !errno;
-        }
-        // capacity and z-loss change training, not the tensors: only resuming must match them
-        for (auto [key, value, macro] : {std::tuple{"capacity_factor", CAPACITY_FACTOR, "MOE_CAPACITY_FACTOR"},
-                                         std::tuple{"z_coef", Z_COEF, "MOE_Z_COEF"}}) {
-            std::string v = ck.meta.count(key) ? meta_get(ck, key) : "0";
-            if (v != fmt("%g", value))
-                fail("checkpoint '" + ck.path + "' was trained with " + key + "=" + v + " but this binary was built with " +
-                     macro + "=" + fmt("%g", value) + ": to resume, rebuild with -D" + macro + "=" + v);
-        }
-        best = std::strtod(b.c_str(), &end);
-        if (step < 0 || step > 1000000000 || !rng_ok || b.empty() || *end || std::isnan(best))
-            fail("checkpoint '" + ck.path + "': its training state (step, rng, best_test_loss) is damaged; "
-                 "resume from another checkpoint, or train afresh");
-        std::printf("resuming from %s at step %lld (seed %lld from the checkpoint)\n", ck.path.c_str(), (long long)step,
-                    (long long)seed);
+        model_init(t.m, (int)t.d.vocab.size() + 1);
+        Rng init = make_rng((uint64_t)t.seed, STREAM_INIT);
+        init_params(t.m.params, t.m.tensors, init);
+    } else if (ck.tensors.count("adamw.m") && ck.tensors.count("adamw.v") && ck.meta.count("rng")) {
+        restore_training_state(t, ck);
     } else {
         std::printf("fine-tuning %s: it holds no optimizer state, so AdamW starts fresh at step 0\n", ck.path.c_str());
     }
     // --val files (one per domain, say): evaluated beside the test split at
     // every evaluation, with the training vocabulary.
-    std::vector<std::string> val_names;
-    std::vector<std::vector<std::vector<int>>> val_sets;
-    std::vector<int> val_T;
     for (const auto& f : o.val_files) {
-        if (d.text) fail("--val works in line mode, where a file is a set of examples; in text mode use --eval later");
-        std::vector<Line> lines = split_lines(read_file(f));
-        if (lines.empty()) fail("--val: '" + f + "' has no non-empty lines to evaluate");
-        size_t longest = 0;
-        for (const auto& l : lines) longest = std::max(longest, l.text.size());
-        val_sets.push_back(encode_lines(lines, d.vocab, f)), val_T.push_back((int)longest + 1);
-        val_names.push_back(fs::path(f).stem().string());
-        if (std::count(val_names.begin(), val_names.end(), val_names.back()) > 1)
-            fail("--val: two files are named '" + val_names.back() + "'; the log and the report name files by it: "
+        if (t.d.text) fail("--val works in line mode, where a file is a set of examples; in text mode use --eval later");
+        t.val.push_back(load_line_file(f, t.d.vocab, "--val"));
+        t.val_names.push_back(fs::path(f).stem().string());
+        if (std::count(t.val_names.begin(), t.val_names.end(), t.val_names.back()) > 1)
+            fail("--val: two files are named '" + t.val_names.back() + "'; the log and the report name files by it: "
                  "rename one");
     }
     // The work dir is made now, before a long run, so that a bad -o fails at
@@ -3584,14 +3183,26 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
     fs::create_directories(o.work_dir, ec);
     if (!fs::is_directory(o.work_dir, ec))
         fail("cannot use work dir '" + o.work_dir + "': it is not a directory and could not be created (-o)");
+    if (o.resume) {
+        t.hist = read_log(t.log_path, t.val_names, t.step);
+        if (t.hist.empty() && t.step > 0)
+            std::printf("(no log.tsv with these --val files in %s: the report starts at step %lld)\n",
+                        o.work_dir.c_str(), (long long)t.step);
+    }
+    t.rt_test = routing_for(t.d.vocab);
+}
 
-    // The configuration and the parameter counts: total, and active per
-    // token (everything but the E - K experts a token does not use).
+// The configuration, the data and the parameter counts: total, and active
+// per token (everything but the E - K experts a token does not use).
+static void print_run_header(const Training& t, const Options& o) {
+    const Model& m = t.m;
+    const Dataset& d = t.d;
     int64_t expert = expert_params() * N_LAYER;  // one expert in every layer
     std::printf("moe.cpp: %s | threads %d\n", config_string().c_str(), g_threads);
 #if !defined(__NO_MATH_ERRNO__) && !defined(_MSC_VER)
-    std::printf("note: built without -fno-math-errno, so AdamW is not vectorised and steps are slower "
-                "(the build line at the top of moe.cpp has the flag)\n");
+    if (FAST)
+        std::printf("note: built without -fno-math-errno, so AdamW is not vectorised and steps are slower "
+                    "(the build line at the top of moe.cpp has the flag)\n");
 #endif
     if (d.text)
         std::printf("data: %s, text mode: %zu train / %zu test bytes, vocab %d, context %d\n", o.input.c_str(),
@@ -3604,172 +3215,181 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
                 NS ? (", plus " + std::to_string(NS) + " shared").c_str() : "");
     std::printf("training: batch %d, AdamW lr %g wd %g, aux_coef %g, steps %lld\n", o.batch_size, o.learning_rate,
                 o.weight_decay, o.aux_coef, (long long)o.max_steps);
+}
 
-    // last.safetensors: everything --resume needs to continue exactly.
-    auto save_last = [&] {
-        Meta meta = model_meta(d.vocab, d.text, d.T, step, seed, best);
-        meta["rng"] = std::to_string(rng.state);
-        if (NOISY_GATE) meta["noise_rng"] = std::to_string(noise.state);
-        std::vector<SaveTensor> ts = model_tensors(m);
-        ts.push_back({"adamw.m", {(int64_t)m.n_params}, m.adam_m.data()});
-        ts.push_back({"adamw.v", {(int64_t)m.n_params}, m.adam_v.data()});
-        write_safetensors(last, ts, meta);
-    };
+// last.safetensors: everything --resume needs to continue exactly.
+static void save_last(const Training& t) {
+    Meta meta = model_meta(t.d.vocab, t.d.text, t.d.T, t.step, t.seed, t.best);
+    meta["rng"] = std::to_string(t.rng.state);
+    if (NOISY_GATE) meta["noise_rng"] = std::to_string(t.noise.state);
+    std::vector<SaveTensor> ts = model_tensors(t.m);
+    ts.push_back({"adamw.m", {(int64_t)t.m.n_params}, t.m.adam_m.data()});
+    ts.push_back({"adamw.v", {(int64_t)t.m.n_params}, t.m.adam_v.data()});
+    write_safetensors(t.last, ts, meta);
+}
+
+// An evaluation: up to 1000 training lines and the whole test split (256
+// windows each in text mode), the --val files, then the log, the report and
+// the checkpoints: model.safetensors when the test loss is the best so far
+// (with fewer than 10 lines there is no test split, and the train loss
+// decides), and last.safetensors always.
+static void evaluate_and_save(Training& t, const Options& o) {
+    Model& m = t.m;
+    const Dataset& d = t.d;
+    EvalResult tr = d.text ? eval_text(m, d.train_text, 256) : eval_lines(m, d.train, d.T, 1000);
+    const bool no_test = d.text ? d.test_text.size() < 2 : d.test.empty();
+    t.rt_test = routing_for(d.vocab), t.evaluated = true;
+    EvalResult te = d.text ? eval_text(m, d.test_text, 256, &t.rt_test)
+                           : eval_lines(m, no_test ? d.train : d.test, d.T, 1000, &t.rt_test);
+    std::printf("step %6lld | train loss %.4f | test loss %.4f | expert load %s\n", (long long)t.step, tr.loss,
+                no_test ? NAN : te.loss, print_load(te.load).c_str());
+    LogRow row{t.step, tr.loss, no_test ? NAN : te.loss, {}, te.load};
+    t.rt_val.clear();
+    for (size_t v = 0; v < t.val.size(); v++) {
+        Routing rt = routing_for(d.vocab);
+        row.val.push_back(eval_lines(m, t.val[v].lines, t.val[v].T, SIZE_MAX, &rt).loss);
+        t.rt_val.push_back(rt.first);
+        if (!v) std::printf("step %6lld | val", (long long)t.step);
+        std::printf("%s %s %.4f", v ? " |" : "", t.val_names[v].c_str(), row.val.back());
+    }
+    if (!t.val.empty()) std::printf("\n");
+    t.hist.push_back(row);
+    write_text_atomic(t.log_path, "log", log_tsv(t.hist, t.val_names));
+    const std::string title = "moe.cpp: " + config_string() + " | " + o.input + " | step " + std::to_string(t.step);
+    write_text_atomic(t.svg_path, "report", training_svg(title, t.hist, t.val_names, t.rt_val, t.rt_test));
+    const double score = no_test ? tr.loss : te.loss;
+    if (score < t.best) {
+        t.best = score;
+        write_safetensors(t.best_path, model_tensors(m), model_meta(d.vocab, d.text, d.T, t.step, t.seed, t.best));
+        std::printf("step %6lld | new best test loss, saved %s\n", (long long)t.step, t.best_path.c_str());
+    }
+    save_last(t);
+    std::fflush(stdout);
+}
+
+// Sums over the steps since the last progress line.
+struct Progress {
+    double ms = 0, loss = 0, ce = 0, aux = 0, z = 0;
+    int64_t tokens = 0, steps = 0, dropped = 0, slots = 0;
+};
+static void print_progress(int64_t step, const Progress& p) {
+    // the variants' figures, when built in: z-loss per layer, slots dropped by capacity
+    std::string extra = (Z_COEF > 0 ? fmt(" | z %.4f", p.z / p.steps) : "") +
+                        (CAPACITY_FACTOR > 0 ? fmt(" | dropped %.2f%%", 100.0 * p.dropped / std::max<int64_t>(p.slots, 1))
+                                             : "");
+    std::printf("step %6lld | loss %.4f | ce %.4f | aux %.4f%s | %.2f ms/step | %.0f tok/s\n", (long long)step,
+                p.loss / p.steps, p.ce / p.steps, p.aux / p.steps, extra.c_str(), p.ms / p.steps,
+                p.tokens / (p.ms / 1000));
+    std::fflush(stdout);
+}
+
+// After the last step: where the tokens went at the last evaluation, then
+// samples from the final weights, from a generator of their own.
+static void final_report(Training& t, const Options& o) {
+    if (E > 1 && t.evaluated) {
+        if (!t.val_names.empty())
+            print_routing("routing by --val file: share of each file's tokens whose first choice is expert e",
+                          t.val_names, t.rt_val);
+        print_routing_by_class(t.rt_test);
+        std::printf("report: %s (loss curves, expert load, routing)\n", t.svg_path.c_str());
+    }
+    Rng srng = make_rng((uint64_t)t.seed, STREAM_SAMPLE);
+    if (t.d.text) {
+        std::printf("--- sample ---\n");
+        std::vector<int> ctx = {t.d.train_text[0]};
+        std::vector<int> out = generate(t.m, ctx, o.max_new_tokens, false, BLOCK_SIZE, o.temperature, o.top_k, srng, nullptr);
+        std::printf("%s\n", decode(out, t.d.vocab).c_str());
+    } else {
+        print_line_samples(t.m, t.d.vocab, t.d.T, o.num_samples, o.temperature, o.top_k, srng, &t.d);
+    }
+}
+
+// The training loop: a batch, the forward pass (loss), the backward pass,
+// one AdamW step. Every log interval, the averages since the last line;
+// every eval interval, the losses, the expert load and the checkpoints.
+[[maybe_unused]] static int train(const Options& o) {
+    Training t;
+    start_training(t, o);
+    print_run_header(t, o);
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
-    // The history of evaluations, for DIR/log.tsv and DIR/report.svg.
-    const std::string log_path = (fs::path(o.work_dir) / "log.tsv").string();
-    const std::string svg_path = (fs::path(o.work_dir) / "report.svg").string();
-    std::vector<LogRow> hist;
-    if (o.resume) {
-        hist = read_log(log_path, val_names, step);
-        if (hist.empty() && step > 0)
-            std::printf("(no log.tsv with these --val files in %s: the report starts at step %lld)\n",
-                        o.work_dir.c_str(), (long long)step);
-    }
-    Routing rt_test = routing_for(d.vocab);  // routing of the latest evaluation in this process
-    std::vector<std::vector<double>> rt_val;
-    bool evaluated = false;
-
-    // The training loop: a batch, the forward pass (loss), zeroed gradients,
-    // the backward pass, one AdamW step. Every log interval, the averages
-    // since the last line; every eval interval, the train and test loss, the
-    // expert load, and the checkpoints.
+    Model& m = t.m;
     AdamW opt;
     opt.lr = (float)o.learning_rate, opt.weight_decay = (float)o.weight_decay;
     std::vector<int> in, tg;
-    // Sums since the last log line; aux is printed as its mean per layer.
-    double t_log = 0, aux_log = 0, loss_log = 0, ce_log = 0, z_log = 0;
-    int64_t tok_log = 0, n_log = 0, dropped_log = 0, slots_log = 0;
-    if (step >= o.max_steps) std::printf("already at step %lld: nothing to train (raise --max-steps)\n", (long long)step);
-    while (step < o.max_steps) {
-        double t0 = now_ms();
-        train_batch(in, tg, d, o.batch_size, rng);
-        m.train_rng = &noise;  // training: noisy gating and capacity apply (when built in)
-        double loss = model_forward(m, in.data(), tg.data(), o.batch_size, d.T, (real)o.aux_coef);
+    Progress p;
+    if (t.step >= o.max_steps)
+        std::printf("already at step %lld: nothing to train (raise --max-steps)\n", (long long)t.step);
+    while (t.step < o.max_steps) {
+        const double t0 = now_ms();
+        train_batch(in, tg, t.d, o.batch_size, t.rng);
+        m.train_rng = &t.noise;  // training: noisy gating and capacity apply (when built in)
+        const double loss = model_forward(m, in.data(), tg.data(), o.batch_size, t.d.T, (real)o.aux_coef);
         m.train_rng = nullptr;
         if (!std::isfinite(loss))
-            fail("the loss became " + std::to_string(loss) + " at step " + std::to_string(step + 1) +
+            fail("the loss became " + std::to_string(loss) + " at step " + std::to_string(t.step + 1) +
                  "; the checkpoints on disk are from before it. Try a lower --learning-rate");
         model_backward(m);  // the gradients are zero: model_init and adamw_update leave them so
-        if (const TensorInfo* t = bad_gradient(m))
-            fail("the gradient of " + t->name + " became NaN or infinite at step " + std::to_string(step + 1) +
+        if (const TensorInfo* bad = bad_gradient(m))
+            fail("the gradient of " + bad->name + " became NaN or infinite at step " + std::to_string(t.step + 1) +
                  " (loss " + std::to_string(loss) + "); the checkpoints on disk are from before it. Try a lower "
                  "--learning-rate");
-        adamw_update(m, opt, ++step);
-        t_log += now_ms() - t0, tok_log += m.n_targets, n_log++;
-        loss_log += loss, ce_log += m.ce, aux_log += m.aux_sum / N_LAYER, z_log += m.z_sum / N_LAYER;
-        dropped_log += m.dropped, slots_log += m.slots;
-        if (step % o.log_interval == 0 || step == o.max_steps) {
-            // the variants' figures, when built in: z-loss per layer, slots dropped by capacity
-            std::string extra = (Z_COEF > 0 ? fmt(" | z %.4f", z_log / n_log) : "") +
-                                (CAPACITY_FACTOR > 0 ? fmt(" | dropped %.2f%%", 100.0 * dropped_log / std::max<int64_t>(slots_log, 1)) : "");
-            std::printf("step %6lld | loss %.4f | ce %.4f | aux %.4f%s | %.2f ms/step | %.0f tok/s\n", (long long)step,
-                        loss_log / n_log, ce_log / n_log, aux_log / n_log, extra.c_str(), t_log / n_log,
-                        tok_log / (t_log / 1000));
-            std::fflush(stdout);
-            t_log = aux_log = loss_log = ce_log = z_log = 0, tok_log = n_log = dropped_log = slots_log = 0;
-        }
-        // Evaluation: up to 1000 training lines and the whole test split (256
-        // windows each in text mode); the expert load is that of the test set.
-        if (step % o.eval_interval == 0 || step == o.max_steps) {
-            EvalResult tr = d.text ? eval_text(m, d.train_text, 256) : eval_lines(m, d.train, d.T, 1000);
-            // With fewer than 10 lines there is no test split; the train loss picks the best model then.
-            bool no_test = d.text ? d.test_text.size() < 2 : d.test.empty();
-            rt_test = routing_for(d.vocab), evaluated = true;
-            EvalResult te = d.text ? eval_text(m, d.test_text, 256, &rt_test)
-                                   : eval_lines(m, no_test ? d.train : d.test, d.T, 1000, &rt_test);
-            std::printf("step %6lld | train loss %.4f | test loss %.4f | expert load %s\n", (long long)step, tr.loss,
-                        no_test ? NAN : te.loss, print_load(te.load).c_str());
-            LogRow row{step, tr.loss, no_test ? NAN : te.loss, {}, te.load};
-            rt_val.clear();
-            for (size_t v = 0; v < val_sets.size(); v++) {
-                Routing rt = routing_for(d.vocab);
-                row.val.push_back(eval_lines(m, val_sets[v], val_T[v], SIZE_MAX, &rt).loss);
-                rt_val.push_back(rt.first);
-                if (!v) std::printf("step %6lld | val", (long long)step);
-                std::printf("%s %s %.4f", v ? " |" : "", val_names[v].c_str(), row.val.back());
-            }
-            if (!val_sets.empty()) std::printf("\n");
-            hist.push_back(row);
-            write_text_atomic(log_path, "log", log_tsv(hist, val_names));
-            write_text_atomic(svg_path, "report",
-                              training_svg("moe.cpp: " + config_string() + " | " + o.input + " | step " + std::to_string(step),
-                                           hist, val_names, rt_val, rt_test));
-            double score = no_test ? tr.loss : te.loss;
-            if (score < best) {
-                best = score;
-                write_safetensors(best_path, model_tensors(m), model_meta(d.vocab, d.text, d.T, step, seed, best));
-                std::printf("step %6lld | new best test loss, saved %s\n", (long long)step, best_path.c_str());
-            }
-            save_last();
-            std::fflush(stdout);
-        }
+        adamw_update(m, opt, ++t.step);
+        p.ms += now_ms() - t0, p.tokens += m.n_targets, p.steps++;
+        p.loss += loss, p.ce += m.ce, p.aux += m.aux_sum / N_LAYER, p.z += m.z_sum / N_LAYER;
+        p.dropped += m.dropped, p.slots += m.slots;
+        if (t.step % o.log_interval == 0 || t.step == o.max_steps) print_progress(t.step, p), p = Progress{};
+        if (t.step % o.eval_interval == 0 || t.step == o.max_steps) evaluate_and_save(t, o);
         if (g_signal) {
-            save_last();
+            save_last(t);
             std::printf("stopped by %s after step %lld: saved %s\ncontinue with the same command and --resume\n",
-                        g_signal == SIGINT ? "Ctrl-C" : "SIGTERM", (long long)step, last.c_str());
+                        g_signal == SIGINT ? "Ctrl-C" : "SIGTERM", (long long)t.step, t.last.c_str());
             std::fflush(stdout);
             return 128 + g_signal;
         }
     }
-    // Where the tokens went at the last evaluation, then samples from the
-    // final weights, from a generator of their own.
-    if (E > 1 && evaluated) {
-        if (!val_names.empty())
-            print_routing("routing by --val file: share of each file's tokens whose first choice is expert e", val_names,
-                          rt_val);
-        print_routing_by_class(rt_test);
-        std::printf("report: %s (loss curves, expert load, routing)\n", svg_path.c_str());
-    }
-    Rng srng = make_rng((uint64_t)seed, STREAM_SAMPLE);
-    if (d.text) {
-        std::printf("--- sample ---\n");
-        std::vector<int> ctx = {d.train_text[0]};
-        std::string s = decode(generate(m, ctx, o.max_new_tokens, false, BLOCK_SIZE, o.temperature, o.top_k, srng, nullptr),
-                               d.vocab);
-        std::printf("%s\n", s.c_str());
-    } else {
-        print_line_samples(m, d.vocab, d.T, o.num_samples, o.temperature, o.top_k, srng, &d);
-    }
+    final_report(t, o);
     return 0;
 }
 #endif
 
-// The model that sampling, evaluation and routing use: --checkpoint, or the
-// work dir's best one. Returns the checkpoint, whose metadata has the rest.
-static Checkpoint load_for_use(const Options& o, Model& m) {
+// --- a model to use: sampling, evaluation and routing load --checkpoint, or
+// the work dir's best one, with what its metadata says about the data.
+struct Loaded {
+    Model m;
+    Checkpoint ck;
+    std::string vocab;
+    bool text = false;
+    int context = 0;
+};
+static void load_for_use(const Options& o, Loaded& l) {
     namespace fs = std::filesystem;
-    Checkpoint ck = read_safetensors(o.checkpoint.empty() ? (fs::path(o.work_dir) / "model.safetensors").string()
-                                                          : o.checkpoint);
-    load_model(m, ck);
-    int64_t context = meta_int(ck, "context");
-    if (context < 2 || context > BLOCK_SIZE) fail("checkpoint '" + ck.path + "': metadata 'context' is out of range");
-    return ck;
+    l.ck = read_safetensors(o.checkpoint.empty() ? (fs::path(o.work_dir) / "model.safetensors").string() : o.checkpoint);
+    load_model(l.m, l.ck);
+    const int64_t context = meta_int(l.ck, "context");
+    if (context < 2 || context > BLOCK_SIZE) fail("checkpoint '" + l.ck.path + "': metadata 'context' is out of range");
+    l.vocab = checkpoint_vocab(l.ck), l.text = meta_get(l.ck, "mode") == "text", l.context = (int)context;
 }
 
 // Sampling from a checkpoint: samples (makemore style, sorted against the
 // data file when it is there), or the continuation of --prompt.
 [[maybe_unused]] static void sample_only(const Options& o) {
-    Model m;
-    const Checkpoint ck = load_for_use(o, m);
-    const std::string vocab = checkpoint_vocab(ck);
-    const bool text = meta_get(ck, "mode") == "text";
-    const int context = (int)meta_int(ck, "context");
+    Loaded l;
+    load_for_use(o, l);
     Rng rng = make_rng((uint64_t)o.seed, STREAM_SAMPLE);
     // A prompt, or text mode: one continuation, printed as it is made.
-    if (o.have_prompt || text) {
-        std::vector<int> ctx = text ? std::vector<int>{} : std::vector<int>{0};
-        std::vector<int> p = encode(o.prompt, vocab, "--prompt");
+    if (o.have_prompt || l.text) {
+        std::vector<int> ctx = l.text ? std::vector<int>{} : std::vector<int>{0};
+        std::vector<int> p = encode(o.prompt, l.vocab, "--prompt");
         ctx.insert(ctx.end(), p.begin(), p.end());
         if (ctx.empty()) ctx.push_back(1);  // text mode needs something to continue
-        std::printf("%s", decode(ctx, vocab).c_str());
+        std::printf("%s", decode(ctx, l.vocab).c_str());
         std::fflush(stdout);
         double ms = 0;
         int n = 0;
-        generate(m, ctx, text ? o.max_new_tokens : std::min(o.max_new_tokens, BLOCK_SIZE), !text, context,
+        generate(l.m, ctx, l.text ? o.max_new_tokens : std::min(o.max_new_tokens, BLOCK_SIZE), !l.text, l.context,
                  o.temperature, o.top_k, rng, [&](int t, double dt) {
-                     std::printf("%c", vocab[t - 1]);
+                     std::printf("%c", l.vocab[t - 1]);
                      std::fflush(stdout);
                      ms += dt, n++;
                  });
@@ -3781,39 +3401,35 @@ static Checkpoint load_for_use(const Options& o, Model& m) {
     Dataset d;
     bool have_data = false;
     try {  // the data file only sorts the samples; without it they are just printed
-        d = load_dataset(o.input, false, (uint64_t)meta_int(ck, "seed"), vocab);
+        d = load_dataset(o.input, false, (uint64_t)meta_int(l.ck, "seed"), l.vocab);
         have_data = true;
     } catch (const std::runtime_error& e) {
         std::printf("(not sorting samples against the training data: %s)\n", e.what());
     }
-    print_line_samples(m, vocab, context, o.num_samples, o.temperature, o.top_k, rng, have_data ? &d : nullptr);
+    print_line_samples(l.m, l.vocab, l.context, o.num_samples, o.temperature, o.top_k, rng, have_data ? &d : nullptr);
 }
 
+// --eval: each file is read with the checkpoint's vocabulary and context: in
+// line mode every line, padded to the file's longest; in text mode
+// consecutive windows. The loss is the mean over every predicted byte (and
+// end marker). Then the routing tables, and --arith.
 [[maybe_unused]] static void eval_files(const Options& o) {
-    Model m;
-    const Checkpoint ck = load_for_use(o, m);
-    const std::string vocab = checkpoint_vocab(ck);
-    const bool text = meta_get(ck, "mode") == "text";
-    // Each file is read with the checkpoint's vocabulary and context: in line
-    // mode every line, padded to the file's longest; in text mode consecutive
-    // windows. The loss is the mean over every predicted byte (and end marker).
-    if (!o.arith_file.empty() && text)
+    Loaded l;
+    load_for_use(o, l);
+    if (!o.arith_file.empty() && l.text)
         fail("--arith needs a line-mode model: its prompts are lines, and this checkpoint is text mode");
     std::vector<std::vector<double>> by_file;
-    Routing all = routing_for(vocab);
+    Routing all = routing_for(l.vocab);
     for (const auto& f : o.eval_files) {
-        std::string raw = read_file(f);
         EvalResult r;
-        Routing rt = routing_for(vocab);
-        if (text) {
+        Routing rt = routing_for(l.vocab);
+        if (l.text) {
+            std::string raw = read_file(f);
             if (raw.size() < 2) fail("'" + f + "' has fewer than 2 bytes: nothing to predict");
-            r = eval_text(m, encode(raw, vocab, f), SIZE_MAX, &rt);
+            r = eval_text(l.m, encode(raw, l.vocab, f), SIZE_MAX, &rt);
         } else {
-            std::vector<Line> lines = split_lines(raw);
-            if (lines.empty()) fail("'" + f + "' has no non-empty lines to evaluate");
-            size_t longest = 0;
-            for (const auto& l : lines) longest = std::max(longest, l.text.size());
-            r = eval_lines(m, encode_lines(lines, vocab, f), (int)longest + 1, SIZE_MAX, &rt);
+            const LineFile lf = load_line_file(f, l.vocab, "--eval");
+            r = eval_lines(l.m, lf.lines, lf.T, SIZE_MAX, &rt);
         }
         std::printf("eval %s loss %.6f tokens %lld\n", f.c_str(), r.loss, (long long)r.tokens);
         std::printf("  expert load %s\n", print_load(r.load).c_str());
@@ -3826,25 +3442,22 @@ static Checkpoint load_for_use(const Options& o, Model& m) {
     }
     if (!o.arith_file.empty()) {
         Rng rng = make_rng((uint64_t)o.seed, STREAM_SAMPLE);
-        arith_report(m, vocab, (int)meta_int(ck, "context"), o.arith_file, o.temperature, rng);
+        arith_report(l.m, l.vocab, l.context, o.arith_file, o.temperature, rng);
     }
 }
 
 // --route: the routing explorer on TEXT, or on each line of standard input.
 [[maybe_unused]] static void route_mode(const Options& o) {
-    Model m;
-    const Checkpoint ck = load_for_use(o, m);
-    const std::string vocab = checkpoint_vocab(ck);
-    const bool text = meta_get(ck, "mode") == "text";
-    const int context = (int)meta_int(ck, "context");
-    if (o.route != "-") return route_line(m, vocab, text, context, o.route, o.gates);
+    Loaded l;
+    load_for_use(o, l);
+    if (o.route != "-") return route_line(l.m, l.vocab, l.text, l.context, o.route, o.gates);
     // Standard input: a line that cannot be routed is reported and skipped,
     // and the run ends with an error if any was.
     int bad = 0;
     auto one = [&](std::string& line) {
         if (!line.empty() && line.back() == '\r') line.pop_back();
         try {
-            if (!line.empty()) route_line(m, vocab, text, context, line, o.gates);
+            if (!line.empty()) route_line(l.m, l.vocab, l.text, l.context, line, o.gates);
         } catch (const std::runtime_error& e) {
             std::fprintf(stderr, "error: %s\n", e.what());
             bad++;
@@ -3883,3 +3496,928 @@ int main(int argc, char** argv) {
     }
 }
 #endif
+
+// ============================================================================
+// PART TWO: MAKING IT FAST
+//
+// Everything below exists only for speed, and computes what part one
+// computes. Each section opens with the plain functions it replaces and the
+// test that holds the two together: tests/test_fast.cpp runs each kernel
+// here beside its plain twin (fast::on switched off) and checks that the
+// matrix multiply agrees bit for bit and the rest within a stated bound;
+// test_model checks that 1 and 2 threads give bit-identical gradients. The
+// build line's -march=native lets g++ vectorise the loops below for this
+// machine's widest vectors: most are written so that it can (no reordered
+// float sums, no calls it cannot inline).
+// ============================================================================
+#if MOE_FAST
+namespace fast {
+bool on = true;
+}
+
+// ----------------------------------------------------------------------------
+// 12. The thread pool
+//
+// Replaces: the plain parallel_for of section 2, f(0, n). Held to it by its
+// contract (every index computed alike in any range): test_pool runs jobs of
+// every width on 8 threads and checks that each index runs exactly once,
+// test_model and cli_threads that 1, 2 and 3 threads give bit-identical
+// gradients and checkpoints.
+
+// A small pool of worker threads, started once. parallel_for(n, f) cuts
+// [0, n) into one contiguous chunk per thread and calls f(begin, end) on each;
+// the calling thread takes the first chunk.
+struct ThreadPool {
+    std::vector<std::thread> workers;
+    std::mutex mu;
+    std::condition_variable wake;
+    const std::function<void(int)>* job = nullptr;
+    std::atomic<int> n_jobs{0}, pending{0};
+    std::atomic<uint64_t> generation{0};  // bumped once per parallel_for
+    std::atomic<bool> quit{false};
+
+    // Thread 0 is the caller; threads 1..n-1 are workers that live as long
+    // as the program.
+    void start(int n_threads) {
+        for (int i = 1; i < n_threads; i++) workers.emplace_back([this, i] { loop(i); });
+    }
+    // A training step makes a few hundred parallel calls, microseconds apart,
+    // with stretches of serial work between them. Waking a sleeping thread
+    // costs tens of microseconds (more in a virtual machine), as much as a
+    // small parallel call saves, so an idle worker watches the generation
+    // counter for 5 ms before it goes to sleep: through a training step it
+    // never sleeps, and an idle program soon stops watching. It spins for
+    // the first few thousand looks, then yields the core between looks, so
+    // that with more threads than cores the ones with work get to run.
+    void loop(int me) {
+        uint64_t seen = 0;
+        for (;;) {
+            auto idle_since = std::chrono::steady_clock::now();
+            for (int looks = 0; generation.load(std::memory_order_acquire) == seen && !quit; looks++) {
+                if (looks < 4096) continue;
+                std::this_thread::yield();
+                if (std::chrono::steady_clock::now() - idle_since < std::chrono::milliseconds(5)) continue;
+                std::unique_lock<std::mutex> lock(mu);
+                wake.wait(lock, [&] { return quit || generation.load() != seen; });
+            }
+            if (quit) return;
+            // Read the job and its size together with the generation they
+            // belong to, under the lock run() publishes them with: a worker
+            // that sat out one job (me >= n) may wake only after the next one
+            // is posted, and must not mix one job's size with another's.
+            const std::function<void(int)>* f;
+            int n;
+            {
+                std::lock_guard<std::mutex> lock(mu);
+                seen = generation.load(), f = job, n = n_jobs.load();
+            }
+            if (me < n) {
+                (*f)(me);
+                pending.fetch_sub(1, std::memory_order_acq_rel);
+            }
+        }
+    }
+    // Publish the job, bump the generation (which is what the workers wait
+    // for), run chunk 0 here, then wait until every worker has reported.
+    void run(int n, const std::function<void(int)>& f) {  // f(0) .. f(n-1), n <= threads
+        {
+            std::lock_guard<std::mutex> lock(mu);  // no worker misses the wake-up or sees half a job
+            job = &f;
+            n_jobs.store(n), pending.store(n - 1);
+            generation.fetch_add(1, std::memory_order_acq_rel);
+        }
+        wake.notify_all();
+        f(0);
+        for (int spins = 0; pending.load(std::memory_order_acquire) != 0; spins++)
+            if (spins > 1000) std::this_thread::yield();
+    }
+    ~ThreadPool() {  // at exit: wake every worker with quit set, and join them
+        {
+            std::lock_guard<std::mutex> lock(mu);
+            quit = true;
+        }
+        wake.notify_all();
+        for (auto& t : workers) t.join();
+    }
+};
+static ThreadPool g_pool;
+// True on a thread that is running a chunk of a parallel_for: a parallel_for
+// inside it (a matmul inside one expert, say) then runs serially on that
+// thread. Nothing changes in the result, only who computes it.
+static thread_local bool t_in_parallel = false;
+
+[[maybe_unused]] static void set_threads(int n) {
+    g_threads = n;
+    g_pool.start(n);
+}
+
+// Where parallel_for cuts [0, n) among the threads, as fractions of n: at[i]
+// is where thread i's chunk starts (at[0] = 0, at[threads] = 1). Each call
+// site keeps its own (see parallel_for).
+struct Cuts {
+    std::vector<double> at;
+    std::vector<int> cut;       // this call's cuts, in indices
+    std::vector<double> secs;   // this call's time per chunk
+};
+
+// f(begin, end), on a copy of f of its own. It is compiled once for each f
+// and called through a pointer that the compiler cannot see through
+// (parallel_for's `range`), so it is neither inlined nor specialised. A loop
+// inlined into two callers is compiled twice, and the copies may differ in
+// the last bit of a float (whether a*b + c becomes one fused multiply-add
+// depends on what the compiler sees around it): then the serial path and a
+// thread's chunk, or two threads, would compute the same index differently.
+// That happened, in a build with ThreadSanitizer.
+template <class Fn>
+static void run_range(const void* f, int begin, int end) {
+    Fn mine = *static_cast<const Fn*>(f);
+    mine(begin, end);
+}
+
+// Each thread runs its own copy of f (run_range), and the call sites capture
+// by value ([=]): a lambda that captures by reference makes every thread read
+// the caller's stack while the caller writes to it, and the cache line shared
+// by both then bounces between the cores (it halved the speed of two threads).
+//
+// Where to cut. Equal chunks finish together only if both cores run at the
+// same speed, and on a shared machine they often do not: for minutes at a
+// time one runs 10-30% slower than the other, which then waits at the
+// end of every call. Handing out small pieces from a shared counter would
+// even that out, but a thread would then no longer work on the rows it wrote
+// in the previous call, which are in its own cache (that was 2-4% slower).
+// So each call site keeps its cuts from call to call and moves them towards
+// where the threads would have finished together: each chunk is timed, its
+// time is taken as spread evenly over its indices, and each cut moves a fifth
+// of the way to the index where the times, added up, reach its share of the
+// total. A cut stays within half a chunk of the even split. When the cores
+// run alike, the cuts stay near the middle, and the rows near the cut are the
+// only ones that change hands. Results do not depend on where the cuts fall,
+// for the reason above (every index is computed alike in any chunk). A call
+// with fewer than 4 indices per thread is cut evenly: an index or two is too
+// coarse to balance.
+template <class Fn>
+static void parallel_for(int n, const Fn& f) {
+    static void (*volatile range)(const void*, int, int) = run_range<Fn>;  // volatile: read at run time
+    int nt = std::min(g_threads, n);
+    if (nt <= 1 || t_in_parallel) {
+        if (n > 0) range(&f, 0, n);
+        return;
+    }
+    static Cuts s;  // one per call site: each lambda is a type of its own, so each site its own parallel_for
+    if ((int)s.at.size() != g_threads + 1) {
+        s.at.resize(g_threads + 1), s.cut.resize(g_threads + 1), s.secs.resize(g_threads);
+        for (int i = 0; i <= g_threads; i++) s.at[i] = (double)i / g_threads;
+    }
+    const bool adapt = n >= 4 * g_threads;  // then nt == g_threads
+    for (int i = 0; i <= nt; i++) s.cut[i] = adapt ? (int)std::lround(s.at[i] * n) : (int)((int64_t)n * i / nt);
+    // (s is static, so the lambda needs no copy of it: a std::function holds
+    // up to 16 bytes of captures in place, and allocates for more.)
+    std::function<void(int)> chunk = [&f](int i) {
+        const auto t0 = std::chrono::steady_clock::now();
+        t_in_parallel = true;
+        range(&f, s.cut[i], s.cut[i + 1]);
+        t_in_parallel = false;
+        s.secs[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();  // its own entry
+    };
+    g_pool.run(nt, chunk);
+    double total = 0, before = 0;  // all chunks' time; the time of chunks 0..i-1
+    for (int i = 0; i < nt; i++) total += s.secs[i];
+    if (!adapt || !(total > 0)) return;
+    for (int j = 1, i = 0; j < nt; j++) {  // cut j: where the time adds up to j/nt of the total
+        const double share = total * j / nt;
+        while (i < nt - 1 && before + s.secs[i] < share) before += s.secs[i++];
+        const double into = s.secs[i] > 0 ? std::max(0.0, share - before) / s.secs[i] : 0;
+        const double want = (s.cut[i] + into * (s.cut[i + 1] - s.cut[i])) / n;
+        const double moved = s.at[j] + 0.2 * (want - s.at[j]);
+        s.at[j] = std::clamp(moved, (j - 0.5) / nt, (j + 0.5) / nt);
+    }
+}
+
+// A parallel_for over a loop that does `work` simple operations in all: a
+// small one runs on the calling thread, since handing it over would cost
+// more than it saves. (It calls f directly, not through run_range: which
+// path a call takes depends on its size alone, never on the thread count.)
+template <class Fn>
+static void parallel_for_if_big(int64_t work, int n, const Fn& f) {
+    if (work < (1 << 14)) {
+        if (n > 0) f(0, n);
+    } else {
+        parallel_for(n, f);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// 13. The tiled matmul
+//
+// Replaces: matmul (section 4) where B is row-major, and linear_forward,
+// whose B is a weight's transpose. Held to them: test_fast's matmul case,
+// bit for bit over shapes that reach every path below, 1 and 2 threads.
+//
+// The plain loop is slow because each output is loaded and stored Kd times,
+// and the transposed weight is read across its rows. The fast version keeps
+// an 8x32 tile of outputs in registers (16 accumulators of 16 floats: one
+// AVX-512 register each, or two AVX2 ones; -O3 -march=native vectorises the
+// j loops), streams a row of B and eight values of A per k, and writes the
+// tile once. Per k that is 16 multiply-adds for 2 loads of B and 8 of A: the
+// loads no longer limit the speed, as they do with 8x16.
+//
+// Each 32-column panel of B is first copied ("packed") into consecutive
+// memory, Kd rows of 32, and A too when it is read as a transpose (as = 1),
+// each row tile as Kd groups of its 8 values. The kernel then reads
+// consecutive memory. Without the copies, rows that lie a multiple of 1 or
+// 4 KB apart (256 or 1024 floats: an expert's width) fall into a few sets of
+// the L1 cache, which evicts them before they are used again. (A plain
+// row-major A is read in place: copying it costs more than it saves.)
+// A weight that the forward pass reads as B is kept in panels during the
+// pass (Panels, ForwardCopy below), so it need not be copied each time.
+// Packing also handles the edges: a short last row tile (an expert's rows
+// rarely come in eights) is padded with zero rows, a narrow last panel (the
+// router has E columns, lm_head V) with zero columns, and only real outputs
+// are stored. Every output is the same sum in the same k order wherever it
+// sits, as in the plain loop; the tiles are fixed by M and N alone; threads
+// take whole row tiles or whole panels; so the result is the same for any
+// thread count.
+
+constexpr int TM = 8, TN = 32;
+
+// One tile: out[0..rows, 0..cols] (+)= A . B (+ bias), rows <= TM, cols <= TN.
+// A holds the tile's rows, addressed A[r*as + k*ak]; row k of the panel of B
+// is at B + k*ldb (ldb = TN when packed); out and bias point at the tile's
+// first row and column, and ldo is out's row stride. (noinline: inlined into matmul, g++ runs out of
+// registers for the eight row offsets and reloads them on every k.)
+[[gnu::noinline]] static void matmul_tile(real* out, int ldo, const real* A, int64_t as, int64_t ak, const real* B,
+                                          int ldb, int Kd, const real* bias, bool add, int rows, int cols) {
+    // Sixteen named accumulators, a 16-column half of each of the 8 rows,
+    // rather than acc[8][32]: g++ then keeps all of them in vector registers
+    // (with arrays of 2-D shape or of 32 columns it spills them to memory).
+    constexpr int H = TN / 2;
+    real c0[H] = {}, c1[H] = {}, c2[H] = {}, c3[H] = {}, c4[H] = {}, c5[H] = {}, c6[H] = {}, c7[H] = {};
+    real d0[H] = {}, d1[H] = {}, d2[H] = {}, d3[H] = {}, d4[H] = {}, d5[H] = {}, d6[H] = {}, d7[H] = {};
+    for (int k = 0; k < Kd; k++) {
+        const real* b = B + (int64_t)k * ldb;
+        const real* ac = A + k * ak;  // column k of this tile's eight rows of A
+        real a0 = ac[0], a1 = ac[as], a2 = ac[2 * as], a3 = ac[3 * as];
+        real a4 = ac[4 * as], a5 = ac[5 * as], a6 = ac[6 * as], a7 = ac[7 * as];
+        for (int j = 0; j < H; j++) {
+            c0[j] += a0 * b[j], c1[j] += a1 * b[j], c2[j] += a2 * b[j], c3[j] += a3 * b[j];
+            c4[j] += a4 * b[j], c5[j] += a5 * b[j], c6[j] += a6 * b[j], c7[j] += a7 * b[j];
+        }
+        for (int j = 0; j < H; j++) {
+            d0[j] += a0 * b[H + j], d1[j] += a1 * b[H + j], d2[j] += a2 * b[H + j], d3[j] += a3 * b[H + j];
+            d4[j] += a4 * b[H + j], d5[j] += a5 * b[H + j], d6[j] += a6 * b[H + j], d7[j] += a7 * b[H + j];
+        }
+    }
+    auto store = [&](const real* c, const real* d, int i) {
+        if (i >= rows) return;
+        real* o = out + (int64_t)i * ldo;
+        if (cols == TN) {  // the common case, as its own loops so that they are vectorised
+            for (int j = 0; j < H; j++) o[j] = (add ? o[j] : 0) + (bias ? bias[j] : 0) + c[j];
+            for (int j = 0; j < H; j++) o[H + j] = (add ? o[H + j] : 0) + (bias ? bias[H + j] : 0) + d[j];
+        } else {
+            for (int j = 0; j < cols; j++)
+                o[j] = (add ? o[j] : 0) + (bias ? bias[j] : 0) + (j < H ? c[j] : d[j - H]);
+        }
+    };
+    store(c0, d0, 0), store(c1, d1, 1), store(c2, d2, 2), store(c3, d3, 3);
+    store(c4, d4, 4), store(c5, d5, 5), store(c6, d6, 6), store(c7, d7, 7);
+}
+
+static std::atomic<int64_t> g_flops{0};  // multiply-adds x 2, counted from the shapes, for the benchmark
+
+// The kernel over a row-major B (b_panels false) or a B in panels (true);
+// the typed entry points below say which.
+static void matmul_tiled(real* out, const real* A, int64_t as, int64_t ak, const real* B, int M, int N, int Kd,
+                         const real* bias, bool add, bool b_panels) {
+    if (M <= 0 || N <= 0) return;
+    g_flops += 2 * (int64_t)M * N * Kd;
+    const int tiles = (M + TM - 1) / TM, panels = (N + TN - 1) / TN;  // the last of each maybe short
+    const bool pack_a = as == 1;
+    // Row tiles [t0, t1) times panels [p0, p1) of out.
+    auto work = [=](int t0, int t1, int p0, int p1) {
+        // The packed copies live as long as the thread, so that after the
+        // first step no matmul allocates.
+        thread_local std::vector<real> apack, bpack;
+        apack.resize((size_t)(pack_a ? t1 - t0 : 1) * Kd * TM), bpack.resize((size_t)Kd * TN);
+        auto pack_tile = [&](real* p, int i, int rows) {  // row tile i of A -> p[Kd][TM]
+            const real* a = A + (int64_t)i * TM * as;
+            if (as == 1 && rows == TM)  // the 8 values of each k are consecutive
+                for (int k = 0; k < Kd; k++)
+                    for (int r = 0; r < TM; r++) p[(size_t)k * TM + r] = a[(int64_t)k * ak + r];
+            else
+                for (int k = 0; k < Kd; k++)
+                    for (int r = 0; r < TM; r++) p[(size_t)k * TM + r] = r < rows ? a[r * as + (int64_t)k * ak] : 0;
+        };
+        const int last_rows = M - (tiles - 1) * TM;  // rows of the last tile
+        if (pack_a)
+            for (int i = t0; i < t1; i++) pack_tile(&apack[(size_t)(i - t0) * Kd * TM], i, std::min(TM, M - i * TM));
+        else if (t1 == tiles && last_rows < TM)
+            pack_tile(apack.data(), tiles - 1, last_rows);
+        // Column panels outside, row tiles inside: a panel of B then stays
+        // in the cache while every row tile uses it.
+        for (int pi = p0; pi < p1; pi++) {
+            const int n0 = pi * TN, w = std::min(TN, N - n0);
+            const real* panel = b_panels ? B + (int64_t)n0 * Kd : B + n0;  // row k of it is at panel + k * ldb
+            int ldb = b_panels ? w : N;
+            // A narrow panel is always copied (it is padded); a full one is
+            // not when it is stored as a panel already, nor when only one row
+            // tile reads it (sampling's one row).
+            if (w < TN || (!b_panels && t1 - t0 > 1)) {
+                real* p = bpack.data();
+                if (w == TN)  // its own loop, so that it is vectorised
+                    for (int k = 0; k < Kd; k++)
+                        for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = panel[(int64_t)k * ldb + j];
+                else
+                    for (int k = 0; k < Kd; k++)
+                        for (int j = 0; j < TN; j++) p[(size_t)k * TN + j] = j < w ? panel[(int64_t)k * ldb + j] : 0;
+                panel = p, ldb = TN;
+            }
+            for (int i = t0; i < t1; i++) {
+                const int rows = std::min(TM, M - i * TM);
+                const bool packed = pack_a || rows < TM;
+                const real* a = pack_a ? &apack[(size_t)(i - t0) * Kd * TM] : rows < TM ? apack.data() : A + (int64_t)i * TM * as;
+                matmul_tile(out + (int64_t)i * TM * N + n0, N, a, packed ? 1 : as, packed ? TM : ak, panel, ldb, Kd,
+                            bias ? bias + n0 : nullptr, add, rows, w);
+            }
+        }
+    };
+    // Threads share out the row tiles: each then copies every panel of B,
+    // but its rows of out stay in its own cache for the next layer, which
+    // shares out the rows the same way. A weight gradient (A read as a
+    // transpose) is not read again until AdamW: its panels are shared out
+    // instead when that makes the threads copy less (each copies all of A).
+    const int nt = std::min(g_threads, std::max(tiles, panels));
+    if (pack_a && panels >= nt && (int64_t)Kd * N / nt + (int64_t)Kd * M < (int64_t)Kd * N + (int64_t)Kd * M / nt)
+        parallel_for_if_big((int64_t)M * N * Kd, panels, [=](int p0, int p1) { work(0, tiles, p0, p1); });
+    else
+        parallel_for_if_big((int64_t)M * N * Kd, tiles, [=](int t0, int t1) { work(t0, t1, 0, panels); });
+}
+
+// A weight in matmul's panels: w^T [cols, rows] for a weight w [rows, cols]
+// (rows: the Linear's outputs) cut into panels of 32 of its columns, each
+// stored whole as [cols][32] (the last maybe narrower), so the kernel reads
+// it as it is. It is a type of its own, so that a row-major weight cannot be
+// passed where panels are meant, nor the other way round.
+struct Panels {
+    const real* p;
+};
+void fast::matmul(real* out, const real* A, int64_t as, int64_t ak, const real* B, int M, int N, int Kd,
+                  const real* bias, bool add) {
+    matmul_tiled(out, A, as, ak, B, M, N, Kd, bias, add, false);
+}
+static void matmul_panels(real* out, const real* A, int64_t as, int64_t ak, Panels B, int M, int N, int Kd,
+                          const real* bias, bool add) {
+    matmul_tiled(out, A, as, ak, B.p, M, N, Kd, bias, add, true);
+}
+
+// Write the panels of rows r0..r1 of a weight src [rows, cols] (r0 a
+// multiple of 32: whole panels, each written front to back) into dst, which
+// holds the panels of the whole weight.
+static void write_forward_panels(real* dst, const real* src, int rows, int cols, int r0, int r1) {
+    for (int p0 = r0; p0 < r1; p0 += TN) {
+        const int w = std::min(TN, rows - p0);
+        real* d = dst + (size_t)p0 * cols;
+        for (int c = 0; c < cols; c++)
+            for (int j = 0; j < w; j++) d[(size_t)c * w + j] = src[(size_t)(p0 + j) * cols + c];
+    }
+}
+
+// A Linear weight is a 2-D tensor that is not an embedding table.
+static bool is_linear_weight(const TensorInfo& t) {
+    return t.shape.size() == 2 && t.name.find(".wte.") == std::string::npos && t.name.find(".wpe.") == std::string::npos;
+}
+
+// The forward pass's copy of the model's Linear weights in panels, at the
+// same offsets as in params: the copy of the weight at params + i is at
+// panels + i. It is made when a forward pass starts (ForwardPass, section
+// 6), unless AdamW has just written it along with the weights (section 16),
+// and is valid until the pass ends: anything may change the weights between
+// passes. One copy is enough: one model runs at a time.
+struct ForwardCopy {
+    std::vector<real> panels;
+    const real* src = nullptr;  // the params it was made from
+    size_t n = 0;               // ... and their number
+    bool fresh = false;         // holds the current values of src
+    int depth = 0;              // forward passes running (a sample's tokens run inside the sample's pass)
+};
+static ForwardCopy g_copy;
+
+static void refresh_forward_copy(const Model& m) {
+    g_copy.panels.resize(m.n_params), g_copy.src = m.params.data(), g_copy.n = m.n_params;
+    const TensorInfo* t = m.tensors.data();
+    const real* src = m.params.data();
+    real* dst = g_copy.panels.data();
+    parallel_for((int)m.tensors.size(), [=](int i0, int i1) {  // the tensors are shared out
+        for (int i = i0; i < i1; i++)
+            if (is_linear_weight(t[i]))
+                write_forward_panels(dst + t[i].offset, src + t[i].offset, t[i].shape[0], t[i].shape[1], 0, t[i].shape[0]);
+    });
+    g_copy.fresh = true;
+}
+void fast::forward_begin(const Model& m) {
+    if (g_copy.depth++ > 0) return;
+    if (!(g_copy.fresh && g_copy.src == m.params.data() && g_copy.n == m.n_params)) refresh_forward_copy(m);
+}
+void fast::forward_end() {
+    if (--g_copy.depth == 0) g_copy.fresh = false;
+}
+
+void fast::linear_forward(real* out, const real* inp, const real* w, const real* b, int M, int IN, int OUT) {
+    const uintptr_t at = (uintptr_t)w, base = (uintptr_t)g_copy.src;
+    if (g_copy.depth > 0 && at >= base && at < base + g_copy.n * sizeof(real))
+        return matmul_panels(out, inp, IN, 1, Panels{g_copy.panels.data() + (w - g_copy.src)}, M, OUT, IN, b, false);
+    // A weight that is not the running model's (a test calling a layer on
+    // its own): panels made for this call.
+    thread_local std::vector<real> tmp;
+    tmp.resize((size_t)OUT * IN);
+    write_forward_panels(tmp.data(), w, OUT, IN, 0, OUT);
+    matmul_panels(out, inp, IN, 1, Panels{tmp.data()}, M, OUT, IN, b, false);
+}
+
+#if !MOE_INFERENCE_ONLY
+// bias_backward, with each thread summing its own block of 16 columns (one
+// cache line of each row) over all rows, in row order: the same sums.
+void fast::bias_backward(real* db, const real* dout, int M, int OUT) {
+    parallel_for_if_big((int64_t)M * OUT, (OUT + 15) / 16, [=](int c0, int c1) {
+        for (int m = 0; m < M; m++)
+            for (int o = c0 * 16; o < std::min(OUT, c1 * 16); o++) db[o] += dout[(int64_t)m * OUT + o];
+    });
+}
+#endif
+
+// ----------------------------------------------------------------------------
+// 14. Vectorised math
+//
+// Replaces: std::exp and std::tanh inside attention's softmax and GELU, and
+// the in-order sums of dot, layernorm_forward and layernorm_backward
+// (section 4). Held to them: test_fast, within 2e-6 relative for exp and
+// tanh, and within a few float roundings of the row's scale for the sums;
+// gradcheck runs these kernels (in double) against finite differences.
+
+// --- exp, written so the compiler can vectorise it (the C library's expf is
+// one function call per element, and attention and the GELU make many).
+// Write x = n ln2 + r with n an integer and |r| <= ln2/2; then
+// exp(x) = 2^n exp(r), exp(r) is its Taylor polynomial of degree 6 (error
+// r^7/7! < 2e-7, a float's precision), and 2^n is written straight into the
+// float's exponent bits. (The double build, used by the gradient check,
+// keeps std::exp.)
+[[maybe_unused]] static inline float exp_poly(float x) {  // for -87 < x < 88
+    // round(x / ln2): adding then subtracting 1.5 * 2^23 leaves no fraction
+    // bits, so the float rounds to the nearest integer (std::floor or
+    // std::round here would stop the compiler from vectorising the loop).
+    float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
+    float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, ln2 split in two for precision
+    float p = 1 + r * (1 + r * (0.5f + r * (1 / 6.f + r * (1 / 24.f + r * (1 / 120.f + r * (1 / 720.f))))));
+    int32_t bits = ((int32_t)n + 127) << 23;  // the float 2^n
+    float scale;
+    std::memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+static inline real exp_fast(real x) {  // for x <= 0, as in a softmax after subtracting the max
+#if MOE_DOUBLE
+    return std::exp(x);
+#else
+    return exp_poly(x < -87.f ? -87.f : x);  // exp(-87) is 1.6e-38: zero, for a softmax
+#endif
+}
+
+// A sum of n terms f(0) + ... + f(n-1), as 16 interleaved partial sums
+// (term i goes to sum i % 16) that are added up at the end. One running
+// total makes each addition wait for the one before (the compiler may not
+// reorder float additions, as that changes the result); 16 independent sums
+// fill one vector register, and the CPU overlaps them.
+template <class Fn>
+static inline real lane_sum(int n, const Fn& f) {
+    constexpr int L = 16;
+    real acc[L] = {};
+    int i = 0;
+    for (; i + L <= n; i += L)
+        for (int j = 0; j < L; j++) acc[j] += f(i + j);
+    for (int j = 0; i + j < n; j++) acc[j] += f(i + j);
+    for (int w = L / 2; w > 0; w /= 2)  // then pairwise: 8 sums, 4, 2, 1
+        for (int j = 0; j < w; j++) acc[j] += acc[j + w];
+    return acc[0];
+}
+
+real fast::dot(const real* a, const real* b, int n) {
+    return lane_sum(n, [a, b](int i) { return a[i] * b[i]; });
+}
+
+// layernorm_forward and _backward with their sums in lane_sum's 16 lanes.
+// (Row-wise passes like these, however small, share out their rows as the
+// layers around them do: a row then stays in the cache of the core that
+// reads it next, and a row that one core wrote and another reads costs a
+// transfer between their caches.)
+void fast::layernorm_forward(real* out, real* mean, real* rstd, const real* inp, const real* w, const real* b,
+                              int M) {
+    parallel_for(M, [=](int m0, int m1) {  // rows are independent
+        for (int m = m0; m < m1; m++) {
+            const real* x = inp + (int64_t)m * C;
+            const real mu = lane_sum(C, [x](int i) { return x[i]; }) / C;
+            const real var = lane_sum(C, [x, mu](int i) { return (x[i] - mu) * (x[i] - mu); }) / C;
+            real rs = 1 / std::sqrt(var + (real)1e-5);
+            real* o = out + (int64_t)m * C;
+            for (int i = 0; i < C; i++) o[i] = (x[i] - mu) * rs * w[i] + b[i];
+            mean[m] = mu, rstd[m] = rs;
+        }
+    });
+}
+#if !MOE_INFERENCE_ONLY
+void fast::layernorm_backward(real* dinp, real* dw, real* db, const real* dout, const real* inp, const real* w,
+                               const real* mean, const real* rstd, int M) {
+    parallel_for(M, [=](int m0, int m1) {
+        for (int m = m0; m < m1; m++) {
+            const real* x = inp + (int64_t)m * C;
+            const real* d = dout + (int64_t)m * C;
+            const real mu = mean[m], rs = rstd[m];
+            const real dn_mean = lane_sum(C, [d, w](int i) { return d[i] * w[i]; }) / C;
+            const real dn_n_mean = lane_sum(C, [=](int i) { return d[i] * w[i] * ((x[i] - mu) * rs); }) / C;
+            real* dx = dinp + (int64_t)m * C;
+            for (int i = 0; i < C; i++) {
+                real n = (x[i] - mu) * rs, dn = d[i] * w[i];
+                dx[i] += rs * (dn - dn_mean - n * dn_n_mean);
+            }
+        }
+    });
+    // blocks of 16 channels: one cache line of each row
+    parallel_for_if_big((int64_t)M * C, (C + 15) / 16, [=](int c0, int c1) {
+        for (int m = 0; m < M; m++) {
+            const real* x = inp + (int64_t)m * C;
+            const real* d = dout + (int64_t)m * C;
+            real mu = mean[m], rs = rstd[m];
+            for (int i = c0 * 16; i < std::min(C, c1 * 16); i++) {
+                real n = (x[i] - mu) * rs;
+                dw[i] += d[i] * n;
+                db[i] += d[i];
+            }
+        }
+    });
+}
+#endif
+
+// GELU: the experts evaluate it S*F times per layer, so it has to be fast,
+// and the C library's tanhf is one function call per element. In float,
+// tanh(u) = 1 - 2 / (exp(2u) + 1) with the vectorisable exp above; u is
+// clamped to +-9, where tanh is 1 in float.
+// (The double build, used by the gradient check, keeps std::tanh.)
+static inline real tanh_fast(real u) {
+#if MOE_DOUBLE
+    return std::tanh(u);
+#else
+    u = u < -9.f ? -9.f : u > 9.f ? 9.f : u;  // (std::min and std::max also block vectorising)
+    return 1 - 2 / (exp_poly(2 * u) + 1);
+#endif
+}
+// out = gelu(inp), th = tanh(u) saved for backward; n elements, in parallel chunks.
+void fast::gelu_forward(real* out, real* th, const real* inp, int64_t n) {
+    const int64_t chunk = 4096;
+    parallel_for((int)((n + chunk - 1) / chunk), [=](int c0, int c1) {
+        const int64_t i0 = c0 * chunk, i1 = std::min(n, c1 * chunk);
+        for (int64_t i = i0; i < i1; i++) {
+            real x = inp[i];
+            th[i] = tanh_fast(GELU_S * (x + (real)0.044715 * x * x * x));
+            out[i] = (real)0.5 * x * (1 + th[i]);
+        }
+    });
+}
+
+// ----------------------------------------------------------------------------
+// 15. Fast attention
+//
+// Replaces: attention_forward, attention_backward and attention_step
+// (sections 4 and 10). Held to them: test_fast, within 1e-5 of the plain
+// outputs and gradients (the polynomial exp, and sums in another order);
+// test_model, the KV-cache steps against the full forward pass.
+
+// Softmax of one row of attention scores, in place. The max is subtracted
+// first so exp cannot overflow. The max and the sum run as eight interleaved
+// partial results, for the reason lane_sum gives (eight: rows are short).
+static void softmax_row(real* a, int n) {
+    real mx[8], sm[8] = {};
+    for (int j = 0; j < 8; j++) mx[j] = a[0];
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) mx[j] = a[i + j] > mx[j] ? a[i + j] : mx[j];
+    real maxv = a[0];
+    for (int j = 0; j < 8; j++) maxv = mx[j] > maxv ? mx[j] : maxv;
+    for (int r = i; r < n; r++) maxv = a[r] > maxv ? a[r] : maxv;
+    for (int s = 0; s < n; s++) a[s] = exp_fast(a[s] - maxv);
+    for (i = 0; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) sm[j] += a[i + j];
+    real sum = 0;
+    for (int j = 0; j < 8; j++) sum += sm[j];
+    for (int r = i; r < n; r++) sum += a[r];
+    for (int s = 0; s < n; s++) a[s] /= sum;
+}
+
+// The dot products q . k_s, for 16 positions s at a time: with the keys
+// copied transposed, kt[j][s] (a row of ld >= n positions, a multiple of 16,
+// padded with zeros), the inner loop runs over 16 consecutive s and
+// vectorises, and the 16 sums stay in a register while j runs. Each is
+// still the sum over j in order (a dot product's own loop over j would not
+// vectorise: that reorders the sum, which the compiler may not do to
+// floats). Four query rows go at once, q + r*ldq for r < rows <= 4: each
+// multiply-add must wait for the one before it on the same sums, and four
+// rows give the CPU four independent chains to overlap. Row r's products go
+// to out + r*ldo, positions s < n. The backward pass uses it for dy . v_s.
+constexpr int S16 = 16, QR = 4;
+constexpr int BLOCK_PAD = (BLOCK_SIZE + S16 - 1) / S16 * S16;  // BLOCK_SIZE rounded up to 16
+static inline void dots16(real* out, int ldo, const real* q, int64_t ldq, int rows, const real* kt, int ld, int n) {
+    // (missing rows repeat the last one; their sums are not stored)
+    const real *q0 = q, *q1 = q + std::min(1, rows - 1) * ldq, *q2 = q + std::min(2, rows - 1) * ldq,
+               *q3 = q + std::min(3, rows - 1) * ldq;
+    for (int s0 = 0; s0 < n; s0 += S16) {
+        real c0[S16] = {}, c1[S16] = {}, c2[S16] = {}, c3[S16] = {};
+        for (int j = 0; j < HS; j++) {
+            const real* k = kt + (int64_t)j * ld + s0;
+            for (int i = 0; i < S16; i++)
+                c0[i] += q0[j] * k[i], c1[i] += q1[j] * k[i], c2[i] += q2[j] * k[i], c3[i] += q3[j] * k[i];
+        }
+        const real* c[QR] = {c0, c1, c2, c3};
+        for (int r = 0; r < rows; r++)
+            for (int i = 0; i < S16 && s0 + i < n; i++) out[r * ldo + s0 + i] = c[r][i];
+    }
+}
+// kt[j][s] = head h's key channel j of row s, for rows 0..T of a sequence
+// whose qkv rows start at base (channel offset koff: C for keys, 2C for
+// values); the row is padded with zeros to ld. Returns ld.
+static inline int transpose_head(real* kt, const real* base, int koff, int h, int T) {
+    const int ld = (T + S16 - 1) / S16 * S16;
+    for (int j = 0; j < HS; j++)
+        for (int s = T; s < ld; s++) kt[j * ld + s] = 0;
+    for (int s = 0; s < T; s++)
+        for (int j = 0; j < HS; j++) kt[j * ld + s] = base[(int64_t)s * 3 * C + koff + h * HS + j];
+    return ld;
+}
+void fast::attention_forward(real* y, real* att, const real* qkv, const int* start, const int* len,
+                             const int64_t* att_off, int B) {
+    const real scale = 1 / std::sqrt((real)HS);
+    for (int b = 0; b < B; b++) g_flops += 2 * (int64_t)N_HEAD * len[b] * (len[b] + 1) * HS;  // q.k and att.v
+    parallel_for(B * N_HEAD, [=](int i0, int i1) {
+        real kt[HS * BLOCK_PAD];
+        for (int i = i0; i < i1; i++) {
+            int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
+            const real* base = qkv + (int64_t)start[b] * 3 * C;
+            const int ld = transpose_head(kt, base, C, h, T);
+            for (int t = 0; t < T; t++) {
+                real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
+                if (t % QR == 0)  // the scores of rows t..t+3, each up to the last of them (the rest is zeroed below)
+                    dots16(a, T, base + (int64_t)t * 3 * C + h * HS, 3 * C, std::min(QR, T - t), kt, ld,
+                           std::min(t + QR, T));
+                for (int s = 0; s <= t; s++) a[s] *= scale;
+                softmax_row(a, t + 1);
+                for (int s = t + 1; s < T; s++) a[s] = 0;
+                // y_t in a local array: the compiler must assume y might
+                // overlap att or qkv, and would otherwise store and reload
+                // it for every s.
+                real acc[HS] = {};
+                for (int s = 0; s <= t; s++) {
+                    const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
+                    for (int j = 0; j < HS; j++) acc[j] += a[s] * v[j];
+                }
+                std::memcpy(y + ((int64_t)start[b] + t) * C + h * HS, acc, sizeof acc);
+            }
+        }
+    });
+}
+#if !MOE_INFERENCE_ONLY
+// The backward pass, as section 4 derives it, with da from dots16 and dq
+// summed locally.
+void fast::attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, const int* start,
+                              const int* len, const int64_t* att_off, int B) {
+    const real scale = 1 / std::sqrt((real)HS);
+    for (int b = 0; b < B; b++) g_flops += 4 * (int64_t)N_HEAD * len[b] * (len[b] + 1) * HS;  // twice the forward
+    parallel_for(B * N_HEAD, [=](int i0, int i1) {
+        real da4[QR * BLOCK_PAD], vt[HS * BLOCK_PAD];  // vt: this head's values transposed, as kt in the forward pass
+        for (int i = i0; i < i1; i++) {
+            int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
+            const real* base = qkv + (int64_t)start[b] * 3 * C;
+            real* dbase = dqkv + (int64_t)start[b] * 3 * C;
+            const int ld = transpose_head(vt, base, 2 * C, h, T);
+            for (int t = 0; t < T; t++) {
+                const real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
+                const real* dyt = dy + ((int64_t)start[b] + t) * C + h * HS;
+                const real* q = base + (int64_t)t * 3 * C + h * HS;
+                if (t % QR == 0)  // da of rows t..t+3
+                    dots16(da4, BLOCK_PAD, dyt, C, std::min(QR, T - t), vt, ld, std::min(t + QR, T));
+                const real* da = da4 + (t % QR) * BLOCK_PAD;
+                real sum = 0;
+                for (int s = 0; s <= t; s++) {
+                    real* dv = dbase + (int64_t)s * 3 * C + 2 * C + h * HS;
+                    for (int j = 0; j < HS; j++) dv[j] += a[s] * dyt[j];
+                    sum += a[s] * da[s];
+                }
+                real dq[HS] = {};  // summed over s here, added to dqkv once (as y in the forward pass)
+                for (int s = 0; s <= t; s++) {
+                    real dz = a[s] * (da[s] - sum) * scale;
+                    const real* k = base + (int64_t)s * 3 * C + C + h * HS;
+                    real* dk = dbase + (int64_t)s * 3 * C + C + h * HS;
+                    for (int j = 0; j < HS; j++) dq[j] += dz * k[j], dk[j] += dz * q[j];
+                }
+                real* dqt = dbase + (int64_t)t * 3 * C + h * HS;
+                for (int j = 0; j < HS; j++) dqt[j] += dq[j];
+            }
+        }
+    });
+}
+#endif
+
+// attention_step with the same 16-wide dot products, over the cached keys
+// kept transposed (kt, [C, BLOCK_PAD]: a new key is a column; whatever lies
+// past pos is finite, and is computed but not used).
+void fast::attention_step(real* y, real* att, const real* qkv, KVLayer& c, int pos) {
+    c.kt.resize((size_t)C * BLOCK_PAD);
+    for (int i = 0; i < C; i++) c.kt[(size_t)i * BLOCK_PAD + pos] = qkv[C + i];
+    const real scale = 1 / std::sqrt((real)HS);
+    for (int h = 0; h < N_HEAD; h++) {
+        real* a = att + h * BLOCK_SIZE;
+        dots16(a, 0, qkv + h * HS, 0, 1, &c.kt[(size_t)h * HS * BLOCK_PAD], BLOCK_PAD, pos + 1);
+        for (int s = 0; s <= pos; s++) a[s] *= scale;
+        softmax_row(a, pos + 1);
+    }
+    // Then y = sum_s att[s] v_s for every head at once, in a local array
+    // (the compiler must assume y might overlap the cache, and would add one
+    // float at a time): each s then adds to C/16 independent vectors, not to
+    // one vector that must wait for its previous sum.
+    real acc[C] = {};
+    for (int s = 0; s <= pos; s++) {
+        const real* vs = &c.v[(size_t)s * C];
+        for (int h = 0; h < N_HEAD; h++) {
+            const real as = att[h * BLOCK_SIZE + s];
+            for (int j = 0; j < HS; j++) acc[h * HS + j] += as * vs[h * HS + j];
+        }
+    }
+    std::memcpy(y, acc, sizeof acc);
+}
+
+// ----------------------------------------------------------------------------
+// 16. AdamW, fused; zeroing and the NaN check
+//
+// Replaces: adamw_update (section 7), zero (section 2) and all_finite
+// (section 11). Held to them: test_fast, bit for bit (each parameter goes
+// through the same adam_update_one; zeros are zeros; the same verdicts).
+//
+// The step also writes the forward pass's copy of the weights in panels
+// (section 13), so that the next forward pass need not make it: with many
+// experts, the parameters are many and the tokens few, and every sweep over
+// all of them shows in the time of a step. The work is cut into blocks: 64
+// rows of a Linear weight, which are then written as two whole panels while
+// they are still in the cache, or 4096 values of any other tensor. The
+// blocks are fixed by the shapes, and each value is updated by the same
+// expression in any block, so the result does not depend on the number of
+// threads.
+//
+// Why the build line has -fno-math-errno: C's sqrt must set errno when its
+// argument is negative, so without the flag g++ and clang++ emit a test and
+// a possible library call for every square root, and that branch stops them
+// from vectorising this loop. It then runs one value at a time, two to four
+// times as slow. v is never negative, the flag changes no result, and a
+// build without it prints a note when it trains.
+// zero in blocks shared out among the threads: the backward pass zeroes
+// megabytes of scratch per layer in the big configurations, and one thread
+// alone would keep the other waiting. Inside a parallel_for it runs on the
+// calling thread, like any other.
+void fast::zero(real* p, size_t n) {
+    constexpr size_t blk = 1 << 15;
+    parallel_for((int)((n + blk - 1) / blk), [=](int b0, int b1) {
+        const size_t i0 = b0 * blk, i1 = std::min(n, b1 * blk);
+        std::memset(p + i0, 0, (i1 - i0) * sizeof(real));
+    });
+}
+
+// all_finite with integer operations: in float, a value is NaN or infinite
+// when its exponent bits are all 1, and testing the bits lets the loop
+// vectorise (std::isfinite is a branch per value).
+bool fast::all_finite(const real* g, size_t n) {
+#if MOE_DOUBLE
+    for (size_t i = 0; i < n; i++)
+        if (!std::isfinite(g[i])) return false;
+    return true;
+#else
+    uint32_t any = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t bits;
+        std::memcpy(&bits, &g[i], 4);
+        any |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    return !any;
+#endif
+}
+#if !MOE_INFERENCE_ONLY
+struct AdamBlock {
+    size_t begin, end;  // the values params[begin, end) of one tensor
+    int rows, cols;     // a Linear weight [rows, cols] starting at `base`...
+    size_t base;        // ...whose rows (begin-base)/cols .. (end-base)/cols these are; rows = 0 otherwise
+};
+static std::vector<AdamBlock> adam_blocks(const std::vector<TensorInfo>& tensors) {
+    std::vector<AdamBlock> b;
+    for (const auto& t : tensors) {
+        if (is_linear_weight(t)) {
+            const int rows = t.shape[0], cols = t.shape[1];
+            for (int r = 0; r < rows; r += 2 * TN) {  // two panels (write_forward_panels wants whole ones)
+                const int r1 = std::min(rows, r + 2 * TN);
+                b.push_back({t.offset + (size_t)r * cols, t.offset + (size_t)r1 * cols, rows, cols, t.offset});
+            }
+        } else {
+            for (size_t i = 0; i < t.size; i += 4096)
+                b.push_back({t.offset + i, t.offset + std::min(t.size, i + 4096), 0, 0, t.offset});
+        }
+    }
+    return b;
+}
+void fast::adamw_update(Model& m, const AdamW& o, int64_t t) {
+    const AdamStep s = adam_step(o, t);
+    static std::vector<AdamBlock> blocks;  // the same for every step of this model
+    if (blocks.empty() || blocks.back().end != m.n_params) blocks = adam_blocks(m.tensors);
+    g_copy.panels.resize(m.n_params), g_copy.src = m.params.data(), g_copy.n = m.n_params;
+    const AdamBlock* blk = blocks.data();
+    real *p = m.params.data(), *mm = m.adam_m.data(), *vv = m.adam_v.data(), *gr = m.grads.data();
+    real* pt = g_copy.panels.data();
+    parallel_for((int)blocks.size(), [=](int k0, int k1) {
+        for (int k = k0; k < k1; k++) {
+            const AdamBlock& a = blk[k];
+            for (size_t i = a.begin; i < a.end; i++) adam_update_one(p[i], mm[i], vv[i], gr[i], s);
+            if (a.rows == 0) continue;
+            const int r0 = (int)((a.begin - a.base) / a.cols), r1 = (int)((a.end - a.base) / a.cols);
+            write_forward_panels(pt + a.base, p + a.base, a.rows, a.cols, r0, r1);
+        }
+    });
+    g_copy.fresh = true;
+}
+
+#endif
+
+// ----------------------------------------------------------------------------
+// 17. The experts, scheduled; the dense baseline's shortcuts
+//
+// Replaces: for_each_expert's loop over the experts, and, for the dense
+// baseline (E = 1), the router and the gather and scatter of
+// experts_forward and experts_backward (section 5). Held to them: test_fast
+// (the same outputs and gradients, bit for bit: only who computes what, or
+// a copy, is saved), test_model_dense (the layer is exactly a plain MLP).
+
+// for_each_expert, on the threads. Small experts: the threads share out
+// whole experts, with no hand-over between the layers of one expert. They
+// take them from a shared counter, largest first, so a thread that is done
+// takes the next: that evens out experts of unequal size, and a core that
+// runs slower (on a shared machine) does fewer (1-2% of a step with 4
+// experts, 4% with 16). Big experts (above 16M multiply-adds per layer): one
+// after the other, each product sharing out its rows, since whole experts of
+// unequal size would leave a thread idle.
+namespace fast {
+template <class Fn>
+void for_each_expert(int S, const int* offset, const Fn& fn) {
+    if ((int64_t)S * F * C >= (1 << 24)) {
+        for (int e = 0; e < E; e++) fn(e);
+        return;
+    }
+    auto rows = [offset](int e) { return offset[e + 1] - offset[e]; };
+    int order[E];
+    std::iota(order, order + E, 0);
+    std::stable_sort(order, order + E, [&rows](int x, int y) { return rows(x) > rows(y); });
+    std::atomic<int> next{0};  // shared by the threads on purpose: it hands out the experts
+    parallel_for(g_threads, [&fn, &order, &next](int, int) {  // one chunk per thread
+        for (int i; (i = next.fetch_add(1)) < E;) fn(order[i]);
+    });
+}
+}  // namespace fast
+
+// With one expert the router has nothing to decide: a softmax over one
+// logit is 1 whatever the logit, so every gate is 1, and the gradient that
+// reaches the logit is exactly 0. Its two products (the logit, and in
+// backward the logit's gradient through the router) are skipped then,
+// unless the z-loss, which reads the logit itself, is on.
+constexpr bool ROUTER_IDLE = E == 1 && Z_COEF == 0;
+void fast::router_forward(real* logits, const real* x, const LayerParams& w, int M) {
+    if (ROUTER_IDLE) std::fill(logits, logits + (size_t)M * E, (real)0);
+    else linear_forward(logits, x, w.router_w, nullptr, M, C, E);
+}
+
+// ... and every row goes to that expert with gate 1, so row m is slot m and
+// out = 1 * y exactly: the expert reads its input and writes its output in
+// place, with no gather and no scatter. The test is cheap, and exact:
+// anything else takes the general path (false).
+static bool one_expert_for_all(int S, int M, const real* gate) {
+    return E == 1 && S == M && std::all_of(gate, gate + M, [](real g) { return g == 1; });
+}
+bool fast::experts_forward_dense(real* out, MoeActs& a, const real* inp, const real* gate, const LayerParams& p,
+                                 int M) {
+    if (!one_expert_for_all(a.offset[E], M, gate)) return false;
+    mlp_forward(out, a.h.data(), a.th.data(), a.hg.data(), inp, p, 0, M);
+    return true;
+}
+#if !MOE_INFERENCE_ONLY
+void fast::router_backward(real* dx, LayerParams& g, const real* drouter, const real* x, const LayerParams& p, int M) {
+    if (!ROUTER_IDLE) linear_backward(dx, g.router_w, nullptr, drouter, x, p.router_w, M, C, E);
+}
+// dy = dout, and dx goes straight to dinp; dgate is left alone (one
+// expert's gate gets no gradient that could change anything).
+bool fast::experts_backward_dense(real* dinp, LayerParams& g, MoeGrad& ws, const real* dout, const real* inp,
+                                  const MoeActs& a, const real* gate, const LayerParams& p, int M) {
+    const int S = a.offset[E];
+    if (!one_expert_for_all(S, M, gate)) return false;
+    ws.dhg.resize((size_t)S * F), ws.dh.resize((size_t)S * F);
+    mlp_backward(dinp, g, ws.dhg.data(), ws.dh.data(), dout, inp, a.h.data(), a.th.data(), a.hg.data(), p, 0, M);
+    return true;
+}
+#endif
+#endif  // MOE_FAST

@@ -159,10 +159,9 @@ static void check_layers() {
         [&](const std::vector<real>& x) { std::vector<real> y(M * C); layernorm_forward(y.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), M); return y; },
         [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * C); layernorm_backward(dx.data(), dw.data(), db.data(), d.data(), x.data(), w.data(), mean.data(), rstd.data(), M); return dx; }, 1);
 
-    std::vector<real> W = randv(OUT * IN, 0.5), Wt(IN * OUT), bias = randv(OUT, 0.5), dW(OUT * IN), dbias(OUT);
-    write_forward_panels(Wt.data(), W.data(), OUT, IN, 0, OUT);  // the forward pass takes the weight in panels
+    std::vector<real> W = randv(OUT * IN, 0.5), bias = randv(OUT, 0.5), dW(OUT * IN), dbias(OUT);
     check_input("linear", randv(M * IN, 1),
-        [&](const std::vector<real>& x) { std::vector<real> y(M * OUT); linear_forward(y.data(), x.data(), Wt.data(), bias.data(), M, IN, OUT); return y; },
+        [&](const std::vector<real>& x) { std::vector<real> y(M * OUT); linear_forward(y.data(), x.data(), W.data(), bias.data(), M, IN, OUT); return y; },
         [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * IN); linear_backward(dx.data(), dW.data(), dbias.data(), d.data(), x.data(), W.data(), M, IN, OUT); return dx; }, 2);
 
     // two packed sequences of different lengths, 4 + 2 = M rows
@@ -205,15 +204,14 @@ static void check_layers() {
 
     Model m;
     random_model(m, 5, 11);
-    refresh_forward_params(m);  // experts_forward reads m.pt, experts_backward m.p
     MoeActs acts;
     MoeGrad ws;
     std::vector<real> x0 = randv(M * C, 1), g0 = gate;
     check_input("experts (x)", x0,
-        [&](const std::vector<real>& x) { std::vector<real> y(M * C); experts_forward(y.data(), acts, x.data(), chosen.data(), g0.data(), m.pt.h[0], M); return y; },
+        [&](const std::vector<real>& x) { std::vector<real> y(M * C); experts_forward(y.data(), acts, x.data(), chosen.data(), g0.data(), m.p.h[0], M); return y; },
         [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * C), dg(M * K); experts_backward(dx.data(), dg.data(), m.g.h[0], ws, d.data(), x.data(), acts, g0.data(), m.p.h[0], M); return dx; }, 8);
     check_input("experts (gate)", g0,
-        [&](const std::vector<real>& g) { std::vector<real> y(M * C); experts_forward(y.data(), acts, x0.data(), chosen.data(), g.data(), m.pt.h[0], M); return y; },
+        [&](const std::vector<real>& g) { std::vector<real> y(M * C); experts_forward(y.data(), acts, x0.data(), chosen.data(), g.data(), m.p.h[0], M); return y; },
         [&](const std::vector<real>& g, const std::vector<real>& d) { std::vector<real> dx(M * C), dg(M * K); experts_backward(dx.data(), dg.data(), m.g.h[0], ws, d.data(), x0.data(), acts, g.data(), m.p.h[0], M); return dg; }, 9);
 
     // The whole MoE block, as the model runs it (with this build's variants:
@@ -223,7 +221,7 @@ static void check_layers() {
     std::vector<real> xb = randv(M * C, 1), mo(M * C);
     LayerActs la;
     check_input("MoE block (x)", xb,
-        [&](const std::vector<real>& x) { Rng n = make_rng(3, STREAM_TRAIN); moe_forward(mo.data(), la, x.data(), m.pt.h[0], valid.data(), M, &n, CAPACITY_FACTOR); return mo; },
+        [&](const std::vector<real>& x) { Rng n = make_rng(3, STREAM_TRAIN); moe_forward(mo.data(), la, x.data(), m.p.h[0], valid.data(), M, &n, CAPACITY_FACTOR); return mo; },
         [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * C); moe_backward(dx.data(), m.g.h[0], d.data(), la, x.data(), m.p.h[0], valid.data(), M, 0, 0); return dx; }, 11);
     if (NOISY_GATE) {  // the noise, given the draws: w.r.t. the logits and w.r.t. u = x . Wn^T
         std::vector<real> eps(M * E), nz(M * E), u = randv(M * E, 1), lg = randv(M * E, 1);

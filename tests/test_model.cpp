@@ -1,8 +1,8 @@
 // Unit tests in the precision and configuration that ./moe is built with:
 // the aux loss at its two extremes, the forward pass against the naive
 // reference, the data layout, overfitting one batch, a bit-identical
-// checkpoint round trip, thread-count independence, and the matrix
-// multiply against the plain loop.
+// checkpoint round trip, and thread-count independence. (The fast kernels
+// against the plain ones: test_fast.cpp.)
 #include "common.h"
 
 static void test_aux() {
@@ -51,8 +51,7 @@ static void test_dense() {
     for (auto& v : x) v = (real)r.normal();
     std::vector<int> chosen(M * K);
     std::vector<uint8_t> valid(M, 1);
-    refresh_forward_params(m);
-    const LayerParams& p = m.pt.h[0];  // the forward view: Linear weights in panels
+    const LayerParams& p = m.p.h[0];
     linear_forward(logits.data(), x.data(), p.router_w, nullptr, M, C, E);
     softmax_forward(probs.data(), logits.data(), M, E);
     topk_forward(chosen.data(), gate.data(), probs.data(), valid.data(), M);
@@ -176,52 +175,6 @@ static void test_threads() {
     check(loss[0] == loss[1] && grads[0] == grads[1], "1 and 2 threads give bit-identical loss and gradients");
 }
 
-// The matrix multiply against the plain loop, bit for bit: shapes that hit
-// every path of the kernel (short row tiles, narrow panels, a single row tile,
-// A read as a transpose, 4 KB strides), with and without bias and add, on
-// 1 and 2 threads.
-static void test_matmul() {
-    const int shapes[][3] = {{1, 64, 256}, {5, 4, 64}, {8, 32, 64}, {13, 27, 7}, {37, 100, 33},
-                             {113, 256, 64}, {64, 1024, 40}, {226, 64, 192}, {9, 33, 1}};
-    Rng r = make_rng(9, STREAM_INIT);
-    int64_t bad = 0, cases = 0;
-    for (const auto& sh : shapes) {
-        const int M = sh[0], N = sh[1], Kd = sh[2];
-        std::vector<real> A((size_t)M * Kd), B((size_t)Kd * N), bias(N), init((size_t)M * N);
-        for (auto* v : {&A, &B, &bias, &init})
-            for (auto& x : *v) x = (real)r.normal();
-        // B as the forward pass keeps a weight: W = B^T [N, Kd], written in panels
-        std::vector<real> W((size_t)N * Kd), Bp((size_t)Kd * N);
-        for (int k = 0; k < Kd; k++)
-            for (int n = 0; n < N; n++) W[(size_t)n * Kd + k] = B[(size_t)k * N + n];
-        write_forward_panels(Bp.data(), W.data(), N, Kd, 0, N);
-        for (int tr = 0; tr < 2; tr++)  // A row-major [M,Kd], or read as the transpose of a [Kd,M] matrix
-            for (int mode = 0; mode < 3; mode++) {  // set, set + bias, add
-                const int64_t as = tr ? 1 : Kd, ak = tr ? M : 1;
-                const bool add = mode == 2;
-                const real* bp = mode == 1 ? bias.data() : nullptr;
-                std::vector<real> want = init;
-                for (int m = 0; m < M; m++)
-                    for (int n = 0; n < N; n++) {
-                        real acc = 0;
-                        for (int k = 0; k < Kd; k++) acc += A[m * as + k * ak] * B[(size_t)k * N + n];
-                        real& o = want[(size_t)m * N + n];
-                        o = (add ? o : 0) + (bp ? bp[n] : 0) + acc;
-                    }
-                for (int nt = 1; nt <= 2; nt++)
-                    for (int panels = 0; panels < 2; panels++) {
-                        g_threads = nt;
-                        std::vector<real> got = init;
-                        matmul(got.data(), A.data(), as, ak, panels ? Bp.data() : B.data(), M, N, Kd, bp, add, panels);
-                        bad += got != want, cases++;
-                    }
-                g_threads = 1;
-            }
-    }
-    check(bad == 0, "matmul equals the plain loop bit for bit in %lld of %lld cases (9 shapes, 2 layouts of A, "
-                    "B row-major or in panels, set/bias/add, 1 and 2 threads)", (long long)(cases - bad), (long long)cases);
-}
-
 int main() {
     set_threads(2);
     g_threads = 1;
@@ -234,6 +187,5 @@ int main() {
     test_overfit();
     test_roundtrip();
     test_threads();
-    test_matmul();
     return report("test_model");
 }

@@ -51,7 +51,6 @@ int main() {
         model_forward(m, in.data(), nullptr, B, T, 0);
         check(m.logits == eval_logits, "evaluation after training passes is identical to before: no noise");
         // KV-cache sampling: the logits of each step equal evaluation's, bit for bit up to float order
-        refresh_forward_params(m);
         KVCache c;
         double w = 0;
         for (int t = 0; t < T; t++) {
