@@ -53,15 +53,11 @@ so that a debugger steps through exactly the code one reads.
 
   Part two: making it fast
  12. The thread pool        parallel_for, and where it cuts a loop
- 13. The tiled matmul       register tiles, packed panels, and the forward
-                            pass's copy of the weights in panels
- 14. Vectorised math        exp, tanh and sums the compiler can vectorise;
-                            GELU and layernorm with them
+ 13. The tiled matmul       register tiles, packed panels, the weights in panels
+ 14. Vectorised math        exp, tanh and sums the compiler vectorises
  15. Fast attention         16 positions at a time, four query rows at once
- 16. AdamW, fused           the update writes the forward pass's panels;
-                            zeroing and the NaN check on both cores
- 17. The experts, scheduled threads take experts from a shared counter;
-                            the dense baseline's shortcuts
+ 16. AdamW, fused           the update writes the panels; zeroing, NaN check
+ 17. The experts, scheduled a shared counter; the dense baseline's shortcuts
 
 Shapes in comments: B batch, T time (positions), C channels (N_EMBD),
 H heads, hs head size, V vocabulary, E experts, K experts chosen per token,
@@ -247,25 +243,16 @@ static void parallel_for(int n, const Fn& f) {
 // thing: the matrix multiply bit for bit, the rest within a float rounding
 // bound that tests/test_fast.cpp states and checks, by calling each plain
 // function here with fast::on switched off. Skip this list on a first read.
-struct Model;
-struct AdamW;
-struct LayerParams;
-struct MoeActs;
-struct MoeGrad;
-struct KVLayer;
+struct Model; struct AdamW; struct LayerParams; struct MoeActs; struct MoeGrad; struct KVLayer;
 namespace fast {
 extern bool on;  // true; the tests switch it off to run the plain code in a fast build
-void matmul(real* out, const real* A, int64_t as, int64_t ak, const real* B, int M, int N, int Kd, const real* bias,
-            bool add);
+void matmul(real* out, const real* A, int64_t as, int64_t ak, const real* B, int M, int N, int Kd, const real*, bool);
 void linear_forward(real* out, const real* inp, const real* w, const real* b, int M, int IN, int OUT);
 void bias_backward(real* db, const real* dout, int M, int OUT);
-void layernorm_forward(real* out, real* mean, real* rstd, const real* inp, const real* w, const real* b, int M);
-void layernorm_backward(real* dinp, real* dw, real* db, const real* dout, const real* inp, const real* w,
-                        const real* mean, const real* rstd, int M);
-void attention_forward(real* y, real* att, const real* qkv, const int* start, const int* len, const int64_t* att_off,
-                       int B);
-void attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, const int* start, const int* len,
-                        const int64_t* att_off, int B);
+void layernorm_forward(real*, real*, real*, const real*, const real*, const real*, int);
+void layernorm_backward(real*, real*, real*, const real*, const real*, const real*, const real*, const real*, int);
+void attention_forward(real*, real*, const real*, const int*, const int*, const int64_t*, int);
+void attention_backward(real*, const real*, const real*, const real*, const int*, const int*, const int64_t*, int);
 void attention_step(real* y, real* att, const real* qkv, KVLayer& c, int pos);
 void gelu_forward(real* out, real* th, const real* inp, int64_t n);
 real dot(const real* a, const real* b, int n);
@@ -273,11 +260,10 @@ void zero(real* p, size_t n);
 bool all_finite(const real* p, size_t n);
 void router_forward(real* logits, const real* x, const LayerParams& w, int M);
 void router_backward(real* dx, LayerParams& g, const real* drouter, const real* x, const LayerParams& p, int M);
-template <class Fn>
-void for_each_expert(int S, const int* offset, const Fn& fn);
-bool experts_forward_dense(real* out, MoeActs& a, const real* inp, const real* gate, const LayerParams& p, int M);
-bool experts_backward_dense(real* dinp, LayerParams& g, MoeGrad& ws, const real* dout, const real* inp,
-                            const MoeActs& a, const real* gate, const LayerParams& p, int M);
+template <class Fn> void for_each_expert(int S, const int* offset, const Fn& fn);
+bool experts_forward_dense(real*, MoeActs&, const real*, const real*, const LayerParams&, int);
+bool experts_backward_dense(real*, LayerParams&, MoeGrad&, const real*, const real*, const MoeActs&, const real*,
+                            const LayerParams&, int);
 void adamw_update(Model& m, const AdamW& o, int64_t t);
 void forward_begin(const Model& m);  // see ForwardPass (section 6)
 void forward_end();
@@ -1177,8 +1163,18 @@ static void crossentropy_backward(real* dlogits, const real* probs, const int* t
 //          (+ Z_COEF * (sum over layers of the z-loss), if switched on)
 //
 // Every activation that backward needs is kept under its own name, per
-// layer, sized for the current batch.
-
+// layer, sized for the current batch. Nothing is shared scratch that a later
+// layer overwrites: the backward pass of layer l reads what layer l saved,
+// whatever came after it. The cost is memory, M rows of a few C-wide (and,
+// in the experts, F-wide) arrays per layer, which at these sizes is a few
+// megabytes; the benefit is that each backward reads like its derivation.
+//
+// What one block saves. The residual stream is saved at the two points
+// where it is normalised (x, x_mid), since layernorm's backward needs its
+// input; ln1/ln2 are the normalised rows the Linear layers read, which their
+// weight gradients need; att holds the attention weights, so the backward
+// pass need not redo the softmax; the router's probabilities and the chosen
+// experts and gates are what top-k, the aux loss and the experts need.
 struct LayerActs {
     std::vector<real> x;                        // [M,C] residual stream entering the block
     std::vector<real> ln1, ln1_mean, ln1_rstd;  // [M,C], [M], [M]
@@ -1206,6 +1202,11 @@ struct LayerActs {
     bool noise_on = false;                        // noise was added in this forward pass
 };
 
+// The model: its parameters (and, when training, their gradients and the
+// two AdamW moments, each a buffer of the same layout, section 3), and the
+// activations of the last forward pass, which the backward pass reads.
+// The loss terms are kept apart (cross-entropy, aux, z-loss) so that the
+// progress line and the tests can show each one.
 struct Model {
     int V = 0;  // vocabulary size, token 0 included: set by the data, not compiled in
     std::vector<TensorInfo> tensors;
@@ -1236,6 +1237,9 @@ struct Model {
     double capacity_factor = CAPACITY_FACTOR;  // a variable so a test can compare factors in one binary
 };
 
+// The parameters of one expert (c_fc and c_proj, weights and biases): what
+// the parameter count line subtracts E - K times per layer to give the
+// parameters a token uses.
 [[maybe_unused]] static int64_t expert_params() { return (int64_t)F * C + F + (int64_t)C * F + C; }
 
 // The MoE block for M rows, x = ln_2 of the residual stream:
@@ -2199,6 +2203,12 @@ static std::string checkpoint_vocab(const Checkpoint& ck) {
 // ----------------------------------------------------------------------------
 // 10. Evaluation and sampling, and the reports
 
+// Evaluation asks two questions of a model: how well does it predict (the
+// mean cross-entropy, in nats per token: ln V for a model that knows
+// nothing, 0 for one that is always sure and right), and how does it route
+// (the expert load, the fraction of routing slots each expert of each layer
+// took). Both are sums over many forward passes, turned into means at the
+// end (finish).
 struct EvalResult {
     double loss = 0;                 // mean cross-entropy, nats per predicted token
     int64_t tokens = 0;              // predicted tokens
@@ -2318,6 +2328,10 @@ static EvalResult eval_text(Model& m, const std::vector<int>& toks, size_t limit
 
 // Pick the next token from the logits of one position. temperature 0 takes
 // the most likely token; top_k > 0 keeps only the k most likely.
+// Temperature divides the logits before the softmax: below 1 it sharpens the
+// distribution towards the likeliest tokens, above 1 it flattens it. top_k
+// cuts the long tail of unlikely tokens, each of which alone is rare but
+// which together are drawn often enough to spoil a sample.
 static int sample_token(const real* logits, int V, double temperature, int top_k, Rng& rng) {
     // temperature 0: the argmax (the first of equal maxima)
     if (temperature <= 0) return (int)(std::max_element(logits, logits + V) - logits);
@@ -2433,6 +2447,7 @@ static std::vector<int> generate(Model& m, std::vector<int> ctx, int max_new, bo
 }
 
 // Tokens back to bytes; token 0, the line marker, is not a byte.
+// (The inverse of encode in section 8.)
 static std::string decode(const std::vector<int>& toks, const std::string& vocab) {
     std::string s;
     for (int t : toks)
@@ -2627,6 +2642,8 @@ static void route_line(Model& m, const std::string& vocab, bool text_mode, int c
 // --- pictures. SVG is text: a figure is a few hundred lines, rectangles,
 // polylines and text elements, and any browser shows it. Two kinds are
 // enough here: line plots (curves over training) and heatmaps (routing).
+// A plot is a list of Series, each a named, coloured polyline; dashed ones
+// are the --val files, so that they read apart from train and test.
 struct Series {
     std::string name, colour;
     bool dashed = false;
@@ -2636,6 +2653,8 @@ static const char* const PALETTE[20] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d6272
                                         "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896",
                                         "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5"};
 
+// Text placed in SVG must escape the five characters XML gives a meaning
+// to; a file name with '&' or '<' would otherwise break the picture.
 static std::string svg_escape(const std::string& s) {
     std::string o;
     for (unsigned char c : s)
@@ -2731,6 +2750,8 @@ static double svg_heatmap(std::string& o, double x, double y, double label_w, do
     }
     return 38 + rows.size() * cell_h + 12;
 }
+// The opening of an SVG document of w x h pixels, with a white background
+// (a transparent one reads badly in a dark-themed viewer).
 static std::string svg_begin(double w, double h) {
     return "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + fmt("%.0f", w) + "\" height=\"" + fmt("%.0f", h) +
            "\" viewBox=\"0 0 " + fmt("%.0f", w) + " " + fmt("%.0f", h) +
@@ -2741,6 +2762,9 @@ static std::string svg_begin(double w, double h) {
 // losses and the expert load. The history is kept in DIR/log.tsv (so that
 // --resume continues it) and drawn, with the routing of the latest
 // evaluation, in DIR/report.svg.
+// log.tsv is the plain-text twin of the report: one row per evaluation,
+// tab-separated, with a header naming every column, so that a spreadsheet,
+// pandas or gnuplot can read it without moe.cpp.
 struct LogRow {
     int64_t step = 0;
     double train = NAN, test = NAN;
@@ -2880,6 +2904,11 @@ static std::vector<double> shares(const std::vector<double>& counts, int l) {
 // 11. Command line and main
 
 // Everything a run can be told on the command line, with the defaults.
+// The command line selects one of four modes: train (the default), sample
+// (--sample-only, --prompt), evaluate (--eval, --arith) and route (--route).
+// Each flag is checked as it is parsed, and the combinations that make no
+// sense are refused at the end of parse_args, so that no mode starts on a
+// mistake and fails an hour later.
 struct Options {
     std::string input = "names.txt", work_dir = "out", checkpoint, prompt;
     int64_t max_steps = 5000, seed = 3407;
@@ -2958,6 +2987,9 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
     return x;
 }
 
+// One pass over argv. A flag that takes a value reads it with val(), which
+// turns a missing value into a usage error; numbers go through parse_int
+// and parse_real, which name the flag and its range.
 [[maybe_unused]] static Options parse_args(int argc, char** argv) {
     Options o;
     // val() takes the flag's argument, so "--seed" at the end is an error, not a crash.
@@ -3084,6 +3116,11 @@ static std::vector<SaveTensor> model_tensors(const Model& m) {
 
 // --- a training run: everything it holds between steps, and the pieces of
 // train() below (start, resume, evaluate and save, report).
+// A training run keeps more state than the model: the data, the two
+// generators, the step and the best loss, the files it writes, and the
+// history it draws. Holding it in one struct lets each phase of a run be a
+// function of its own (start, evaluate and save, report), with train() just
+// the loop that calls them.
 struct Training {
     Model m;
     Dataset d;
@@ -3268,6 +3305,9 @@ static void evaluate_and_save(Training& t, const Options& o) {
 }
 
 // Sums over the steps since the last progress line.
+// The progress line prints means over the steps since the last one, not the
+// last step alone: a single batch's loss jumps by tenths from step to step,
+// and its mean over a hundred steps is what shows the trend.
 struct Progress {
     double ms = 0, loss = 0, ce = 0, aux = 0, z = 0;
     int64_t tokens = 0, steps = 0, dropped = 0, slots = 0;
@@ -3355,6 +3395,9 @@ static void final_report(Training& t, const Options& o) {
 
 // --- a model to use: sampling, evaluation and routing load --checkpoint, or
 // the work dir's best one, with what its metadata says about the data.
+// The three modes that use a trained model all start alike: read the
+// checkpoint, build the model it describes, and take from its metadata
+// the vocabulary, the data mode and the context it was trained with.
 struct Loaded {
     Model m;
     Checkpoint ck;
