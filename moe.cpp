@@ -1282,6 +1282,11 @@ static void moe_forward(real* out, LayerActs& a, const real* x, const LayerParam
     }
 }
 
+// A model of vocabulary size V with every buffer allocated and zero: the
+// table of tensors for V, the parameters (and gradients and moments), and
+// the named views into them. The weights are set by init_params (a fresh
+// run) or by load_model (a checkpoint). The gradients start at zero, as
+// model_backward wants them; AdamW leaves them so after every step.
 static void model_init(Model& m, int V) {
     m.V = V;
     m.tensors = param_layout(V);
@@ -1334,6 +1339,10 @@ static int64_t pack_batch(Model& m, const int* inputs, const int* targets, int B
 
 // inputs, targets: [B,T]. targets may be null (sampling): then every position
 // is used and no loss is computed. Returns ce + aux_coef * aux_sum (+ Z_COEF * z_sum).
+// The cross-entropy is a mean over the positions with a target, so that the
+// loss of a batch of short names and one of long names are on one scale;
+// the aux loss is a sum over layers, each about 1 when balanced, so
+// aux_coef sets its weight against the language model for the whole stack.
 static double model_forward(Model& m, const int* inputs, const int* targets, int B, int T, real aux_coef) {
     const int64_t att_size = pack_batch(m, inputs, targets, B, T);
     const int M = m.M, V = m.V;
@@ -1387,6 +1396,10 @@ struct Backward {  // scratch for gradients flowing between layers; reused by ev
     std::vector<real> dnoise, sh_dhg, sh_dh;  // the variants' scratch
 } g_bw;
 
+// Why one set of scratch buffers is enough here (unlike the activations):
+// gradients flow through one layer at a time, and what one layer leaves in
+// dln or dqkv the next layer down no longer needs once it has used it.
+//
 // The MoE block's backward, in reverse: experts (and shared experts) give
 // the gradients of x and of the gates; the gates' flows through top-k into
 // the probabilities, joined by the aux loss's; the softmax turns it into the
@@ -2480,6 +2493,7 @@ static void print_line_samples(Model& m, const std::string& vocab, int context, 
 // --- reports for a reader: routing tables, arithmetic accuracy, and the
 // routing explorer. Colours are ANSI escape codes, used only when stdout is
 // a terminal (a pipe or a file gets plain text; NO_COLOR turns them off).
+// (isatty is POSIX; elsewhere the reports are always plain text.)
 static bool stdout_is_terminal() {
 #if defined(__unix__) || defined(__APPLE__)
     return isatty(fileno(stdout)) && !std::getenv("NO_COLOR");
@@ -2593,6 +2607,9 @@ static double arith_report(Model& m, const std::string& vocab, int context, cons
 // text), and with `gates` every chosen expert and its gate weight, per byte.
 static const int EXPERT_COLOURS[16] = {196, 46, 33, 226, 201, 51, 208, 93, 118, 250, 124, 22, 17, 136, 53, 30};
 static char expert_digit(int e) { return e < 0 ? '.' : e < 10 ? (char)('0' + e) : e < 36 ? (char)('a' + e - 10) : '#'; }
+// The text is encoded with the model's vocabulary (a byte it never saw is an
+// error that names it) and run through one forward pass without targets,
+// so every position is routed; the tables below read m.L[l].chosen.
 static void route_line(Model& m, const std::string& vocab, bool text_mode, int context, const std::string& s,
                        bool gates) {
     std::vector<int> toks = text_mode ? std::vector<int>{} : std::vector<int>{0}, p = encode(s, vocab, "--route");
@@ -2968,6 +2985,8 @@ struct UsageError : std::runtime_error {
 
 // Numbers from the command line: the whole argument must parse and lie in
 // range, or the user hears which flag and what it accepts.
+// (strtoll and strtod report an empty argument, trailing junk and overflow
+// through end and errno; each is a usage error here, never a silent 0.)
 static int64_t parse_int(const std::string& flag, const char* v, int64_t lo, int64_t hi) {
     char* end = nullptr;
     errno = 0;
@@ -3041,6 +3060,8 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
 }
 
 [[maybe_unused]] // One line describing the compiled model, for logs and tests.
+// It goes at the top of every run's output, into the report's title and
+// into --help, so that a figure can always be traced to the build that made it.
 static std::string config_string() {
     char buf[512];
     std::snprintf(buf, sizeof buf,
@@ -3231,6 +3252,8 @@ static void start_training(Training& t, const Options& o) {
 
 // The configuration, the data and the parameter counts: total, and active
 // per token (everything but the E - K experts a token does not use).
+// (Printed before the first step, so that a wrong -i or a wrong build shows
+// at once, not in the report after an hour.)
 static void print_run_header(const Training& t, const Options& o) {
     const Model& m = t.m;
     const Dataset& d = t.d;
@@ -3255,6 +3278,8 @@ static void print_run_header(const Training& t, const Options& o) {
 }
 
 // last.safetensors: everything --resume needs to continue exactly.
+// It is written at every evaluation and when a signal stops the run, and
+// like every checkpoint it replaces the old file only once it is whole.
 static void save_last(const Training& t) {
     Meta meta = model_meta(t.d.vocab, t.d.text, t.d.T, t.step, t.seed, t.best);
     meta["rng"] = std::to_string(t.rng.state);
@@ -3405,6 +3430,8 @@ struct Loaded {
     bool text = false;
     int context = 0;
 };
+// The context is checked here, once, because every mode sizes its inputs
+// by it: a damaged value would otherwise index past the position table.
 static void load_for_use(const Options& o, Loaded& l) {
     namespace fs = std::filesystem;
     l.ck = read_safetensors(o.checkpoint.empty() ? (fs::path(o.work_dir) / "model.safetensors").string() : o.checkpoint);
