@@ -1432,6 +1432,8 @@ static void moe_backward(real* dx, LayerParams& g, const real* dout, const Layer
 // dres through unchanged and adds f's input gradient to it, which is why
 // every backward above accumulates. Gradients land in m.grads, which the
 // caller zeroes before.
+// (The order of the calls below is the forward pass's, read from the end:
+// each backward needs the activations its forward saved, all still there.)
 static void model_backward(Model& m) {
     const int M = m.M, V = m.V;
     Backward& w = g_bw;
