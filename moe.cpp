@@ -20,7 +20,7 @@ of which each token uses one:
 -DMOE_INFERENCE_ONLY=1 compiles out the backward pass and the optimizer: that
 binary loads a checkpoint and samples or evaluates. ./moe --help lists flags.
 -fno-math-errno changes no result; it lets AdamW's square roots be
-vectorised (section 16), which makes a training step 10-15% faster.
+vectorised (section 17), which makes a training step 10-15% faster.
 
 The file has two parts, and reads top to bottom; each idea is explained
 where it first appears. Part one is the trainer: plain, correct code, from
@@ -37,27 +37,28 @@ so that a debugger steps through exactly the code one reads.
                             kernels that part two makes fast
   3. Parameters             one buffer carved into named tensors; init
   4. Layers                 forward/backward pairs: matmul, softmax,
-                            embedding, residual, layernorm, linear,
-                            attention, GELU
+                            linear, GELU (what an expert is made of)
   5. The Mixture of Experts router, top-k gate, load-balancing loss,
                             experts; the variants: noisy gating, expert
                             capacity, router z-loss, shared and fine-grained
                             experts; cross-entropy
-  6. The model              the layers wired together; saved activations
-  7. AdamW                  the optimizer
-  8. Data                   line mode (names) and text mode (a byte stream)
-  9. Checkpoints            safetensors files PyTorch can load
- 10. Evaluation and sampling, and the reports: routing tables, arithmetic
+  6. Attention, and the rest of the block: embedding, residual, layernorm,
+                            causal self-attention
+  7. The model              the layers wired together; saved activations
+  8. AdamW                  the optimizer
+  9. Data                   line mode (names) and text mode (a byte stream)
+ 10. Checkpoints            safetensors files PyTorch can load
+ 11. Evaluation and sampling, and the reports: routing tables, arithmetic
                             accuracy, the routing explorer, SVG pictures
- 11. Command line and main  training, sampling, evaluation
+ 12. Command line and main  training, sampling, evaluation
 
   Part two: making it fast
- 12. The thread pool        parallel_for, and where it cuts a loop
- 13. The tiled matmul       register tiles, packed panels, the weights in panels
- 14. Vectorised math        exp, tanh and sums the compiler vectorises
- 15. Fast attention         16 positions at a time, four query rows at once
- 16. AdamW, fused           the update writes the panels; zeroing, NaN check
- 17. The experts, scheduled a shared counter; the dense baseline's shortcuts
+ 13. The thread pool        parallel_for, and where it cuts a loop
+ 14. The tiled matmul       register tiles, packed panels, the weights in panels
+ 15. Vectorised math        exp, tanh and sums the compiler vectorises
+ 16. Fast attention         16 positions at a time, four query rows at once
+ 17. AdamW, fused           the update writes the panels; zeroing, NaN check
+ 18. The experts, scheduled a shared counter; the dense baseline's shortcuts
 
 Shapes in comments: B batch, T time (positions), C channels (N_EMBD),
 H heads, hs head size, V vocabulary, E experts, K experts chosen per token,
@@ -221,7 +222,7 @@ static Rng make_rng(uint64_t seed, Stream s) {
 // the result does not depend on the number of threads, nor on where [0, n)
 // is cut, and a run with --threads 1 and one with 2 save the same checkpoint.
 // In the plain build (-DMOE_FAST=0) it is the plain loop f(0, n); part two
-// (section 12) runs the ranges on a pool of threads.
+// (section 13) runs the ranges on a pool of threads.
 [[maybe_unused]] static int g_threads = 1;  // threads parallel_for may use (--threads)
 #if MOE_FAST
 template <class Fn>
@@ -265,7 +266,7 @@ bool experts_forward_dense(real*, MoeActs&, const real*, const real*, const Laye
 bool experts_backward_dense(real*, LayerParams&, MoeGrad&, const real*, const real*, const MoeActs&, const real*,
                             const LayerParams&, int);
 void adamw_update(Model& m, const AdamW& o, int64_t t);
-void forward_begin(const Model& m);  // see ForwardPass (section 6)
+void forward_begin(const Model& m);  // see ForwardPass (section 7)
 void forward_end();
 }  // namespace fast
 
@@ -436,7 +437,7 @@ static void init_params(std::vector<real>& params, const std::vector<TensorInfo>
 // A[m][k] B[k][n]. The loop over k runs outside the loop over n, so that the
 // innermost loop walks along a row of B and a row of sums, which the
 // compiler turns into vector instructions. Part two's tiled matmul (section
-// 13) adds up exactly the same terms in the same order, so the two agree
+// 14) adds up exactly the same terms in the same order, so the two agree
 // bit for bit, which the tests check.
 static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real* B, int M, int N, int Kd,
                    const real* bias, bool add) {
@@ -491,107 +492,11 @@ static void softmax_backward(real* dlogits, const real* dprobs, const real* prob
 }
 #endif
 
-// --- token and position embedding: out[M,C] = wte[tok[i]] + wpe[pos[i]]
-static void encoder_forward(real* out, const int* tok, const int* pos, const real* wte, const real* wpe, int M) {
-    parallel_for(M, [=](int m0, int m1) {
-        for (int i = m0; i < m1; i++) {
-            real* o = out + (int64_t)i * C;
-            const real* we = wte + (int64_t)tok[i] * C;
-            const real* pe = wpe + (int64_t)pos[i] * C;
-            for (int c = 0; c < C; c++) o[c] = we[c] + pe[c];
-        }
-    });
-}
-#if !MOE_INFERENCE_ONLY
-// A lookup's gradient goes back to the row it read: every position adds its
-// dout to the row of its token and to the row of its position. (Two
-// positions may share a token, so this loop is not shared out: two threads
-// would add to the same row.)
-static void encoder_backward(real* dwte, real* dwpe, const real* dout, const int* tok, const int* pos, int M) {
-    for (int i = 0; i < M; i++) {
-        const real* d = dout + (int64_t)i * C;
-        real* dwe = dwte + (int64_t)tok[i] * C;
-        real* dpe = dwpe + (int64_t)pos[i] * C;
-        for (int c = 0; c < C; c++) dwe[c] += d[c], dpe[c] += d[c];
-    }
-}
-#endif
-
-// --- the residual connection x + f(x): out[M,C] = a + b, row by row (out may
-// be a itself). Its backward is in model_backward: the gradient of the sum
-// passes unchanged to both a and b.
-static void residual_forward(real* out, const real* a, const real* b, int M) {
-    parallel_for(M, [=](int m0, int m1) {
-        for (size_t i = (size_t)m0 * C; i < (size_t)m1 * C; i++) out[i] = a[i] + b[i];
-    });
-}
-
-// --- LayerNorm over the C channels of each of M rows, eps 1e-5:
-//   out = (x - mean) * rstd * w + b,   rstd = 1 / sqrt(var + eps)
-// with the biased variance (divided by C, as PyTorch). mean and rstd [M]
-// are saved for backward.
-static void layernorm_forward(real* out, real* mean, real* rstd, const real* inp, const real* w, const real* b,
-                              int M) {
-    if constexpr (FAST) if (fast::on) return fast::layernorm_forward(out, mean, rstd, inp, w, b, M);
-    parallel_for(M, [=](int m0, int m1) {  // rows are independent
-        for (int m = m0; m < m1; m++) {
-            const real* x = inp + (int64_t)m * C;
-            real mu = 0, var = 0;
-            for (int i = 0; i < C; i++) mu += x[i];
-            mu /= C;
-            for (int i = 0; i < C; i++) var += (x[i] - mu) * (x[i] - mu);
-            var /= C;
-            const real rs = 1 / std::sqrt(var + (real)1e-5);
-            real* o = out + (int64_t)m * C;
-            for (int i = 0; i < C; i++) o[i] = (x[i] - mu) * rs * w[i] + b[i];
-            mean[m] = mu, rstd[m] = rs;
-        }
-    });
-}
-#if !MOE_INFERENCE_ONLY
-// With n = (x - mean) * rstd and out = n * w + b:
-//   dw += dout * n,  db += dout,  dn = dout * w.
-// n depends on every x of the row through mean and rstd. Differentiating,
-//   dx_i = rstd * (dn_i - mean_j(dn_j) - n_i * mean_j(dn_j * n_j)):
-// the gradient minus its mean (the mean is subtracted out) and minus its
-// component along n (the scale is divided out). dx is a row's own, so the
-// rows are shared out; dw and db sum over all the rows, so for them the
-// channels are shared out instead, each adding up its rows in order.
-static void layernorm_backward(real* dinp, real* dw, real* db, const real* dout, const real* inp, const real* w,
-                               const real* mean, const real* rstd, int M) {
-    if constexpr (FAST) if (fast::on) return fast::layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, M);
-    parallel_for(M, [=](int m0, int m1) {
-        for (int m = m0; m < m1; m++) {
-            const real* x = inp + (int64_t)m * C;
-            const real* d = dout + (int64_t)m * C;
-            const real mu = mean[m], rs = rstd[m];
-            real dn_mean = 0, dn_n_mean = 0;
-            for (int i = 0; i < C; i++) dn_mean += d[i] * w[i], dn_n_mean += d[i] * w[i] * ((x[i] - mu) * rs);
-            dn_mean /= C, dn_n_mean /= C;
-            real* dx = dinp + (int64_t)m * C;
-            for (int i = 0; i < C; i++) {
-                real n = (x[i] - mu) * rs, dn = d[i] * w[i];
-                dx[i] += rs * (dn - dn_mean - n * dn_n_mean);
-            }
-        }
-    });
-    parallel_for(C, [=](int c0, int c1) {
-        for (int m = 0; m < M; m++)
-            for (int i = c0; i < c1; i++) {
-                const real* x = inp + (int64_t)m * C;
-                const real g = dout[(int64_t)m * C + i];
-                dw[i] += g * ((x[i] - mean[m]) * rstd[m]);
-                db[i] += g;
-            }
-    });
-}
-#endif
-
 // --- Linear, as PyTorch's nn.Linear: out[M,OUT] = inp[M,IN] . w^T + b, with
 // w [OUT, IN] row-major (PyTorch's layout) and b [OUT] or null. The product
 // wants B = w^T [IN, OUT] row-major, so w is transposed first, into a copy
 // of this thread's. (The fast build keeps every weight's transpose ready, in
-// the layout its kernel reads: section 13.)
+// the layout its kernel reads: section 14.)
 static void linear_forward(real* out, const real* inp, const real* w, const real* b, int M, int IN, int OUT) {
     if constexpr (FAST) if (fast::on) return fast::linear_forward(out, inp, w, b, M, IN, OUT);
     thread_local std::vector<real> wt;
@@ -617,81 +522,6 @@ static void linear_backward(real* dinp, real* dw, real* db, const real* dout, co
     if (dinp) matmul(dinp, dout, OUT, 1, w, M, IN, OUT, nullptr, true);
     matmul(dw, dout, 1, OUT, inp, OUT, IN, M, nullptr, true);
     if (db) bias_backward(db, dout, M, OUT);
-}
-#endif
-
-// --- Causal self-attention over packed rows. qkv[M,3C] comes from c_attn
-// (q in channels 0..C, k in C..2C, v in 2C..3C; head h owns channels
-// h*hs..(h+1)*hs of each). Sequence b is rows start[b]..start[b]+len[b].
-// For each head, position t of a sequence attends to its positions s <= t:
-//   att[t,s] = softmax_s(q_t . k_s / sqrt(hs)),  y_t = sum_s att[t,s] v_s.
-// Dividing by sqrt(hs) keeps the scores' spread independent of the head size
-// (a dot product of hs unit-variance terms has variance hs), so the softmax
-// does not saturate. att is saved for backward: for sequence b and head h a
-// [len, len] block (zero above the diagonal) at att + att_off[b] + h*len*len.
-// y is [M,C]. Each (sequence, head) pair is independent: they are shared out.
-static void attention_forward(real* y, real* att, const real* qkv, const int* start, const int* len,
-                              const int64_t* att_off, int B) {
-    if constexpr (FAST) if (fast::on) return fast::attention_forward(y, att, qkv, start, len, att_off, B);
-    const real scale = 1 / std::sqrt((real)HS);
-    parallel_for(B * N_HEAD, [=](int i0, int i1) {
-        for (int i = i0; i < i1; i++) {
-            const int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
-            const real* base = qkv + (int64_t)start[b] * 3 * C;  // row t of the sequence is base + t*3C
-            for (int t = 0; t < T; t++) {
-                const real* q = base + (int64_t)t * 3 * C + h * HS;
-                real* a = att + att_off[b] + ((int64_t)h * T + t) * T;  // the scores of row t, then its weights
-                for (int s = 0; s <= t; s++) a[s] = dot(q, base + (int64_t)s * 3 * C + C + h * HS, HS) * scale;
-                softmax_forward(a, a, 1, t + 1);
-                for (int s = t + 1; s < T; s++) a[s] = 0;  // the future: no weight
-                real* yt = y + ((int64_t)start[b] + t) * C + h * HS;
-                for (int j = 0; j < HS; j++) yt[j] = 0;
-                for (int s = 0; s <= t; s++) {
-                    const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
-                    for (int j = 0; j < HS; j++) yt[j] += a[s] * v[j];
-                }
-            }
-        }
-    });
-}
-#if !MOE_INFERENCE_ONLY
-// Backward, for one head and one query position t (dy_t given):
-//   y_t = sum_s a_s v_s        ->  dv_s += a_s dy_t,  da_s = dy_t . v_s
-//   a = softmax(z)             ->  dz_s = a_s (da_s - sum_r a_r da_r)
-//   z_s = q_t . k_s * scale    ->  dq_t += scale dz_s k_s,  dk_s += scale dz_s q_t
-// Each (b, h) pair writes only its own rows and channels of dqkv, so the
-// pairs are shared out as in the forward pass.
-static void attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, const int* start,
-                               const int* len, const int64_t* att_off, int B) {
-    if constexpr (FAST) if (fast::on) return fast::attention_backward(dqkv, dy, att, qkv, start, len, att_off, B);
-    const real scale = 1 / std::sqrt((real)HS);
-    parallel_for(B * N_HEAD, [=](int i0, int i1) {
-        for (int i = i0; i < i1; i++) {
-            const int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
-            const real* base = qkv + (int64_t)start[b] * 3 * C;
-            real* dbase = dqkv + (int64_t)start[b] * 3 * C;
-            for (int t = 0; t < T; t++) {
-                const real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
-                const real* dyt = dy + ((int64_t)start[b] + t) * C + h * HS;
-                const real* q = base + (int64_t)t * 3 * C + h * HS;
-                real* dq = dbase + (int64_t)t * 3 * C + h * HS;
-                real da[BLOCK_SIZE], sum = 0;  // da_s, and sum_r a_r da_r
-                for (int s = 0; s <= t; s++) {
-                    const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
-                    real* dv = dbase + (int64_t)s * 3 * C + 2 * C + h * HS;
-                    da[s] = dot(dyt, v, HS);
-                    for (int j = 0; j < HS; j++) dv[j] += a[s] * dyt[j];
-                    sum += a[s] * da[s];
-                }
-                for (int s = 0; s <= t; s++) {
-                    const real dz = a[s] * (da[s] - sum) * scale;
-                    const real* k = base + (int64_t)s * 3 * C + C + h * HS;
-                    real* dk = dbase + (int64_t)s * 3 * C + C + h * HS;
-                    for (int j = 0; j < HS; j++) dq[j] += dz * k[j], dk[j] += dz * q[j];
-                }
-            }
-        }
-    });
 }
 #endif
 
@@ -896,7 +726,7 @@ static void mlp_backward(real* dx, LayerParams& g, real* dhg, real* dh, const re
 // among them (expert e has offset[e+1] - offset[e] of them). The experts
 // are independent (their own weights, their own rows), so in what order, or
 // on which thread, each runs changes nothing: part two runs them two at a
-// time (section 17).
+// time (section 18).
 template <class Fn>
 static void for_each_expert(int S, const int* offset, const Fn& fn) {
     if constexpr (FAST) if (fast::on) return fast::for_each_expert(S, offset, fn);
@@ -1150,7 +980,196 @@ static void crossentropy_backward(real* dlogits, const real* probs, const int* t
 #endif
 
 // ----------------------------------------------------------------------------
-// 6. The model
+// 6. Attention, and the rest of the block
+//
+// The layers of the Transformer around the experts: the token and position
+// embedding that makes the rows, the residual connections that carry them
+// through the blocks, the layernorm in front of each half of a block, and
+// causal self-attention, the one place where positions talk to each other.
+
+// --- token and position embedding: out[M,C] = wte[tok[i]] + wpe[pos[i]]
+// Attention by itself cannot tell the order of its inputs (it sums over
+// them), so each row is given where it stands as well as what it is: a
+// learned vector per position, added to the token's. That is also why the
+// model cannot read past BLOCK_SIZE positions: the table ends there.
+static void encoder_forward(real* out, const int* tok, const int* pos, const real* wte, const real* wpe, int M) {
+    parallel_for(M, [=](int m0, int m1) {
+        for (int i = m0; i < m1; i++) {
+            real* o = out + (int64_t)i * C;
+            const real* we = wte + (int64_t)tok[i] * C;
+            const real* pe = wpe + (int64_t)pos[i] * C;
+            for (int c = 0; c < C; c++) o[c] = we[c] + pe[c];
+        }
+    });
+}
+#if !MOE_INFERENCE_ONLY
+// A lookup's gradient goes back to the row it read: every position adds its
+// dout to the row of its token and to the row of its position. (Two
+// positions may share a token, so this loop is not shared out: two threads
+// would add to the same row.)
+static void encoder_backward(real* dwte, real* dwpe, const real* dout, const int* tok, const int* pos, int M) {
+    for (int i = 0; i < M; i++) {
+        const real* d = dout + (int64_t)i * C;
+        real* dwe = dwte + (int64_t)tok[i] * C;
+        real* dpe = dwpe + (int64_t)pos[i] * C;
+        for (int c = 0; c < C; c++) dwe[c] += d[c], dpe[c] += d[c];
+    }
+}
+#endif
+
+// --- the residual connection x + f(x): out[M,C] = a + b, row by row (out may
+// be a itself). Each block adds to the stream instead of replacing it, so a
+// block that has learned nothing yet passes its input on unchanged, and the
+// gradient reaches the first layers undiminished however deep the stack. Its backward is in model_backward: the gradient of the sum
+// passes unchanged to both a and b.
+static void residual_forward(real* out, const real* a, const real* b, int M) {
+    parallel_for(M, [=](int m0, int m1) {
+        for (size_t i = (size_t)m0 * C; i < (size_t)m1 * C; i++) out[i] = a[i] + b[i];
+    });
+}
+
+// --- LayerNorm. The stream grows as blocks add to it; normalising what
+// each half of a block reads (GPT-2's "pre-norm") keeps the inputs of
+// attention and of the router at one scale through the stack, so the
+// router's softmax neither saturates nor flattens as the model deepens.
+// Over the C channels of each of M rows, eps 1e-5:
+//   out = (x - mean) * rstd * w + b,   rstd = 1 / sqrt(var + eps)
+// with the biased variance (divided by C, as PyTorch). mean and rstd [M]
+// are saved for backward.
+static void layernorm_forward(real* out, real* mean, real* rstd, const real* inp, const real* w, const real* b,
+                              int M) {
+    if constexpr (FAST) if (fast::on) return fast::layernorm_forward(out, mean, rstd, inp, w, b, M);
+    parallel_for(M, [=](int m0, int m1) {  // rows are independent
+        for (int m = m0; m < m1; m++) {
+            const real* x = inp + (int64_t)m * C;
+            real mu = 0, var = 0;
+            for (int i = 0; i < C; i++) mu += x[i];
+            mu /= C;
+            for (int i = 0; i < C; i++) var += (x[i] - mu) * (x[i] - mu);
+            var /= C;
+            const real rs = 1 / std::sqrt(var + (real)1e-5);
+            real* o = out + (int64_t)m * C;
+            for (int i = 0; i < C; i++) o[i] = (x[i] - mu) * rs * w[i] + b[i];
+            mean[m] = mu, rstd[m] = rs;
+        }
+    });
+}
+#if !MOE_INFERENCE_ONLY
+// With n = (x - mean) * rstd and out = n * w + b:
+//   dw += dout * n,  db += dout,  dn = dout * w.
+// n depends on every x of the row through mean and rstd. Differentiating,
+//   dx_i = rstd * (dn_i - mean_j(dn_j) - n_i * mean_j(dn_j * n_j)):
+// the gradient minus its mean (the mean is subtracted out) and minus its
+// component along n (the scale is divided out). dx is a row's own, so the
+// rows are shared out; dw and db sum over all the rows, so for them the
+// channels are shared out instead, each adding up its rows in order.
+static void layernorm_backward(real* dinp, real* dw, real* db, const real* dout, const real* inp, const real* w,
+                               const real* mean, const real* rstd, int M) {
+    if constexpr (FAST) if (fast::on) return fast::layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, M);
+    parallel_for(M, [=](int m0, int m1) {
+        for (int m = m0; m < m1; m++) {
+            const real* x = inp + (int64_t)m * C;
+            const real* d = dout + (int64_t)m * C;
+            const real mu = mean[m], rs = rstd[m];
+            real dn_mean = 0, dn_n_mean = 0;
+            for (int i = 0; i < C; i++) dn_mean += d[i] * w[i], dn_n_mean += d[i] * w[i] * ((x[i] - mu) * rs);
+            dn_mean /= C, dn_n_mean /= C;
+            real* dx = dinp + (int64_t)m * C;
+            for (int i = 0; i < C; i++) {
+                real n = (x[i] - mu) * rs, dn = d[i] * w[i];
+                dx[i] += rs * (dn - dn_mean - n * dn_n_mean);
+            }
+        }
+    });
+    parallel_for(C, [=](int c0, int c1) {
+        for (int m = 0; m < M; m++)
+            for (int i = c0; i < c1; i++) {
+                const real* x = inp + (int64_t)m * C;
+                const real g = dout[(int64_t)m * C + i];
+                dw[i] += g * ((x[i] - mean[m]) * rstd[m]);
+                db[i] += g;
+            }
+    });
+}
+#endif
+
+// --- Causal self-attention over packed rows. qkv[M,3C] comes from c_attn
+// (q in channels 0..C, k in C..2C, v in 2C..3C; head h owns channels
+// h*hs..(h+1)*hs of each). Sequence b is rows start[b]..start[b]+len[b].
+// For each head, position t of a sequence attends to its positions s <= t:
+//   att[t,s] = softmax_s(q_t . k_s / sqrt(hs)),  y_t = sum_s att[t,s] v_s.
+// Dividing by sqrt(hs) keeps the scores' spread independent of the head size
+// (a dot product of hs unit-variance terms has variance hs), so the softmax
+// does not saturate. att is saved for backward: for sequence b and head h a
+// [len, len] block (zero above the diagonal) at att + att_off[b] + h*len*len.
+// y is [M,C]. Each (sequence, head) pair is independent: they are shared out.
+static void attention_forward(real* y, real* att, const real* qkv, const int* start, const int* len,
+                              const int64_t* att_off, int B) {
+    if constexpr (FAST) if (fast::on) return fast::attention_forward(y, att, qkv, start, len, att_off, B);
+    const real scale = 1 / std::sqrt((real)HS);
+    parallel_for(B * N_HEAD, [=](int i0, int i1) {
+        for (int i = i0; i < i1; i++) {
+            const int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
+            const real* base = qkv + (int64_t)start[b] * 3 * C;  // row t of the sequence is base + t*3C
+            for (int t = 0; t < T; t++) {
+                const real* q = base + (int64_t)t * 3 * C + h * HS;
+                real* a = att + att_off[b] + ((int64_t)h * T + t) * T;  // the scores of row t, then its weights
+                for (int s = 0; s <= t; s++) a[s] = dot(q, base + (int64_t)s * 3 * C + C + h * HS, HS) * scale;
+                softmax_forward(a, a, 1, t + 1);
+                for (int s = t + 1; s < T; s++) a[s] = 0;  // the future: no weight
+                real* yt = y + ((int64_t)start[b] + t) * C + h * HS;
+                for (int j = 0; j < HS; j++) yt[j] = 0;
+                for (int s = 0; s <= t; s++) {
+                    const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
+                    for (int j = 0; j < HS; j++) yt[j] += a[s] * v[j];
+                }
+            }
+        }
+    });
+}
+#if !MOE_INFERENCE_ONLY
+// Backward, for one head and one query position t (dy_t given):
+//   y_t = sum_s a_s v_s        ->  dv_s += a_s dy_t,  da_s = dy_t . v_s
+//   a = softmax(z)             ->  dz_s = a_s (da_s - sum_r a_r da_r)
+//   z_s = q_t . k_s * scale    ->  dq_t += scale dz_s k_s,  dk_s += scale dz_s q_t
+// Each (b, h) pair writes only its own rows and channels of dqkv, so the
+// pairs are shared out as in the forward pass.
+static void attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, const int* start,
+                               const int* len, const int64_t* att_off, int B) {
+    if constexpr (FAST) if (fast::on) return fast::attention_backward(dqkv, dy, att, qkv, start, len, att_off, B);
+    const real scale = 1 / std::sqrt((real)HS);
+    parallel_for(B * N_HEAD, [=](int i0, int i1) {
+        for (int i = i0; i < i1; i++) {
+            const int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
+            const real* base = qkv + (int64_t)start[b] * 3 * C;
+            real* dbase = dqkv + (int64_t)start[b] * 3 * C;
+            for (int t = 0; t < T; t++) {
+                const real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
+                const real* dyt = dy + ((int64_t)start[b] + t) * C + h * HS;
+                const real* q = base + (int64_t)t * 3 * C + h * HS;
+                real* dq = dbase + (int64_t)t * 3 * C + h * HS;
+                real da[BLOCK_SIZE], sum = 0;  // da_s, and sum_r a_r da_r
+                for (int s = 0; s <= t; s++) {
+                    const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
+                    real* dv = dbase + (int64_t)s * 3 * C + 2 * C + h * HS;
+                    da[s] = dot(dyt, v, HS);
+                    for (int j = 0; j < HS; j++) dv[j] += a[s] * dyt[j];
+                    sum += a[s] * da[s];
+                }
+                for (int s = 0; s <= t; s++) {
+                    const real dz = a[s] * (da[s] - sum) * scale;
+                    const real* k = base + (int64_t)s * 3 * C + C + h * HS;
+                    real* dk = dbase + (int64_t)s * 3 * C + C + h * HS;
+                    for (int j = 0; j < HS; j++) dq[j] += dz * k[j], dk[j] += dz * q[j];
+                }
+            }
+        }
+    });
+}
+#endif
+
+// ----------------------------------------------------------------------------
+// 7. The model
 //
 // makemore's Transformer with a Mixture of Experts in place of each MLP:
 //
@@ -1302,7 +1321,7 @@ static void model_init(Model& m, int V) {
 // The length of one forward pass (model_forward, or a sample's tokens). The
 // plain build needs nothing here; the fast one keeps, for as long as the
 // pass lasts, a copy of the weights in the layout its matmul reads fastest
-// (section 13).
+// (section 14).
 struct ForwardPass {
     explicit ForwardPass(const Model& m) { if constexpr (FAST) if (fast::on) fast::forward_begin(m); }
     ~ForwardPass() { if constexpr (FAST) if (fast::on) fast::forward_end(); }
@@ -1468,7 +1487,7 @@ static void model_backward(Model& m) {
 }
 
 // ----------------------------------------------------------------------------
-// 7. AdamW (Loshchilov & Hutter), written as PyTorch computes it:
+// 8. AdamW (Loshchilov & Hutter), written as PyTorch computes it:
 //   p -= lr * wd * p                               decoupled weight decay
 //   m  = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2
 //   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
@@ -1493,7 +1512,7 @@ static AdamStep adam_step(const AdamW& o, int64_t t) {
             o.eps};
 }
 // One parameter p with moments m, v and gradient g (zeroed here). The fast
-// AdamW (section 16) calls this same function, so both give the same bits.
+// AdamW (section 17) calls this same function, so both give the same bits.
 static inline void adam_update_one(real& p, real& m, real& v, real& g, const AdamStep& s) {
     const real gr = g;
     g = 0;
@@ -1509,7 +1528,7 @@ static void adamw_update(Model& m, const AdamW& o, int64_t t) {
 #endif
 
 // ----------------------------------------------------------------------------
-// 8. Data
+// 9. Data
 //
 // Tokens are bytes. The vocabulary is the set of distinct bytes in the
 // training file, sorted; token i+1 is byte vocab[i], and token 0 is kept for
@@ -1740,7 +1759,7 @@ static void train_batch(std::vector<int>& inputs, std::vector<int>& targets, con
 #endif
 
 // ----------------------------------------------------------------------------
-// 9. Checkpoints
+// 10. Checkpoints
 //
 // safetensors: 8 bytes of little-endian header length, a JSON header, then
 // the raw little-endian float32 data of every tensor. The header maps each
@@ -2216,7 +2235,7 @@ static std::string checkpoint_vocab(const Checkpoint& ck) {
 }
 
 // ----------------------------------------------------------------------------
-// 10. Evaluation and sampling, and the reports
+// 11. Evaluation and sampling, and the reports
 
 // Evaluation asks two questions of a model: how well does it predict (the
 // mean cross-entropy, in nats per token: ln V for a model that knows
@@ -2374,7 +2393,7 @@ static int sample_token(const real* logits, int V, double temperature, int top_k
 // token alone through the same layer functions, attending over the cache:
 // the cost of a token grows with t (the attention), not with t^2.
 // One layer's cache: the key and value of every position so far, [BLOCK_SIZE, C]
-// each, and kt, part two's copy of the keys, transposed (section 15).
+// each, and kt, part two's copy of the keys, transposed (section 16).
 struct KVLayer {
     std::vector<real> k, v, kt;
 };
@@ -2440,7 +2459,7 @@ static std::vector<int> generate(Model& m, std::vector<int> ctx, int max_new, bo
                                  double temperature, int top_k, Rng& rng,
                                  const std::function<void(int, double)>& emit) {
     KVCache cache;
-    const ForwardPass pass(m);  // one copy of the weights for the whole sample (section 13)
+    const ForwardPass pass(m);  // one copy of the weights for the whole sample (section 14)
     size_t fed = ctx.size() - std::min<size_t>(ctx.size(), BLOCK_SIZE);  // ctx[fed..] is in the cache
     for (size_t i = fed; i < ctx.size(); i++) model_step(m, cache, ctx[i]);
     for (int i = 0; i < max_new; i++) {
@@ -2462,7 +2481,7 @@ static std::vector<int> generate(Model& m, std::vector<int> ctx, int max_new, bo
 }
 
 // Tokens back to bytes; token 0, the line marker, is not a byte.
-// (The inverse of encode in section 8.)
+// (The inverse of encode in section 9.)
 static std::string decode(const std::vector<int>& toks, const std::string& vocab) {
     std::string s;
     for (int t : toks)
@@ -2920,7 +2939,7 @@ static std::vector<double> shares(const std::vector<double>& counts, int l) {
 }
 
 // ----------------------------------------------------------------------------
-// 11. Command line and main
+// 12. Command line and main
 
 // Everything a run can be told on the command line, with the defaults.
 // The command line selects one of four modes: train (the default), sample
@@ -3588,7 +3607,7 @@ bool on = true;
 }
 
 // ----------------------------------------------------------------------------
-// 12. The thread pool
+// 13. The thread pool
 //
 // Replaces: the plain parallel_for of section 2, f(0, n). Held to it by its
 // contract (every index computed alike in any range): test_pool runs jobs of
@@ -3779,7 +3798,7 @@ static void parallel_for_if_big(int64_t work, int n, const Fn& f) {
 }
 
 // ----------------------------------------------------------------------------
-// 13. The tiled matmul
+// 14. The tiled matmul
 //
 // Replaces: matmul (section 4) where B is row-major, and linear_forward,
 // whose B is a weight's transpose. Held to them: test_fast's matmul case,
@@ -3961,7 +3980,7 @@ static bool is_linear_weight(const TensorInfo& t) {
 // The forward pass's copy of the model's Linear weights in panels, at the
 // same offsets as in params: the copy of the weight at params + i is at
 // panels + i. It is made when a forward pass starts (ForwardPass, section
-// 6), unless AdamW has just written it along with the weights (section 16),
+// 7), unless AdamW has just written it along with the weights (section 17),
 // and is valid until the pass ends: anything may change the weights between
 // passes. One copy is enough: one model runs at a time.
 struct ForwardCopy {
@@ -4017,11 +4036,11 @@ void fast::bias_backward(real* db, const real* dout, int M, int OUT) {
 #endif
 
 // ----------------------------------------------------------------------------
-// 14. Vectorised math
+// 15. Vectorised math
 //
 // Replaces: std::exp and std::tanh inside attention's softmax and GELU, and
-// the in-order sums of dot, layernorm_forward and layernorm_backward
-// (section 4). Held to them: test_fast, within 2e-6 relative for exp and
+// the in-order sums of dot (section 4), layernorm_forward and
+// layernorm_backward (section 6). Held to them: test_fast, within 2e-6 relative for exp and
 // tanh, and within a few float roundings of the row's scale for the sums;
 // gradcheck runs these kernels (in double) against finite differences.
 
@@ -4153,10 +4172,10 @@ void fast::gelu_forward(real* out, real* th, const real* inp, int64_t n) {
 }
 
 // ----------------------------------------------------------------------------
-// 15. Fast attention
+// 16. Fast attention
 //
 // Replaces: attention_forward, attention_backward and attention_step
-// (sections 4 and 10). Held to them: test_fast, within 1e-5 of the plain
+// (sections 6 and 11). Held to them: test_fast, within 1e-5 of the plain
 // outputs and gradients (the polynomial exp, and sums in another order);
 // test_model, the KV-cache steps against the full forward pass.
 
@@ -4252,7 +4271,7 @@ void fast::attention_forward(real* y, real* att, const real* qkv, const int* sta
     });
 }
 #if !MOE_INFERENCE_ONLY
-// The backward pass, as section 4 derives it, with da from dots16 and dq
+// The backward pass, as section 6 derives it, with da from dots16 and dq
 // summed locally.
 void fast::attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, const int* start,
                               const int* len, const int64_t* att_off, int B) {
@@ -4322,14 +4341,14 @@ void fast::attention_step(real* y, real* att, const real* qkv, KVLayer& c, int p
 }
 
 // ----------------------------------------------------------------------------
-// 16. AdamW, fused; zeroing and the NaN check
+// 17. AdamW, fused; zeroing and the NaN check
 //
-// Replaces: adamw_update (section 7), zero (section 2) and all_finite
-// (section 11). Held to them: test_fast, bit for bit (each parameter goes
+// Replaces: adamw_update (section 8), zero (section 2) and all_finite
+// (section 12). Held to them: test_fast, bit for bit (each parameter goes
 // through the same adam_update_one; zeros are zeros; the same verdicts).
 //
 // The step also writes the forward pass's copy of the weights in panels
-// (section 13), so that the next forward pass need not make it: with many
+// (section 14), so that the next forward pass need not make it: with many
 // experts, the parameters are many and the tokens few, and every sweep over
 // all of them shows in the time of a step. The work is cut into blocks: 64
 // rows of a Linear weight, which are then written as two whole panels while
@@ -4419,7 +4438,7 @@ void fast::adamw_update(Model& m, const AdamW& o, int64_t t) {
 #endif
 
 // ----------------------------------------------------------------------------
-// 17. The experts, scheduled; the dense baseline's shortcuts
+// 18. The experts, scheduled; the dense baseline's shortcuts
 //
 // Replaces: for_each_expert's loop over the experts, and, for the dense
 // baseline (E = 1), the router and the gather and scatter of

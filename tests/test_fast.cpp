@@ -167,7 +167,7 @@ static void test_state_kernels() {
 }
 
 // The whole model: one forward and backward pass, then 30 training steps,
-// plain against fast. With one expert, the dense shortcuts (section 17)
+// plain against fast. With one expert, the dense shortcuts (section 18)
 // are taken and the experts' results must still match.
 static void test_model_paths() {
     const int V = 27, B = 8, T = std::min(BLOCK_SIZE, 16);
