@@ -208,7 +208,8 @@ struct Rng {
 };
 // Independent streams for independent jobs, so that (say) evaluating or
 // sampling never shifts which batches training sees.
-enum Stream : uint64_t { STREAM_INIT = 1, STREAM_SPLIT = 2, STREAM_TRAIN = 3, STREAM_SAMPLE = 4, STREAM_NOISE = 5 };
+enum Stream : uint64_t { STREAM_INIT = 1, STREAM_SPLIT = 2, STREAM_TRAIN = 3, STREAM_SAMPLE = 4, STREAM_NOISE = 5,
+                         STREAM_DROPOUT = 6 };
 static Rng make_rng(uint64_t seed, Stream s) {
     Rng r{seed * 0x2545F4914F6CDD1Dull + s * 0x9E3779B97F4A7C15ull};
     r.next();
@@ -252,8 +253,9 @@ void linear_forward(real* out, const real* inp, const real* w, const real* b, in
 void bias_backward(real* db, const real* dout, int M, int OUT);
 void layernorm_forward(real*, real*, real*, const real*, const real*, const real*, int);
 void layernorm_backward(real*, real*, real*, const real*, const real*, const real*, const real*, const real*, int);
-void attention_forward(real*, real*, const real*, const int*, const int*, const int64_t*, int);
-void attention_backward(real*, const real*, const real*, const real*, const int*, const int*, const int64_t*, int);
+void attention_forward(real*, real*, const real*, const int*, const int*, const int64_t*, int, const real*);
+void attention_backward(real*, const real*, const real*, const real*, const int*, const int*, const int64_t*, int,
+                        const real*);
 void attention_step(real* y, real* att, const real* qkv, KVLayer& c, int pos);
 void gelu_forward(real* out, real* th, const real* inp, int64_t n);
 real dot(const real* a, const real* b, int n);
@@ -1103,9 +1105,12 @@ static void layernorm_backward(real* dinp, real* dw, real* db, const real* dout,
 // does not saturate. att is saved for backward: for sequence b and head h a
 // [len, len] block (zero above the diagonal) at att + att_off[b] + h*len*len.
 // y is [M,C]. Each (sequence, head) pair is independent: they are shared out.
+// drop (null, or laid out as att) is the dropout mask of the weights while
+// training (section 7): y_t = sum_s att[t,s] drop[t,s] v_s; att keeps the
+// weights before the mask, which the softmax's backward needs.
 static void attention_forward(real* y, real* att, const real* qkv, const int* start, const int* len,
-                              const int64_t* att_off, int B) {
-    if constexpr (FAST) if (fast::on) return fast::attention_forward(y, att, qkv, start, len, att_off, B);
+                              const int64_t* att_off, int B, const real* drop) {
+    if constexpr (FAST) if (fast::on) return fast::attention_forward(y, att, qkv, start, len, att_off, B, drop);
     const real scale = 1 / std::sqrt((real)HS);
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
         for (int i = i0; i < i1; i++) {
@@ -1117,11 +1122,13 @@ static void attention_forward(real* y, real* att, const real* qkv, const int* st
                 for (int s = 0; s <= t; s++) a[s] = dot(q, base + (int64_t)s * 3 * C + C + h * HS, HS) * scale;
                 softmax_forward(a, a, 1, t + 1);
                 for (int s = t + 1; s < T; s++) a[s] = 0;  // the future: no weight
+                const real* d = drop ? drop + (a - att) : nullptr;  // this row's mask
                 real* yt = y + ((int64_t)start[b] + t) * C + h * HS;
                 for (int j = 0; j < HS; j++) yt[j] = 0;
                 for (int s = 0; s <= t; s++) {
                     const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
-                    for (int j = 0; j < HS; j++) yt[j] += a[s] * v[j];
+                    const real w = d ? a[s] * d[s] : a[s];
+                    for (int j = 0; j < HS; j++) yt[j] += w * v[j];
                 }
             }
         }
@@ -1132,11 +1139,13 @@ static void attention_forward(real* y, real* att, const real* qkv, const int* st
 //   y_t = sum_s a_s v_s        ->  dv_s += a_s dy_t,  da_s = dy_t . v_s
 //   a = softmax(z)             ->  dz_s = a_s (da_s - sum_r a_r da_r)
 //   z_s = q_t . k_s * scale    ->  dq_t += scale dz_s k_s,  dk_s += scale dz_s q_t
+// With a dropout mask d, y_t = sum_s (a_s d_s) v_s: the value gradient uses
+// a_s d_s, and da_s = d_s (dy_t . v_s) before the softmax's backward.
 // Each (b, h) pair writes only its own rows and channels of dqkv, so the
 // pairs are shared out as in the forward pass.
 static void attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, const int* start,
-                               const int* len, const int64_t* att_off, int B) {
-    if constexpr (FAST) if (fast::on) return fast::attention_backward(dqkv, dy, att, qkv, start, len, att_off, B);
+                               const int* len, const int64_t* att_off, int B, const real* drop) {
+    if constexpr (FAST) if (fast::on) return fast::attention_backward(dqkv, dy, att, qkv, start, len, att_off, B, drop);
     const real scale = 1 / std::sqrt((real)HS);
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
         for (int i = i0; i < i1; i++) {
@@ -1148,12 +1157,14 @@ static void attention_backward(real* dqkv, const real* dy, const real* att, cons
                 const real* dyt = dy + ((int64_t)start[b] + t) * C + h * HS;
                 const real* q = base + (int64_t)t * 3 * C + h * HS;
                 real* dq = dbase + (int64_t)t * 3 * C + h * HS;
+                const real* d = drop ? drop + (a - att) : nullptr;
                 real da[BLOCK_SIZE], sum = 0;  // da_s, and sum_r a_r da_r
                 for (int s = 0; s <= t; s++) {
                     const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
                     real* dv = dbase + (int64_t)s * 3 * C + 2 * C + h * HS;
-                    da[s] = dot(dyt, v, HS);
-                    for (int j = 0; j < HS; j++) dv[j] += a[s] * dyt[j];
+                    const real w = d ? a[s] * d[s] : a[s];
+                    da[s] = d ? dot(dyt, v, HS) * d[s] : dot(dyt, v, HS);
+                    for (int j = 0; j < HS; j++) dv[j] += w * dyt[j];
                     sum += a[s] * da[s];
                 }
                 for (int s = 0; s <= t; s++) {
@@ -1219,6 +1230,9 @@ struct LayerActs {
     std::vector<real> sh_h, sh_th, sh_hg;         // [NS,M,F] the shared experts' hidden layers
     std::vector<real> sh_y;                       // [M,C] scratch: one shared expert's output
     bool noise_on = false;                        // noise was added in this forward pass
+    // dropout's masks (--dropout, while training): 0 or 1/(1-P) per value
+    std::vector<real> att_mask;             // laid out as att
+    std::vector<real> proj_mask, moe_mask;  // [M,C] on attention's c_proj output, on the MoE block's output
 };
 
 // The model: its parameters (and, when training, their gradients and the
@@ -1254,6 +1268,12 @@ struct Model {
     // applies. Null at evaluation and sampling.
     Rng* train_rng = nullptr;
     double capacity_factor = CAPACITY_FACTOR;  // a variable so a test can compare factors in one binary
+    // Dropout (--dropout): its probability, and while training the generator
+    // of its masks (null at evaluation and sampling: nothing is dropped).
+    real dropout = 0;
+    Rng* drop_rng = nullptr;
+    bool dropped_out = false;    // the last forward pass drew masks
+    std::vector<real> emb_mask;  // [M,C] on the embeddings' sum
 };
 
 // The parameters of one expert (c_fc and c_proj, weights and biases): what
@@ -1329,6 +1349,33 @@ struct ForwardPass {
     ForwardPass& operator=(const ForwardPass&) = delete;
 };
 
+// --- dropout (Srivastava et al. 2014; --dropout P). While training, each
+// value of a few chosen activations is set to zero with probability P, and
+// the rest are scaled by 1/(1-P), so that every value keeps its expected
+// size: at evaluation nothing is dropped and nothing scaled. A model that
+// cannot count on any one unit being there spreads what it learns, and
+// overfits less. nanoGPT drops four things, and so does this model: the
+// embeddings' sum, the attention weights, and the output of each residual
+// branch (attention's c_proj, and the MLP's, which here is the MoE block).
+// The mask goes on the block's output, after the experts are summed with
+// their gates, not on each expert's output: it then does what it does in
+// the dense model the block replaces, so that the two compare, and each
+// gate's gradient (dout . y, section 5) still sees its expert's whole
+// output. Backward multiplies by the same mask: out = x * mask, so
+// dx = dout * mask. The masks come from a generator of their own, saved in
+// last.safetensors, so that --resume draws the same ones.
+static void dropout_mask(std::vector<real>& mask, size_t n, real p, Rng& rng) {
+    mask.resize(n);
+    const real keep = 1 / (1 - p);
+    for (size_t i = 0; i < n; i++) mask[i] = rng.uniform() < p ? 0 : keep;
+}
+// out = x * mask, n values (out may be x)
+static void apply_mask(real* out, const real* x, const real* mask, size_t n) {
+    parallel_for((int)((n + 4095) / 4096), [=](int c0, int c1) {
+        for (size_t i = (size_t)c0 * 4096; i < std::min(n, (size_t)c1 * 4096); i++) out[i] = x[i] * mask[i];
+    });
+}
+
 // Pack a batch, inputs and targets [B,T] (targets null when sampling), into
 // rows (section 4): sequence b keeps its positions up to its last target
 // (all T when sampling); what follows is padding, and is dropped. Sets the
@@ -1380,18 +1427,28 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
     // The forward pass proper: each layer reads the previous one's output
     // and writes its own named activations.
     const ForwardPass pass(m);
+    const bool drop = m.dropped_out = m.drop_rng && m.dropout > 0;  // masks drawn in this order: deterministic
+    const size_t MC = (size_t)M * C;
     encoder_forward(m.L[0].x.data(), m.tok.data(), m.pos.data(), m.p.wte, m.p.wpe, M);
+    if (drop) dropout_mask(m.emb_mask, MC, m.dropout, *m.drop_rng), apply_mask(m.L[0].x.data(), m.L[0].x.data(), m.emb_mask.data(), MC);
     m.aux_sum = 0, m.z_sum = 0, m.dropped = 0, m.slots = 0;
     for (int l = 0; l < N_LAYER; l++) {
         LayerActs& a = m.L[l];
         const LayerParams& w = m.p.h[l];
+        if (drop) {
+            dropout_mask(a.att_mask, (size_t)att_size, m.dropout, *m.drop_rng);
+            dropout_mask(a.proj_mask, MC, m.dropout, *m.drop_rng), dropout_mask(a.moe_mask, MC, m.dropout, *m.drop_rng);
+        }
         layernorm_forward(a.ln1.data(), a.ln1_mean.data(), a.ln1_rstd.data(), a.x.data(), w.ln1_w, w.ln1_b, M);
         linear_forward(a.qkv.data(), a.ln1.data(), w.attn_w, w.attn_b, M, C, 3 * C);
-        attention_forward(a.atty.data(), a.att.data(), a.qkv.data(), m.start.data(), m.len.data(), m.att_off.data(), B);
+        attention_forward(a.atty.data(), a.att.data(), a.qkv.data(), m.start.data(), m.len.data(), m.att_off.data(), B,
+                          drop ? a.att_mask.data() : nullptr);
         linear_forward(a.x_mid.data(), a.atty.data(), w.attn_proj_w, w.attn_proj_b, M, C, C);
+        if (drop) apply_mask(a.x_mid.data(), a.x_mid.data(), a.proj_mask.data(), MC);
         residual_forward(a.x_mid.data(), a.x_mid.data(), a.x.data(), M);
         layernorm_forward(a.ln2.data(), a.ln2_mean.data(), a.ln2_rstd.data(), a.x_mid.data(), w.ln2_w, w.ln2_b, M);
         moe_forward(a.moe_out.data(), a, a.ln2.data(), w, m.valid.data(), M, m.train_rng, m.capacity_factor);
+        if (drop) apply_mask(a.moe_out.data(), a.moe_out.data(), a.moe_mask.data(), MC);
         m.aux_sum += a.aux, m.z_sum += a.z;
         m.dropped += a.dropped, m.slots += a.moe.offset[E] + a.dropped;
         real* next = l + 1 < N_LAYER ? m.L[l + 1].x.data() : m.x_out.data();
@@ -1413,6 +1470,7 @@ struct Backward {  // scratch for gradients flowing between layers; reused by ev
     std::vector<real> dres, dln, datty, dqkv, dlogits, dgate, dprobs, drouter;
     MoeGrad moe;
     std::vector<real> dnoise, sh_dhg, sh_dh;  // the variants' scratch
+    std::vector<real> dmask;                  // [M,C] a branch's gradient through its dropout mask
 } g_bw;
 
 // Why one set of scratch buffers is enough here (unlike the activations):
@@ -1455,6 +1513,7 @@ static void moe_backward(real* dx, LayerParams& g, const real* dout, const Layer
 // each backward needs the activations its forward saved, all still there.)
 static void model_backward(Model& m) {
     const int M = m.M, V = m.V;
+    const size_t MC = (size_t)M * C;
     Backward& w = g_bw;
     // Zero the buffers this pass accumulates into, then start from the loss:
     // cross-entropy -> lm_head -> ln_f, which gives dres at the top.
@@ -1468,21 +1527,24 @@ static void model_backward(Model& m) {
         LayerActs& a = m.L[l];
         const LayerParams& p = m.p.h[l];
         LayerParams& g = m.g.h[l];
-        // the MoE half: x_out = x_mid + moe(ln_2(x_mid))
+        // the MoE half: x_out = x_mid + moe(ln_2(x_mid)) (* its dropout mask)
+        const real* dbranch = w.dres.data();
+        if (m.dropped_out) w.dmask.resize(MC), apply_mask(w.dmask.data(), w.dres.data(), a.moe_mask.data(), MC), dbranch = w.dmask.data();
         zero(w.dln, (size_t)M * C);
-        moe_backward(w.dln.data(), g, w.dres.data(), a, a.ln2.data(), p, m.valid.data(), M, m.aux_coef, (real)Z_COEF);
+        moe_backward(w.dln.data(), g, dbranch, a, a.ln2.data(), p, m.valid.data(), M, m.aux_coef, (real)Z_COEF);
         layernorm_backward(w.dres.data(), g.ln2_w, g.ln2_b, w.dln.data(), a.x_mid.data(), p.ln2_w, a.ln2_mean.data(),
                            a.ln2_rstd.data(), M);
         // the attention half: x_mid = x + c_proj(attention(c_attn(ln_1(x))))
         zero(w.datty, (size_t)M * C), zero(w.dqkv, (size_t)M * 3 * C), zero(w.dln, (size_t)M * C);
-        linear_backward(w.datty.data(), g.attn_proj_w, g.attn_proj_b, w.dres.data(), a.atty.data(), p.attn_proj_w, M, C,
-                        C);
+        if (m.dropped_out) apply_mask(w.dmask.data(), w.dres.data(), a.proj_mask.data(), MC);  // dbranch points at it
+        linear_backward(w.datty.data(), g.attn_proj_w, g.attn_proj_b, dbranch, a.atty.data(), p.attn_proj_w, M, C, C);
         attention_backward(w.dqkv.data(), w.datty.data(), a.att.data(), a.qkv.data(), m.start.data(), m.len.data(),
-                           m.att_off.data(), m.B);
+                           m.att_off.data(), m.B, m.dropped_out ? a.att_mask.data() : nullptr);
         linear_backward(w.dln.data(), g.attn_w, g.attn_b, w.dqkv.data(), a.ln1.data(), p.attn_w, M, C, 3 * C);
         layernorm_backward(w.dres.data(), g.ln1_w, g.ln1_b, w.dln.data(), a.x.data(), p.ln1_w, a.ln1_mean.data(),
                            a.ln1_rstd.data(), M);
     }
+    if (m.dropped_out) apply_mask(w.dres.data(), w.dres.data(), m.emb_mask.data(), MC);
     encoder_backward(m.g.wte, m.g.wpe, w.dres.data(), m.tok.data(), m.pos.data(), M);
 }
 
@@ -1497,11 +1559,17 @@ static void model_backward(Model& m) {
 // first steps: dividing by 1 - b^t undoes that. The decay is "decoupled":
 // it shrinks the weight directly instead of joining the gradient, so Adam's
 // scaling does not undo it. Weight decay applies to every parameter, as in
-// makemore. The gradient is zeroed as it is used, ready for the next
-// backward pass (model_backward accumulates).
+// makemore, or (decay_2d, --decay 2d) to the 2-D ones only, matrices and
+// embeddings, as nanoGPT: pulling a bias or a layernorm gain towards zero
+// regularises nothing, it only fights the scale the layer needs. The
+// gradient is zeroed as it is used, ready for the next backward pass
+// (model_backward accumulates).
 struct AdamW {
     float lr = 5e-4f, weight_decay = 0.01f, beta1 = 0.9f, beta2 = 0.99f, eps = 1e-8f;
+    bool decay_2d = false;
 };
+// Does tensor t decay under o?
+static bool decays(const AdamW& o, const TensorInfo& t) { return !o.decay_2d || t.shape.size() >= 2; }
 // The constants of step t, computed once per step.
 struct AdamStep {
     real decay, step_size, bc2_sqrt, b1, b2, eps;
@@ -1522,8 +1590,61 @@ static inline void adam_update_one(real& p, real& m, real& v, real& g, const Ada
 }
 static void adamw_update(Model& m, const AdamW& o, int64_t t) {
     if constexpr (FAST) if (fast::on) return fast::adamw_update(m, o, t);
-    const AdamStep s = adam_step(o, t);
-    for (size_t i = 0; i < m.n_params; i++) adam_update_one(m.params[i], m.adam_m[i], m.adam_v[i], m.grads[i], s);
+    AdamStep s = adam_step(o, t), keep = s;
+    keep.decay = 1;  // for the tensors that do not decay
+    for (const auto& ti : m.tensors)
+        for (size_t i = ti.offset; i < ti.offset + ti.size; i++)
+            adam_update_one(m.params[i], m.adam_m[i], m.adam_v[i], m.grads[i], decays(o, ti) ? s : keep);
+}
+
+// --- the learning-rate schedule (nanoGPT's), for step t = 1, 2, ... Warmup
+// rises linearly from lr / (warmup + 1) to lr over the first `warmup` steps:
+// AdamW's moments start from nothing, and full-size steps on them would
+// throw the weights about before the estimates settle. The cosine then
+// falls from lr to min_lr, reached after `decay_steps` (nanoGPT's
+// lr_decay_iters; it counts steps from 0, it = t - 1, and so does this):
+// large steps while the loss falls fast, small ones to settle at the end.
+struct Schedule {
+    double lr = 5e-4, min_lr = 5e-5;
+    int64_t warmup = 0, decay_steps = 1;
+    bool cosine = false;
+};
+static double lr_at(const Schedule& s, int64_t t) {
+    const int64_t it = t - 1;
+    if (it < s.warmup) return s.lr * (double)(it + 1) / (double)(s.warmup + 1);
+    if (!s.cosine) return s.lr;
+    if (it > s.decay_steps) return s.min_lr;
+    const double ratio = (double)(it - s.warmup) / (double)(s.decay_steps - s.warmup);
+    return s.min_lr + 0.5 * (1 + std::cos(3.141592653589793 * ratio)) * (s.lr - s.min_lr);
+}
+
+// --- gradient clipping (--grad-clip), as torch.nn.utils.clip_grad_norm_:
+// when the norm of all the gradients together, sqrt(sum g^2) over every
+// parameter (the aux and z-loss's shares are in them), exceeds max_norm,
+// every gradient is scaled by max_norm / (norm + 1e-6). One unlucky batch
+// then moves the weights no further than a typical one. The tensors' sums
+// are shared out, each summed in double and in order, then added in tensor
+// order: the same norm for any number of threads.
+static double grad_norm(const Model& m) {
+    std::vector<double> sq(m.tensors.size());
+    const TensorInfo* ts = m.tensors.data();
+    const real* g = m.grads.data();
+    double* out = sq.data();
+    parallel_for((int)m.tensors.size(), [=](int i0, int i1) {
+        for (int i = i0; i < i1; i++) {
+            double s = 0;
+            for (size_t j = ts[i].offset; j < ts[i].offset + ts[i].size; j++) s += (double)g[j] * g[j];
+            out[i] = s;
+        }
+    });
+    return std::sqrt(std::accumulate(sq.begin(), sq.end(), 0.0));
+}
+// Clip to max_norm; returns the norm before clipping.
+static double clip_gradients(Model& m, double max_norm) {
+    const double norm = grad_norm(m), coef = max_norm / (norm + 1e-6);
+    if (coef < 1)
+        for (real& x : m.grads) x *= (real)coef;
+    return norm;
 }
 #endif
 
@@ -2808,15 +2929,16 @@ struct LogRow {
     double train = NAN, test = NAN;
     std::vector<double> val;   // the loss on each --val file
     std::vector<double> load;  // [N_LAYER * E] on the test split
+    double lr = NAN;           // the learning rate of the step
 };
 static std::string log_tsv(const std::vector<LogRow>& hist, const std::vector<std::string>& val_names) {
-    std::string s = "step\ttrain\ttest";
+    std::string s = "step\ttrain\ttest\tlr";
     for (const auto& v : val_names) s += "\tval:" + v;
     for (int l = 0; l < N_LAYER; l++)
         for (int e = 0; e < E; e++) s += "\tload:L" + std::to_string(l) + "e" + std::to_string(e);
     s += "\n";
     for (const auto& r : hist) {
-        s += std::to_string(r.step) + fmt("\t%.6f", r.train) + fmt("\t%.6f", r.test);
+        s += std::to_string(r.step) + fmt("\t%.6f", r.train) + fmt("\t%.6f", r.test) + fmt("\t%.6e", r.lr);
         for (double v : r.val) s += fmt("\t%.6f", v);
         for (double v : r.load) s += fmt("\t%.5f", v);
         s += "\n";
@@ -2844,11 +2966,13 @@ static std::string log_tsv(const std::vector<LogRow>& hist, const std::vector<st
             if (end == p || (*end != '\t' && *end)) return {};
             if (!*end) break;
         }
-        if (f.size() != 3 + val_names.size() + (size_t)N_LAYER * E) return {};
+        if (f.size() != 4 + val_names.size() + (size_t)N_LAYER * E) return {};
+        // the step must be a whole number in range: converting anything else to an integer is undefined
+        if (!(f[0] >= 0 && f[0] <= 1e12 && f[0] == std::floor(f[0]))) return {};
         LogRow r;
-        r.step = (int64_t)f[0], r.train = f[1], r.test = f[2];
-        r.val.assign(f.begin() + 3, f.begin() + 3 + val_names.size());
-        r.load.assign(f.begin() + 3 + val_names.size(), f.end());
+        r.step = (int64_t)f[0], r.train = f[1], r.test = f[2], r.lr = f[3];
+        r.val.assign(f.begin() + 4, f.begin() + 4 + val_names.size());
+        r.load.assign(f.begin() + 4 + val_names.size(), f.end());
         if (r.step <= up_to) hist.push_back(r);
     }
     return hist;
@@ -2952,6 +3076,10 @@ struct Options {
     int64_t max_steps = 5000, seed = 3407;
     int batch_size = 32, eval_interval = 500, log_interval = 100;
     double learning_rate = 5e-4, weight_decay = 0.01, aux_coef = AUX_COEF;
+    // nanoGPT's training recipe, all off by default (section 8 and the training loop)
+    bool cosine = false, decay_2d = false;  // --lr-schedule cosine; --decay 2d
+    int64_t warmup_steps = 0, lr_decay_steps = 0;  // 0: decay until --max-steps
+    double min_lr = -1, grad_clip = 0, dropout = 0;  // min_lr < 0: learning_rate / 10
     bool resume = false, sample_only = false, text = false, have_prompt = false;
     double temperature = 1.0;
     int top_k = 0, num_samples = 20, max_new_tokens = 500;
@@ -2973,6 +3101,16 @@ static const char* USAGE =
     "  --batch-size N          examples per step (default 32)\n"
     "  --learning-rate X       AdamW learning rate (default 5e-4)\n"
     "  --weight-decay X        AdamW decoupled weight decay (default 0.01)\n"
+    "  --decay all|2d          which parameters decay: all (default, as makemore) or only the 2-D ones,\n"
+    "                          matrices and embeddings, not biases or layernorm weights (as nanoGPT)\n"
+    "  --lr-schedule S         constant (default) or cosine: from the rate down to --min-lr at\n"
+    "                          --lr-decay-steps, as nanoGPT\n"
+    "  --warmup-steps N        rise linearly from 0 to the rate over the first N steps (default 0)\n"
+    "  --min-lr X              the floor of the cosine (default: a tenth of the rate)\n"
+    "  --lr-decay-steps N      the step where the cosine reaches --min-lr (default: --max-steps)\n"
+    "  --grad-clip X           scale the gradient down to global norm X when it is larger (default 0: off)\n"
+    "  --dropout P             zero a fraction P of the attention weights, the embeddings and each\n"
+    "                          block's two outputs while training, as nanoGPT (default 0)\n"
     "  --aux-coef X            weight of the load-balancing loss (default 0.01)\n"
     "  --eval-interval N       steps between evaluations and checkpoints (default 500)\n"
     "  --log-interval N        steps between progress lines (default 100)\n"
@@ -3022,7 +3160,7 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
     errno = 0;
     double x = std::strtod(v, &end);
     if (!*v || *end || errno || !std::isfinite(x) || x < lo || x > hi)
-        throw UsageError(flag + " needs a number from " + std::to_string(lo) + " to " + std::to_string(hi) +
+        throw UsageError(flag + " needs a number from " + fmt("%g", lo) + " to " + fmt("%g", hi) +
                          ", got '" + v + "'");
     return x;
 }
@@ -3050,6 +3188,23 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
         else if (a == "--batch-size") o.batch_size = (int)parse_int(a, val(), 1, 4096);
         else if (a == "--learning-rate") o.learning_rate = parse_real(a, val(), 0, 10);
         else if (a == "--weight-decay") o.weight_decay = parse_real(a, val(), 0, 10);
+        else if (a == "--decay") {
+            std::string v = val();
+            if (v != "all" && v != "2d") throw UsageError("--decay takes all or 2d, got '" + v + "'");
+            o.decay_2d = v == "2d";
+        } else if (a == "--lr-schedule") {
+            std::string v = val();
+            if (v != "constant" && v != "cosine") throw UsageError("--lr-schedule takes constant or cosine, got '" + v + "'");
+            o.cosine = v == "cosine";
+        } else if (a == "--warmup-steps") o.warmup_steps = parse_int(a, val(), 0, 1000000000);
+        else if (a == "--min-lr") o.min_lr = parse_real(a, val(), 0, 10);
+        else if (a == "--lr-decay-steps") o.lr_decay_steps = parse_int(a, val(), 1, 1000000000);
+        else if (a == "--grad-clip") o.grad_clip = parse_real(a, val(), 0, 1e9);
+        else if (a == "--dropout") {
+            o.dropout = parse_real(a, val(), 0, 1);
+            if (o.dropout >= 1) throw UsageError("--dropout needs a probability below 1 (1 would drop everything), got '" +
+                                                 std::string(argv[i]) + "'");
+        }
         else if (a == "--aux-coef") o.aux_coef = parse_real(a, val(), 0, 100);
         else if (a == "--eval-interval") o.eval_interval = (int)parse_int(a, val(), 1, 1000000000);
         else if (a == "--log-interval") o.log_interval = (int)parse_int(a, val(), 1, 1000000000);
@@ -3074,6 +3229,18 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
     if (o.have_route && (!o.eval_files.empty() || !o.arith_file.empty()))
         throw UsageError("--route explores one text; run --eval and --arith separately");
     if (o.gates && !o.have_route) throw UsageError("--gates goes with --route TEXT");
+    // The schedule must fit the run: checked here, before anything is loaded.
+    if (o.min_lr < 0) o.min_lr = o.learning_rate / 10;
+    if (o.lr_decay_steps == 0) o.lr_decay_steps = o.max_steps;
+    if (o.min_lr > o.learning_rate)
+        throw UsageError("--min-lr " + fmt("%g", o.min_lr) + " is above the learning rate " + fmt("%g", o.learning_rate) +
+                         ": the cosine falls from the rate to the floor, so give a smaller --min-lr");
+    if (o.warmup_steps > o.max_steps)
+        throw UsageError("--warmup-steps " + std::to_string(o.warmup_steps) + " is more than --max-steps " +
+                         std::to_string(o.max_steps) + ": the run would end before the rate is reached");
+    if (o.cosine && o.warmup_steps >= o.lr_decay_steps)
+        throw UsageError("--warmup-steps " + std::to_string(o.warmup_steps) + " leaves no steps for the cosine, which ends at " +
+                         "step " + std::to_string(o.lr_decay_steps) + " (--lr-decay-steps, or --max-steps): warm up for fewer steps");
     if (INFERENCE_ONLY && o.resume)
         throw UsageError("--resume: this is the inference-only build (MOE_INFERENCE_ONLY); it cannot train. "
                          "Rebuild without -DMOE_INFERENCE_ONLY to train");
@@ -3168,7 +3335,10 @@ struct Training {
     Dataset d;
     int64_t seed = 0, step = 0;
     double best = INFINITY;            // the best test loss so far (model.safetensors has its weights)
-    Rng rng{0}, noise{0};              // the batches; noisy gating's draws, apart from them
+    Rng rng{0}, noise{0}, drop{0};     // the batches; noisy gating's draws and dropout's masks, apart from them
+    Schedule sched;                    // the learning rate of each step
+    AdamW opt;
+    double lr = 0;                     // the rate of the latest step
     std::string last, best_path, log_path, svg_path;  // the files in the work dir
     std::vector<std::string> val_names;  // the --val files' stems, which name them in the log and report
     std::vector<LineFile> val;
@@ -3196,6 +3366,7 @@ static void restore_training_state(Training& t, const Checkpoint& ck) {
     t.step = meta_int(ck, "step");
     bool ok = meta_state(ck, "rng", &t.rng.state);
     if (NOISY_GATE) ok = meta_state(ck, "noise_rng", &t.noise.state) && ok;
+    if (ck.meta.count("dropout_rng")) ok = meta_state(ck, "dropout_rng", &t.drop.state) && ok;
     // capacity and z-loss change training, not the tensors: only resuming must match them
     for (auto [key, value, macro] : {std::tuple{"capacity_factor", CAPACITY_FACTOR, "MOE_CAPACITY_FACTOR"},
                                      std::tuple{"z_coef", Z_COEF, "MOE_Z_COEF"}}) {
@@ -3237,6 +3408,7 @@ static void start_training(Training& t, const Options& o) {
     }
     t.d = load_dataset(o.input, o.text, (uint64_t)t.seed, o.resume ? checkpoint_vocab(ck) : "");
     t.rng = make_rng((uint64_t)t.seed, STREAM_TRAIN), t.noise = make_rng((uint64_t)t.seed, STREAM_NOISE);
+    t.drop = make_rng((uint64_t)t.seed, STREAM_DROPOUT);
     if (!o.resume) {
         model_init(t.m, (int)t.d.vocab.size() + 1);
         Rng init = make_rng((uint64_t)t.seed, STREAM_INIT);
@@ -3269,6 +3441,10 @@ static void start_training(Training& t, const Options& o) {
                         o.work_dir.c_str(), (long long)t.step);
     }
     t.rt_test = routing_for(t.d.vocab);
+    t.m.dropout = (real)o.dropout;
+    t.sched.lr = o.learning_rate, t.sched.min_lr = o.min_lr, t.sched.cosine = o.cosine;
+    t.sched.warmup = o.warmup_steps, t.sched.decay_steps = o.lr_decay_steps;
+    t.opt.lr = (float)o.learning_rate, t.opt.weight_decay = (float)o.weight_decay, t.opt.decay_2d = o.decay_2d;
 }
 
 // The configuration, the data and the parameter counts: total, and active
@@ -3294,8 +3470,12 @@ static void print_run_header(const Training& t, const Options& o) {
     std::printf("parameters: %zu total, %lld active per token (%d of %d experts%s)\n", m.n_params,
                 (long long)(m.n_params - (size_t)(expert * (E - K))), K, E,
                 NS ? (", plus " + std::to_string(NS) + " shared").c_str() : "");
-    std::printf("training: batch %d, AdamW lr %g wd %g, aux_coef %g, steps %lld\n", o.batch_size, o.learning_rate,
-                o.weight_decay, o.aux_coef, (long long)o.max_steps);
+    std::printf("training: batch %d, AdamW lr %g wd %g (%s), aux_coef %g, steps %lld\n", o.batch_size, o.learning_rate,
+                o.weight_decay, o.decay_2d ? "2-D parameters only" : "every parameter", o.aux_coef, (long long)o.max_steps);
+    if (o.cosine || o.warmup_steps || o.grad_clip > 0 || o.dropout > 0)
+        std::printf("recipe: %s%s, warmup %lld steps, gradient clip %s, dropout %g\n", o.cosine ? "cosine to " : "constant",
+                    o.cosine ? (fmt("%g", o.min_lr) + " at step " + std::to_string(o.lr_decay_steps)).c_str() : "",
+                    (long long)o.warmup_steps, o.grad_clip > 0 ? fmt("%g", o.grad_clip).c_str() : "off", o.dropout);
 }
 
 // last.safetensors: everything --resume needs to continue exactly.
@@ -3305,6 +3485,7 @@ static void save_last(const Training& t) {
     Meta meta = model_meta(t.d.vocab, t.d.text, t.d.T, t.step, t.seed, t.best);
     meta["rng"] = std::to_string(t.rng.state);
     if (NOISY_GATE) meta["noise_rng"] = std::to_string(t.noise.state);
+    if (t.m.dropout > 0) meta["dropout_rng"] = std::to_string(t.drop.state);
     std::vector<SaveTensor> ts = model_tensors(t.m);
     ts.push_back({"adamw.m", {(int64_t)t.m.n_params}, t.m.adam_m.data()});
     ts.push_back({"adamw.v", {(int64_t)t.m.n_params}, t.m.adam_v.data()});
@@ -3326,7 +3507,7 @@ static void evaluate_and_save(Training& t, const Options& o) {
                            : eval_lines(m, no_test ? d.train : d.test, d.T, 1000, &t.rt_test);
     std::printf("step %6lld | train loss %.4f | test loss %.4f | expert load %s\n", (long long)t.step, tr.loss,
                 no_test ? NAN : te.loss, print_load(te.load).c_str());
-    LogRow row{t.step, tr.loss, no_test ? NAN : te.loss, {}, te.load};
+    LogRow row{t.step, tr.loss, no_test ? NAN : te.loss, {}, te.load, t.lr};
     t.rt_val.clear();
     for (size_t v = 0; v < t.val.size(); v++) {
         Routing rt = routing_for(d.vocab);
@@ -3355,14 +3536,15 @@ static void evaluate_and_save(Training& t, const Options& o) {
 // last step alone: a single batch's loss jumps by tenths from step to step,
 // and its mean over a hundred steps is what shows the trend.
 struct Progress {
-    double ms = 0, loss = 0, ce = 0, aux = 0, z = 0;
+    double ms = 0, loss = 0, ce = 0, aux = 0, z = 0, norm = 0;  // norm: before clipping (--grad-clip)
     int64_t tokens = 0, steps = 0, dropped = 0, slots = 0;
 };
-static void print_progress(int64_t step, const Progress& p) {
+static void print_progress(int64_t step, double lr, bool clip, const Progress& p) {
     // the variants' figures, when built in: z-loss per layer, slots dropped by capacity
     std::string extra = (Z_COEF > 0 ? fmt(" | z %.4f", p.z / p.steps) : "") +
                         (CAPACITY_FACTOR > 0 ? fmt(" | dropped %.2f%%", 100.0 * p.dropped / std::max<int64_t>(p.slots, 1))
                                              : "");
+    extra += fmt(" | lr %.3e", lr) + (clip ? fmt(" | norm %.3f", p.norm / p.steps) : "");
     std::printf("step %6lld | loss %.4f | ce %.4f | aux %.4f%s | %.2f ms/step | %.0f tok/s\n", (long long)step,
                 p.loss / p.steps, p.ce / p.steps, p.aux / p.steps, extra.c_str(), p.ms / p.steps,
                 p.tokens / (p.ms / 1000));
@@ -3400,8 +3582,6 @@ static void final_report(Training& t, const Options& o) {
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
     Model& m = t.m;
-    AdamW opt;
-    opt.lr = (float)o.learning_rate, opt.weight_decay = (float)o.weight_decay;
     std::vector<int> in, tg;
     Progress p;
     if (t.step >= o.max_steps)
@@ -3409,9 +3589,9 @@ static void final_report(Training& t, const Options& o) {
     while (t.step < o.max_steps) {
         const double t0 = now_ms();
         train_batch(in, tg, t.d, o.batch_size, t.rng);
-        m.train_rng = &t.noise;  // training: noisy gating and capacity apply (when built in)
+        m.train_rng = &t.noise, m.drop_rng = &t.drop;  // training: noise, capacity and dropout apply
         const double loss = model_forward(m, in.data(), tg.data(), o.batch_size, t.d.T, (real)o.aux_coef);
-        m.train_rng = nullptr;
+        m.train_rng = nullptr, m.drop_rng = nullptr;
         if (!std::isfinite(loss))
             fail("the loss became " + std::to_string(loss) + " at step " + std::to_string(t.step + 1) +
                  "; the checkpoints on disk are from before it. Try a lower --learning-rate");
@@ -3420,11 +3600,14 @@ static void final_report(Training& t, const Options& o) {
             fail("the gradient of " + bad->name + " became NaN or infinite at step " + std::to_string(t.step + 1) +
                  " (loss " + std::to_string(loss) + "); the checkpoints on disk are from before it. Try a lower "
                  "--learning-rate");
-        adamw_update(m, opt, ++t.step);
+        if (o.grad_clip > 0) p.norm += clip_gradients(m, o.grad_clip);
+        t.opt.lr = (float)(t.lr = lr_at(t.sched, t.step + 1));
+        adamw_update(m, t.opt, ++t.step);
         p.ms += now_ms() - t0, p.tokens += m.n_targets, p.steps++;
         p.loss += loss, p.ce += m.ce, p.aux += m.aux_sum / N_LAYER, p.z += m.z_sum / N_LAYER;
         p.dropped += m.dropped, p.slots += m.slots;
-        if (t.step % o.log_interval == 0 || t.step == o.max_steps) print_progress(t.step, p), p = Progress{};
+        if (t.step % o.log_interval == 0 || t.step == o.max_steps)
+            print_progress(t.step, t.lr, o.grad_clip > 0, p), p = Progress{};
         if (t.step % o.eval_interval == 0 || t.step == o.max_steps) evaluate_and_save(t, o);
         if (g_signal) {
             save_last(t);
@@ -4240,7 +4423,7 @@ static inline int transpose_head(real* kt, const real* base, int koff, int h, in
     return ld;
 }
 void fast::attention_forward(real* y, real* att, const real* qkv, const int* start, const int* len,
-                             const int64_t* att_off, int B) {
+                             const int64_t* att_off, int B, const real* drop) {
     const real scale = 1 / std::sqrt((real)HS);
     for (int b = 0; b < B; b++) g_flops += 2 * (int64_t)N_HEAD * len[b] * (len[b] + 1) * HS;  // q.k and att.v
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
@@ -4260,10 +4443,16 @@ void fast::attention_forward(real* y, real* att, const real* qkv, const int* sta
                 // y_t in a local array: the compiler must assume y might
                 // overlap att or qkv, and would otherwise store and reload
                 // it for every s.
-                real acc[HS] = {};
+                real acc[HS] = {}, masked[BLOCK_PAD];
+                const real* w = a;  // the weights, or with dropout the masked weights
+                if (drop) {
+                    const real* d = drop + (a - att);
+                    for (int s = 0; s <= t; s++) masked[s] = a[s] * d[s];
+                    w = masked;
+                }
                 for (int s = 0; s <= t; s++) {
                     const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
-                    for (int j = 0; j < HS; j++) acc[j] += a[s] * v[j];
+                    for (int j = 0; j < HS; j++) acc[j] += w[s] * v[j];
                 }
                 std::memcpy(y + ((int64_t)start[b] + t) * C + h * HS, acc, sizeof acc);
             }
@@ -4274,7 +4463,7 @@ void fast::attention_forward(real* y, real* att, const real* qkv, const int* sta
 // The backward pass, as section 6 derives it, with da from dots16 and dq
 // summed locally.
 void fast::attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, const int* start,
-                              const int* len, const int64_t* att_off, int B) {
+                              const int* len, const int64_t* att_off, int B, const real* drop) {
     const real scale = 1 / std::sqrt((real)HS);
     for (int b = 0; b < B; b++) g_flops += 4 * (int64_t)N_HEAD * len[b] * (len[b] + 1) * HS;  // twice the forward
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
@@ -4291,10 +4480,17 @@ void fast::attention_backward(real* dqkv, const real* dy, const real* att, const
                 if (t % QR == 0)  // da of rows t..t+3
                     dots16(da4, BLOCK_PAD, dyt, C, std::min(QR, T - t), vt, ld, std::min(t + QR, T));
                 const real* da = da4 + (t % QR) * BLOCK_PAD;
+                const real* w = a;  // the weights the values were summed with
+                real masked_w[BLOCK_PAD], masked_da[BLOCK_PAD];
+                if (drop) {
+                    const real* d = drop + (a - att);
+                    for (int s = 0; s <= t; s++) masked_w[s] = a[s] * d[s], masked_da[s] = da[s] * d[s];
+                    w = masked_w, da = masked_da;
+                }
                 real sum = 0;
                 for (int s = 0; s <= t; s++) {
                     real* dv = dbase + (int64_t)s * 3 * C + 2 * C + h * HS;
-                    for (int j = 0; j < HS; j++) dv[j] += a[s] * dyt[j];
+                    for (int j = 0; j < HS; j++) dv[j] += w[s] * dyt[j];
                     sum += a[s] * da[s];
                 }
                 real dq[HS] = {};  // summed over s here, added to dqkv once (as y in the forward pass)
@@ -4398,6 +4594,7 @@ struct AdamBlock {
     size_t begin, end;  // the values params[begin, end) of one tensor
     int rows, cols;     // a Linear weight [rows, cols] starting at `base`...
     size_t base;        // ...whose rows (begin-base)/cols .. (end-base)/cols these are; rows = 0 otherwise
+    bool two_d;         // a 2-D tensor (which --decay 2d decays)
 };
 static std::vector<AdamBlock> adam_blocks(const std::vector<TensorInfo>& tensors) {
     std::vector<AdamBlock> b;
@@ -4406,17 +4603,19 @@ static std::vector<AdamBlock> adam_blocks(const std::vector<TensorInfo>& tensors
             const int rows = t.shape[0], cols = t.shape[1];
             for (int r = 0; r < rows; r += 2 * TN) {  // two panels (write_forward_panels wants whole ones)
                 const int r1 = std::min(rows, r + 2 * TN);
-                b.push_back({t.offset + (size_t)r * cols, t.offset + (size_t)r1 * cols, rows, cols, t.offset});
+                b.push_back({t.offset + (size_t)r * cols, t.offset + (size_t)r1 * cols, rows, cols, t.offset, true});
             }
         } else {
             for (size_t i = 0; i < t.size; i += 4096)
-                b.push_back({t.offset + i, t.offset + std::min(t.size, i + 4096), 0, 0, t.offset});
+                b.push_back({t.offset + i, t.offset + std::min(t.size, i + 4096), 0, 0, t.offset, t.shape.size() >= 2});
         }
     }
     return b;
 }
 void fast::adamw_update(Model& m, const AdamW& o, int64_t t) {
-    const AdamStep s = adam_step(o, t);
+    AdamStep s = adam_step(o, t), keep = s;
+    keep.decay = 1;  // as the plain adamw_update, for the tensors that do not decay
+    const bool decay_2d = o.decay_2d;
     static std::vector<AdamBlock> blocks;  // the same for every step of this model
     if (blocks.empty() || blocks.back().end != m.n_params) blocks = adam_blocks(m.tensors);
     g_copy.panels.resize(m.n_params), g_copy.src = m.params.data(), g_copy.n = m.n_params;
@@ -4426,7 +4625,8 @@ void fast::adamw_update(Model& m, const AdamW& o, int64_t t) {
     parallel_for((int)blocks.size(), [=](int k0, int k1) {
         for (int k = k0; k < k1; k++) {
             const AdamBlock& a = blk[k];
-            for (size_t i = a.begin; i < a.end; i++) adam_update_one(p[i], mm[i], vv[i], gr[i], s);
+            const AdamStep& st = !decay_2d || a.two_d ? s : keep;
+            for (size_t i = a.begin; i < a.end; i++) adam_update_one(p[i], mm[i], vv[i], gr[i], st);
             if (a.rows == 0) continue;
             const int r0 = (int)((a.begin - a.base) / a.cols), r1 = (int)((a.end - a.base) / a.cols);
             write_forward_panels(pt + a.base, p + a.base, a.rows, a.cols, r0, r1);

@@ -34,12 +34,19 @@ static std::vector<int> all_choices(const Model& m) {
     return c;
 }
 
-// The forward pass as training runs it, with the same noise every time.
+// GRADCHECK_DROPOUT (a probability): the dropout build, whose masks are
+// drawn afresh but identically for every forward pass (a fixed mask).
+#ifndef GRADCHECK_DROPOUT
+#define GRADCHECK_DROPOUT 0
+#endif
+
+// The forward pass as training runs it, with the same noise (and dropout
+// masks) every time.
 static double train_forward(Model& m, const std::vector<int>& in, const std::vector<int>& tg, int B, int T, real aux) {
-    Rng noise = make_rng(77, STREAM_TRAIN);
-    m.train_rng = &noise;
+    Rng noise = make_rng(77, STREAM_TRAIN), drop = make_rng(78, STREAM_DROPOUT);
+    m.train_rng = &noise, m.drop_rng = &drop, m.dropout = (real)GRADCHECK_DROPOUT;
     double loss = model_forward(m, in.data(), tg.data(), B, T, aux);
-    m.train_rng = nullptr;
+    m.train_rng = nullptr, m.drop_rng = nullptr;
     return loss;
 }
 
@@ -74,6 +81,17 @@ static void check_model() {
               (long long)m.dropped, (long long)m.slots);
     if (Z_COEF > 0)
         check(m.z_sum * Z_COEF > 0.05 * m.ce, "z-loss term %.3f is a visible part of the loss (ce %.3f)", m.z_sum * Z_COEF, m.ce);
+    if (GRADCHECK_DROPOUT > 0) {  // the masks really drop, and a fixed mask makes the loss a function of the weights
+        size_t zeros = 0;
+        for (real v : m.emb_mask) zeros += v == 0;
+        check(m.dropped_out && zeros > 0 && zeros < m.emb_mask.size(), "dropout %.2f zeroes %zu of %zu embedding values",
+              (double)GRADCHECK_DROPOUT, zeros, m.emb_mask.size());
+        const double l1 = train_forward(m, in, tg, B, T, aux_coef), l2 = train_forward(m, in, tg, B, T, aux_coef);
+        m.dropout = 0;
+        const double l0 = model_forward(m, in.data(), tg.data(), B, T, aux_coef);
+        check(l1 == l2 && l1 != l0, "with the same masks the loss repeats (%.10f), and differs without dropout (%.10f)", l1, l0);
+        train_forward(m, in, tg, B, T, aux_coef);
+    }
     std::fill(m.grads.begin(), m.grads.end(), 0.0);
     model_backward(m);
 
@@ -169,8 +187,16 @@ static void check_layers() {
     std::vector<int64_t> att_off = {0, N_HEAD * 4 * 4};
     std::vector<real> att(N_HEAD * (4 * 4 + 2 * 2));
     check_input("attention", randv(M * 3 * C, 1),
-        [&](const std::vector<real>& x) { std::vector<real> y(M * C); attention_forward(y.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), 2); return y; },
-        [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * 3 * C); attention_backward(dx.data(), d.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), 2); return dx; }, 3);
+        [&](const std::vector<real>& x) { std::vector<real> y(M * C); attention_forward(y.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), 2, nullptr); return y; },
+        [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * 3 * C); attention_backward(dx.data(), d.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), 2, nullptr); return dx; }, 3);
+    if (GRADCHECK_DROPOUT > 0) {  // attention with a fixed dropout mask on its weights
+        std::vector<real> mask;
+        Rng dr = make_rng(5, STREAM_DROPOUT);
+        dropout_mask(mask, att.size(), (real)GRADCHECK_DROPOUT, dr);
+        check_input("attention, dropout", randv(M * 3 * C, 1),
+            [&](const std::vector<real>& x) { std::vector<real> y(M * C); attention_forward(y.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), 2, mask.data()); return y; },
+            [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * 3 * C); attention_backward(dx.data(), d.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), 2, mask.data()); return dx; }, 14);
+    }
 
     std::vector<real> th(M * 4);
     check_input("gelu", randv(M * 4, 2),

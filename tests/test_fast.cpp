@@ -114,15 +114,22 @@ static void test_attention() {
     int64_t n_att = 0;
     for (int b = 0; b < B; b++) att_off[b] = n_att, n_att += (int64_t)N_HEAD * len[b] * len[b];
     const std::vector<real> qkv = randv((size_t)M * 3 * C), dy = randv((size_t)M * C);
+    std::vector<real> mask;
+    Rng dr = make_rng(3, STREAM_DROPOUT);
+    dropout_mask(mask, (size_t)n_att, (real)0.25, dr);
+    for (int with_drop = 0; with_drop < 2; with_drop++) {
+    const real* drop = with_drop ? mask.data() : nullptr;
     std::vector<real> y[2], att[2], dq[2];
     for (int f = 0; f < 2; f++)
         with(f, [&] {
             y[f].resize((size_t)M * C), att[f].resize(n_att), dq[f].assign((size_t)M * 3 * C, 0);
-            attention_forward(y[f].data(), att[f].data(), qkv.data(), start.data(), len.data(), att_off.data(), B);
-            attention_backward(dq[f].data(), dy.data(), att[0].data(), qkv.data(), start.data(), len.data(), att_off.data(), B);
+            attention_forward(y[f].data(), att[f].data(), qkv.data(), start.data(), len.data(), att_off.data(), B, drop);
+            attention_backward(dq[f].data(), dy.data(), att[0].data(), qkv.data(), start.data(), len.data(), att_off.data(), B, drop);
         });
     const double fw = std::max(rel(y[0], y[1]), rel(att[0], att[1])), bw = rel(dq[0], dq[1]);
-    check(fw < 1e-5 && bw < 1e-5, "attention: forward within %.1e, backward within %.1e of the plain one (bound 1e-5)", fw, bw);
+    check(fw < 1e-5 && bw < 1e-5, "attention%s: forward within %.1e, backward within %.1e of the plain one (bound 1e-5)",
+          with_drop ? " with a dropout mask" : "", fw, bw);
+    }
     // one cached step at a time, against the plain step
     KVLayer c[2];
     std::vector<real> ys[2], as[2];

@@ -58,7 +58,7 @@ static bool number(const std::string& s, double* v) {
 
 // The header log_tsv must write, spelled out here rather than taken from moe.cpp.
 static std::string want_header(const std::vector<std::string>& vals) {
-    std::string h = "step\ttrain\ttest";
+    std::string h = "step\ttrain\ttest\tlr";
     for (const auto& v : vals) h += "\tval:" + v;
     for (int l = 0; l < N_LAYER; l++)
         for (int e = 0; e < E; e++) h += "\tload:L" + std::to_string(l) + "e" + std::to_string(e);
@@ -254,7 +254,7 @@ static void test_routing_for() {
 
 static LogRow row_at(int64_t step, double f, bool val = true) {
     LogRow r;
-    r.step = step, r.train = 3.0 / f + 0.1234567, r.test = 3.1 / f + 1e-7;
+    r.step = step, r.train = 3.0 / f + 0.1234567, r.test = 3.1 / f + 1e-7, r.lr = 1e-3 / f;
     if (val) r.val = {2.0 / f + 0.3333333, 2.5 / f, 2.8 / f + 0.0000004};
     for (int l = 0; l < N_LAYER; l++)
         for (int e = 0; e < E; e++) r.load.push_back((1.0 + 0.1 * ((e + l + (int)step / 100) % 3)) / (E + 0.1 * E));
@@ -269,9 +269,9 @@ static void test_log() {
     std::vector<std::string> ls = lines_of(tsv);
     check(ends(tsv, "\n") && ls.size() == 4 && ls[0] == want_header(vals), "log_tsv: the header, then a line per row:\n%s",
           ls.empty() ? "" : ls[0].c_str());
-    check(ls.size() == 4 && starts(ls[1], "100\t") && fields(ls[1], '\t').size() == 6 + (size_t)N_LAYER * E,
-          "log_tsv: each row has step, train, test, 3 val and N_LAYER*E load fields");
-    check(log_tsv({}, {}) == want_header({}) + "\n", "log_tsv without --val: just step, train, test and the loads");
+    check(ls.size() == 4 && starts(ls[1], "100\t") && fields(ls[1], '\t').size() == 7 + (size_t)N_LAYER * E,
+          "log_tsv: each row has step, train, test, lr, 3 val and N_LAYER*E load fields");
+    check(log_tsv({}, {}) == want_header({}) + "\n", "log_tsv without --val: just step, train, test, lr and the loads");
 
     const std::string path = g_dir + "/log.tsv";
     write(path, tsv);
@@ -280,7 +280,8 @@ static void test_log() {
     for (size_t i = 0; same && i < back.size(); i++) {
         const LogRow &a = hist[i], &b = back[i];
         auto near = [](double x, double y, double tol) { return (std::isnan(x) && std::isnan(y)) || std::fabs(x - y) <= tol; };
-        same = a.step == b.step && near(a.train, b.train, 5e-7) && near(a.test, b.test, 5e-7) && a.val.size() == b.val.size() &&
+        same = a.step == b.step && near(a.train, b.train, 5e-7) && near(a.test, b.test, 5e-7) &&
+               near(a.lr, b.lr, 1e-9) && a.val.size() == b.val.size() &&
                a.load.size() == b.load.size();
         for (size_t v = 0; same && v < a.val.size(); v++) same = near(a.val[v], b.val[v], 5e-7);
         for (size_t v = 0; same && v < a.load.size(); v++) same = near(a.load[v], b.load[v], 5e-6);
@@ -316,6 +317,12 @@ static void test_log() {
     broken("an empty field", ls[0] + "\n" + ls[1] + "\n" + join(empty_field) + "\n");
     broken("a row ending in a tab", ls[0] + "\n" + ls[1] + "\t\n");
     broken("a header alone with a different case", "Step" + ls[0].substr(4) + "\n" + ls[1] + "\n");
+    // steps that no integer holds (converting them would be undefined behaviour)
+    for (const char* step : {"1e300", "nan", "-5", "12.5", "inf"}) {
+        std::vector<std::string> g = f;
+        g[0] = step;
+        broken((std::string("a step of ") + step).c_str(), ls[0] + "\n" + ls[1] + "\n" + join(g) + "\n");
+    }
 }
 
 static void test_shares() {
@@ -569,7 +576,7 @@ static void cli_eval(const std::string& dir) {
     std::vector<std::string> rows = log_rows(dir);
     std::smatch m;
     bool same = rows.size() == 2 && std::regex_search(r.out, m, std::regex("loss ([0-9.]+) tokens")) &&
-                fields(rows[1], '\t')[3] == m[1].str();
+                fields(rows[1], '\t')[4] == m[1].str();  // step, train, test, lr, then val:arith
     check(same, "the val:arith loss logged at step 200 equals --eval's loss on the step-200 checkpoint");
     if (E > 1) {
         std::string prob;
