@@ -19,6 +19,20 @@ static void test_resume() {
     check(!la.empty() && la == lb, "resume: the losses printed for steps 21-40 are identical:\n%s", la.c_str());
     Run rc = train(b, 40, "--resume");
     check(rc.code == 0 && has(rc.out, "nothing to train"), "resuming a finished run trains nothing and says so");
+
+    // nanoGPT's recipe, every part of it on: the schedule's position and the
+    // dropout masks continue exactly. (The cosine ends at --lr-decay-steps,
+    // given here, so that the 20-step run follows the 40-step schedule.)
+    const std::string recipe = "--lr-schedule cosine --warmup-steps 5 --min-lr 1e-4 --lr-decay-steps 40 "
+                               "--learning-rate 2e-3 --grad-clip 0.5 --dropout 0.1 --decay 2d --weight-decay 0.1";
+    std::string c = g_dir + "/recipe_a", d = g_dir + "/recipe_b";
+    Run r40 = train(c, 40, recipe), r20 = train(d, 20, recipe), r2040 = train(d, 40, recipe + " --resume");
+    check(r40.code == 0 && r20.code == 0 && r2040.code == 0 && has(r40.out, "| norm ") && has(r40.out, "| lr "),
+          "the recipe's runs exit 0 and print the rate and the gradient norm");
+    check(slurp(c + "/last.safetensors") == slurp(d + "/last.safetensors"),
+          "recipe resume: last.safetensors (with the dropout generator) is byte-identical to an unbroken run");
+    check(losses(r40.out, 20) == losses(r2040.out, 20), "recipe resume: the losses, rates and norms of steps 21-40 are identical");
+    check(slurp(c + "/last.safetensors") != slurp(a + "/last.safetensors"), "the recipe changes the run");
 }
 
 static void test_threads() {
@@ -59,6 +73,16 @@ static void test_bad_input() {
     expect("negative step count", "--max-steps -5", 2, "--max-steps needs an integer");
     expect("non-numeric learning rate", "--learning-rate fast", 2, "--learning-rate needs a number");
     expect("flag without its value", "--seed", 2, "--seed needs a value");
+    expect("warmup longer than the run", "--max-steps 20 --warmup-steps 50", 2, "is more than --max-steps");
+    expect("warmup that leaves no cosine", "--max-steps 20 --warmup-steps 20 --lr-schedule cosine", 2, "leaves no steps");
+    expect("negative gradient clip", "--grad-clip -1", 2, "--grad-clip needs a number from 0");
+    expect("non-finite gradient clip", "--grad-clip nan", 2, "--grad-clip needs a number");
+    expect("dropout of 1", "--dropout 1", 2, "--dropout needs a probability below 1");
+    expect("negative dropout", "--dropout -0.1", 2, "--dropout needs a number from 0 to 1");
+    expect("infinite dropout", "--dropout inf", 2, "--dropout needs a number");
+    expect("min-lr above the rate", "--learning-rate 1e-3 --min-lr 1e-2", 2, "is above the learning rate");
+    expect("unknown schedule", "--lr-schedule linear", 2, "--lr-schedule takes constant or cosine");
+    expect("unknown decay rule", "--decay biases", 2, "--decay takes all or 2d");
 
     std::string trunc = g_dir + "/trunc.safetensors", bad = g_dir + "/badjson.safetensors",
                 other = g_dir + "/other.safetensors", nan = g_dir + "/nan.safetensors";

@@ -175,6 +175,49 @@ static void test_threads() {
     check(loss[0] == loss[1] && grads[0] == grads[1], "1 and 2 threads give bit-identical loss and gradients");
 }
 
+// nanoGPT's recipe: the schedule at its turning points, gradient clipping to
+// the given norm, and weight decay on the 2-D parameters only.
+static void test_recipe() {
+#if !MOE_INFERENCE_ONLY
+    Schedule s;
+    s.lr = 1e-3, s.min_lr = 1e-4, s.warmup = 100, s.decay_steps = 2000, s.cosine = true;
+    auto near = [](double a, double b) { return std::fabs(a - b) <= 1e-12 * std::fabs(b); };
+    check(near(lr_at(s, 1), 1e-3 / 101) && near(lr_at(s, 100), 1e-3 * 100 / 101) && near(lr_at(s, 101), 1e-3) &&
+              near(lr_at(s, 1051), 5.5e-4) && near(lr_at(s, 2001), 1e-4) && lr_at(s, 5000) == 1e-4,
+          "cosine schedule: warmup lr*t/101, the rate at step 101, halfway 5.5e-4 at step 1051, the floor from step 2001");
+    Schedule c;
+    c.lr = 5e-4;
+    check(lr_at(c, 1) == 5e-4 && lr_at(c, 4000) == 5e-4, "constant schedule without warmup: the rate at every step");
+    Model m;
+    random_model(m, 9, 31);
+    Rng r = make_rng(32, STREAM_TRAIN);
+    for (auto& g : m.grads) g = (real)r.normal();
+    double direct = 0;
+    for (real g : m.grads) direct += (double)g * g;
+    direct = std::sqrt(direct);
+    const std::vector<real> before = m.grads;
+    double pre = clip_gradients(m, 2 * direct);
+    check(std::fabs(pre - direct) < 1e-9 * direct && m.grads == before, "clip above the norm (%.4f): nothing changes", pre);
+    clip_gradients(m, direct / 4);
+    double after = grad_norm(m);
+    check(std::fabs(after - direct / 4) < 1e-5 * direct, "clip to a quarter: the norm becomes %.6f (want %.6f)", after,
+          direct / 4);
+    // decay: zero gradients and moments leave only the decay, p *= 1 - lr * wd
+    std::fill(m.grads.begin(), m.grads.end(), (real)0);
+    std::fill(m.adam_m.begin(), m.adam_m.end(), (real)0), std::fill(m.adam_v.begin(), m.adam_v.end(), (real)0);
+    const std::vector<real> p0 = m.params;
+    AdamW o;
+    o.lr = 0.1f, o.weight_decay = 0.5f, o.decay_2d = true;
+    adamw_update(m, o, 1);
+    bool ok = true;
+    for (const auto& t : m.tensors)
+        for (size_t i = t.offset; i < t.offset + t.size; i++)
+            ok &= t.shape.size() >= 2 ? m.params[i] == p0[i] * (real)(1 - (double)o.lr * o.weight_decay)
+                                      : m.params[i] == p0[i];
+    check(ok, "--decay 2d: matrices and embeddings shrink by 1 - lr*wd, biases and layernorm weights do not move");
+#endif
+}
+
 int main() {
     set_threads(2);
     g_threads = 1;
@@ -187,5 +230,6 @@ int main() {
     test_overfit();
     test_roundtrip();
     test_threads();
+    test_recipe();
     return report("test_model");
 }

@@ -496,13 +496,13 @@ static void cli_train(const std::string& dir) {
     bool finite = !rows.empty();
     for (const auto& row : rows) {
         std::vector<std::string> f = fields(row, '\t');
-        finite &= f.size() == 6 + (size_t)N_LAYER * E;
+        finite &= f.size() == 7 + (size_t)N_LAYER * E;  // step, train, test, lr, 3 val, the loads
         for (size_t i = 0; finite && i < f.size(); i++) {
             double v;
-            finite = number(f[i], &v) && (i < 6 || (v >= 0 && v <= 1));
+            finite = number(f[i], &v) && (i < 7 || (v >= 0 && v <= 1));
         }
     }
-    check(finite, "log.tsv rows: 6 + N_LAYER*E fields, all finite numbers, loads in [0, 1]");
+    check(finite, "log.tsv rows: 7 + N_LAYER*E fields, all finite numbers, loads in [0, 1]");
     std::string svg = slurp(dir + "/report.svg"), p = svg_problem(svg);
     check(p.empty(), "report.svg is a complete, sound SVG%s%s", p.empty() ? "" : ": ", p.c_str());
     auto pl = polylines(svg);
@@ -517,7 +517,7 @@ static void cli_train(const std::string& dir) {
         for (const auto& row : rows) {
             std::vector<std::string> f = fields(row, '\t');
             if (f[0] != step) continue;
-            for (int v = 0; v < 3; v++) agree &= std::fabs(std::atof(f[3 + v].c_str()) - std::atof((*it)[2 + v].str().c_str())) < 6e-5;
+            for (int v = 0; v < 3; v++) agree &= std::fabs(std::atof(f[4 + v].c_str()) - std::atof((*it)[2 + v].str().c_str())) < 6e-5;
         }
     }
     check(n_val == 2 && has(r.out, "step    100 | val arith "), "stdout has a 'step    100 | val arith X | code Y | names Z' line per evaluation");
