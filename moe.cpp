@@ -2036,6 +2036,32 @@ struct JsonParser {
     void ws() {  // skip whitespace, as JSON allows between any two tokens
         while (i < s.size() && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) i++;
     }
+    // The four hex digits after the 'u' at s[i] (i is left on the last).
+    unsigned hex4() {
+        if (i + 4 >= s.size()) error("short \\u escape");
+        unsigned v = 0;
+        for (int k = 1; k <= 4; k++) {
+            char h = s[i + k];
+            int d = h >= '0' && h <= '9' ? h - '0' : h >= 'a' && h <= 'f' ? h - 'a' + 10 : h >= 'A' && h <= 'F' ? h - 'A' + 10 : -1;
+            if (d < 0) error("bad \\u escape");
+            v = v * 16 + (unsigned)d;
+        }
+        i += 4;
+        return v;
+    }
+    // Code point v as UTF-8: 1 to 4 bytes, the leading one saying how many.
+    static void utf8(std::string& o, unsigned v) {
+        if (v < 0x80) {
+            o += (char)v;
+        } else if (v < 0x800) {
+            o += (char)(0xC0 | v >> 6), o += (char)(0x80 | (v & 0x3F));
+        } else if (v < 0x10000) {
+            o += (char)(0xE0 | v >> 12), o += (char)(0x80 | (v >> 6 & 0x3F)), o += (char)(0x80 | (v & 0x3F));
+        } else {
+            o += (char)(0xF0 | v >> 18), o += (char)(0x80 | (v >> 12 & 0x3F)), o += (char)(0x80 | (v >> 6 & 0x3F));
+            o += (char)(0x80 | (v & 0x3F));
+        }
+    }
     // A string, with its escapes decoded. Raw control bytes are invalid JSON.
     std::string str() {
         if (s[i] != '"') error("expected a string");
@@ -2059,19 +2085,18 @@ struct JsonParser {
                 case 'n': o += '\n'; break;
                 case 'r': o += '\r'; break;
                 case 't': o += '\t'; break;
-                case 'u': {  // enough for the escapes writers emit; \u0000-\u00ff as one byte
-                    if (i + 4 >= s.size()) error("short \\u escape");
-                    unsigned v = 0;
-                    for (int k = 1; k <= 4; k++) {
-                        char h = s[i + k];
-                        int d = h >= '0' && h <= '9' ? h - '0' : h >= 'a' && h <= 'f' ? h - 'a' + 10
-                                : h >= 'A' && h <= 'F' ? h - 'A' + 10 : -1;
-                        if (d < 0) error("bad \\u escape");
-                        v = v * 16 + (unsigned)d;
+                case 'u': {  // a UTF-16 code unit, decoded to UTF-8 (Python's json.dumps writes these)
+                    unsigned v = hex4();
+                    if (v >= 0xDC00 && v <= 0xDFFF) error("\\u escape: a low surrogate without a high one");
+                    if (v >= 0xD800 && v <= 0xDBFF) {  // a surrogate pair: \uD83D\uDE00 is one code point
+                        if (i + 2 >= s.size() || s[i + 1] != '\\' || s[i + 2] != 'u')
+                            error("\\u escape: a high surrogate without its low one");
+                        i += 2;
+                        const unsigned lo = hex4();
+                        if (lo < 0xDC00 || lo > 0xDFFF) error("\\u escape: a high surrogate without its low one");
+                        v = 0x10000 + ((v - 0xD800) << 10) + (lo - 0xDC00);
                     }
-                    if (v > 0xff) error("\\u escape beyond latin-1 is not used by safetensors headers");
-                    o += (char)v;
-                    i += 4;
+                    utf8(o, v);
                     break;
                 }
                 default: error("bad escape");
@@ -3263,7 +3288,7 @@ static std::string config_string() {
 }
 
 #if !MOE_INFERENCE_ONLY
-// Ctrl-C (SIGINT) or SIGTERM: the handler only records it; the training loop
+// Ctrl-C (SIGINT), SIGTERM or SIGHUP: the handler only records it; the training loop
 // finishes its step, saves a checkpoint to resume from, and exits with
 // 128 + the signal number. A second signal exits at once: the checkpoint on
 // disk is still whole, since checkpoints are only ever renamed into place.
@@ -3581,6 +3606,9 @@ static void final_report(Training& t, const Options& o) {
     print_run_header(t, o);
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
+#ifdef SIGHUP
+    std::signal(SIGHUP, on_signal);  // the terminal was closed: save as for SIGTERM
+#endif
     Model& m = t.m;
     std::vector<int> in, tg;
     Progress p;
@@ -3612,7 +3640,8 @@ static void final_report(Training& t, const Options& o) {
         if (g_signal) {
             save_last(t);
             std::printf("stopped by %s after step %lld: saved %s\ncontinue with the same command and --resume\n",
-                        g_signal == SIGINT ? "Ctrl-C" : "SIGTERM", (long long)t.step, t.last.c_str());
+                        g_signal == SIGINT ? "Ctrl-C" : g_signal == SIGTERM ? "SIGTERM" : "a signal (the terminal closed?)",
+                        (long long)t.step, t.last.c_str());
             std::fflush(stdout);
             return 128 + g_signal;
         }
@@ -3762,7 +3791,7 @@ int main(int argc, char** argv) {
 #endif
         return 0;
     } catch (const UsageError& e) {
-        std::fprintf(stderr, "error: %s\n\n%s", e.what(), USAGE);
+        std::fprintf(stderr, "error: %s\n(./moe --help lists every flag)\n", e.what());
         return 2;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "error: %s\n", e.what());

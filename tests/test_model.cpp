@@ -154,6 +154,30 @@ static void test_roundtrip() {
     fs::remove(a), fs::remove(b);
 }
 
+// \u escapes in a header's metadata, as Python's json.dumps writes them for
+// anything not ASCII: decoded to UTF-8, surrogate pairs included; a lone
+// surrogate is an error.
+static void test_json_escapes() {
+    auto header = [](const std::string& json) {
+        std::string raw(8, '\0');
+        for (int i = 0; i < 8; i++) raw[i] = (char)((uint64_t)json.size() >> (8 * i));
+        return raw + json;
+    };
+    Checkpoint ck = parse_safetensors(
+        header("{\"__metadata__\":{\"a\":\"caf\\u00e9\",\"b\":\"\\ud83d\\ude00\",\"c\":\"\\u0041\\u20ac\"}}"), "t");
+    check(ck.meta["a"] == "caf\xc3\xa9" && ck.meta["b"] == "\xf0\x9f\x98\x80" && ck.meta["c"] == "A\xe2\x82\xac",
+          "JSON \\u escapes decode to UTF-8: e-acute in 2 bytes, the euro sign in 3, a surrogate pair in 4");
+    int refused = 0;
+    for (const char* bad : {"\\ude00", "\\ud83d", "\\ud83dx", "\\ud83d\\u0041", "\\u12"}) {
+        try {
+            parse_safetensors(header(std::string("{\"__metadata__\":{\"a\":\"") + bad + "\"}}"), "t");
+        } catch (const std::runtime_error& e) {
+            refused += std::string(e.what()).find("escape") != std::string::npos;
+        }
+    }
+    check(refused == 5, "lone or broken surrogates and short escapes are refused, naming the escape (%d of 5)", refused);
+}
+
 static void test_threads() {
     const int V = 27, B = 32, T = BLOCK_SIZE < 16 ? BLOCK_SIZE : 16;  // big enough for the parallel paths
     Model m;
@@ -229,6 +253,7 @@ int main() {
     test_data();
     test_overfit();
     test_roundtrip();
+    test_json_escapes();
     test_threads();
     test_recipe();
     return report("test_model");
