@@ -2338,14 +2338,19 @@ static void load_model(Model& m, const Checkpoint& ck) {
                   {"top_k", K, "MOE_TOP_K", -1},               {"block_size", BLOCK_SIZE, "MOE_BLOCK_SIZE", -1},
                   {"norm_topk", NORM_TOPK ? 1 : 0, "MOE_NORM_TOPK", -1}, {"ff", F, "MOE_FF", 4 * C},
                   {"noisy_gate", NOISY_GATE, "MOE_NOISY_GATE", 0},       {"n_shared", NS, "MOE_N_SHARED", 0}};
+    // Every constant that differs is named at once, with one rebuild line
+    // that sets them all.
+    std::string diff, flags;
     for (const auto& c : consts) {
         int64_t v = c.if_absent != -1 && !ck.meta.count(c.key) ? c.if_absent : meta_int(ck, c.key);
-        if (v != c.compiled)
-            fail("checkpoint '" + ck.path + "' has " + c.key + "=" + std::to_string(v) + " but this binary was built with " +
-                 c.macro + "=" + std::to_string(c.compiled) + ": rebuild with -D" + c.macro + "=" + std::to_string(v) +
-                 " (g++ -D" + c.macro + "=" + std::to_string(v) + " ... or cmake -B build -D" + c.macro + "=" +
-                 std::to_string(v) + ")");
+        if (v == c.compiled) continue;
+        diff += std::string(diff.empty() ? "" : ", ") + c.key + "=" + std::to_string(v) + " (this binary: " + c.macro + "=" +
+                std::to_string(c.compiled) + ")";
+        flags += std::string(" -D") + c.macro + "=" + std::to_string(v);
     }
+    if (!diff.empty())
+        fail("checkpoint '" + ck.path + "' has " + diff + ": rebuild with" + flags + " (g++" + flags + " ... or cmake -B build" +
+             flags + ")");
     // (capacity_factor and z_coef change training, not the tensors: train()
     // checks them when resuming; any build may evaluate or sample.)
     // The data mode and the vocabulary: the vocabulary sets V, the size of

@@ -94,6 +94,10 @@ static void test_bad_input() {
     size_t at = o.find("\"n_layer\":\"");
     o[at + 11] = (char)('0' + (N_LAYER % 9) + 1);
     write(other, o);
+    std::string other2 = g_dir + "/other2.safetensors", o2 = o;  // ... and also another block size
+    size_t bs = o2.find("\"block_size\":\"");
+    o2.replace(bs, 14 + std::to_string(BLOCK_SIZE).size(), "\"block_size\":\"" + std::to_string(BLOCK_SIZE + 1));
+    write(other2, o2);
     std::string n = last;
     size_t hdr = 0;
     for (int i = 7; i >= 0; i--) hdr = hdr << 8 | (unsigned char)n[i];
@@ -104,6 +108,8 @@ static void test_bad_input() {
     expect("corrupted checkpoint", "-i " + q(g_small) + " --resume --checkpoint " + q(bad), 1, "invalid JSON");
     expect("checkpoint of another configuration", "-i " + q(g_small) + " --resume --checkpoint " + q(other), 1,
            "rebuild with -DMOE_N_LAYER=");
+    expect("checkpoint with two constants of another configuration", "-i " + q(g_small) + " --resume --checkpoint " + q(other2), 1,
+           " -DMOE_BLOCK_SIZE=" + std::to_string(BLOCK_SIZE + 1) + " (g++");
     expect("NaN in a checkpoint", "--sample-only --checkpoint " + q(nan), 1, "NaN");
     std::string odd = g_dir + "/odd.txt";
     write(odd, "abc\nab%c\n");
