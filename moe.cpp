@@ -3110,6 +3110,7 @@ struct Options {
     bool cosine = false, decay_2d = false;  // --lr-schedule cosine; --decay 2d
     int64_t warmup_steps = 0, lr_decay_steps = 0;  // 0: decay until --max-steps
     double min_lr = -1, grad_clip = 0, dropout = 0;  // min_lr < 0: learning_rate / 10
+    bool overwrite = false;  // a fresh run may replace the trained model in its work dir
     bool resume = false, sample_only = false, text = false, have_prompt = false;
     double temperature = 1.0;
     int top_k = 0, num_samples = 20, max_new_tokens = 500;
@@ -3148,6 +3149,7 @@ static const char* USAGE =
     "  --val FILE...           also evaluate these files (e.g. one per domain) at every evaluation; their\n"
     "                          losses go in the log and DIR/report.svg, their routing in the final tables\n"
     "  --resume                continue from DIR/last.safetensors (or --checkpoint)\n"
+    "  --overwrite             let a fresh run replace the trained model its work dir holds\n"
     "Sampling and evaluation:\n"
     "  --sample-only           sample from DIR/model.safetensors (or --checkpoint), no training\n"
     "  --checkpoint FILE       the checkpoint to load instead of the work dir's\n"
@@ -3239,6 +3241,7 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
         else if (a == "--eval-interval") o.eval_interval = (int)parse_int(a, val(), 1, 1000000000);
         else if (a == "--log-interval") o.log_interval = (int)parse_int(a, val(), 1, 1000000000);
         else if (a == "--resume") o.resume = true;
+        else if (a == "--overwrite") o.overwrite = true;
         else if (a == "--sample-only") o.sample_only = true;
         else if (a == "--text") o.text = true;
         else if (a == "--temperature") o.temperature = parse_real(a, val(), 0, 100);
@@ -3378,6 +3381,27 @@ struct Training {
     bool evaluated = false;
 };
 
+// What a checkpoint file in the work dir holds: its step and best test loss
+// (step -1 and the reason, when it is there but does not load).
+struct Held {
+    bool exists = false;
+    int64_t step = -1;
+    double loss = NAN;
+    std::string problem;
+};
+static Held held_model(const std::string& path) {
+    Held h;
+    std::error_code ec;
+    if (!(h.exists = std::filesystem::exists(path, ec))) return h;
+    try {
+        const Checkpoint ck = read_safetensors(path);
+        h.step = meta_int(ck, "step"), h.loss = std::strtod(meta_get(ck, "best_test_loss").c_str(), nullptr);
+    } catch (const std::runtime_error& e) {
+        h.step = -1, h.problem = e.what();
+    }
+    return h;
+}
+
 // A 64-bit generator state kept as decimal text in a checkpoint's metadata.
 static bool meta_state(const Checkpoint& ck, const std::string& key, uint64_t* state) {
     const std::string v = meta_get(ck, key);
@@ -3447,6 +3471,12 @@ static void start_training(Training& t, const Options& o) {
         restore_training_state(t, ck);
     } else {
         std::printf("fine-tuning %s: it holds no optimizer state, so AdamW starts fresh at step 0\n", ck.path.c_str());
+        // The work dir's model is replaced only by a better one: without this,
+        // the first evaluation would "improve" on nothing and overwrite it.
+        if (const Held h = held_model(t.best_path); h.exists && std::isfinite(h.loss)) {
+            t.best = h.loss;
+            std::printf("(%s holds test loss %.4f: it is replaced only by a better model)\n", t.best_path.c_str(), h.loss);
+        }
     }
     // --val files (one per domain, say): evaluated beside the test split at
     // every evaluation, with the training vocabulary.
@@ -3464,6 +3494,16 @@ static void start_training(Training& t, const Options& o) {
     fs::create_directories(o.work_dir, ec);
     if (!fs::is_directory(o.work_dir, ec))
         fail("cannot use work dir '" + o.work_dir + "': it is not a directory and could not be created (-o)");
+    // A fresh run in a work dir that holds a trained model would replace it
+    // at its first evaluation: rerunning ./moe after a long run is the
+    // easiest way to lose one. So it is refused, unless asked for.
+    for (const std::string& path : {t.best_path, t.last}) {
+        const Held h = held_model(path);
+        if (o.resume || o.overwrite || !h.exists) continue;
+        fail("work dir '" + o.work_dir + "' already holds a trained model (" + fs::path(path).filename().string() +
+             (h.step >= 0 ? ": step " + std::to_string(h.step) + ", test loss " + fmt("%.4f", h.loss) : ": " + h.problem) +
+             "). Continue it with --resume, train into another work dir with -o, or replace it with --overwrite");
+    }
     if (o.resume) {
         t.hist = read_log(t.log_path, t.val_names, t.step);
         if (t.hist.empty() && t.step > 0)

@@ -140,7 +140,7 @@ static Result run_one(const Config& c, const std::string& bin_dir, const std::st
         double t0 = now_ms();
         tr = run(bin + " -i " + df("domain_mix_train.txt") + " -o " + q(dir) + " --seed " + std::to_string(seed) +
                  " --max-steps " + std::to_string(steps) + " --eval-interval " + std::to_string(eval_interval) +
-                 " --threads 1 --num-samples 0 --val " + vals + " " + c.flags);
+                 " --threads 1 --num-samples 0 --overwrite --val " + vals + " " + c.flags);
         r.wall = (now_ms() - t0) / 1000;
         write(dir + "/train.log", tr.out);
         if (tr.code != 0) {

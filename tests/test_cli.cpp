@@ -5,6 +5,8 @@
 //   test_cli GROUP MOE MOE_INFER NAMES_TXT SCRATCH_DIR
 #include "cli.h"
 
+#include <regex>
+
 static void test_resume() {
     std::string a = g_dir + "/resume_a", b = g_dir + "/resume_b";
     Run ra = train(a, 40);
@@ -19,6 +21,34 @@ static void test_resume() {
     check(!la.empty() && la == lb, "resume: the losses printed for steps 21-40 are identical:\n%s", la.c_str());
     Run rc = train(b, 40, "--resume");
     check(rc.code == 0 && has(rc.out, "nothing to train"), "resuming a finished run trains nothing and says so");
+
+    // Fine-tuning from the work dir's own model, with no last.safetensors: the
+    // model it holds is replaced only by a better one. First as it comes
+    // (whatever the new losses, the model changes exactly when one beat the
+    // carried loss), then with a loss no model beats (it must not change).
+    std::string e = g_dir + "/finetune";
+    check(train(e, 20).code == 0, "a model to fine-tune");
+    for (int unbeatable = 0; unbeatable < 2; unbeatable++) {
+        fs::remove(e + "/last.safetensors");
+        if (unbeatable) {  // the same bytes but a best loss of nearly 0 (same length, so the header stays valid)
+            std::string ck = slurp(e + "/model.safetensors");
+            size_t at = ck.find("\"best_test_loss\":\"") + 18, end = ck.find('"', at);
+            ck.replace(at, end - at, "0." + std::string(end - at - 3, '0') + "1");
+            write(e + "/model.safetensors", ck);
+        }
+        const std::string before = slurp(e + "/model.safetensors");
+        Run ft = train(e, 20, "--resume --checkpoint " + q(e + "/model.safetensors") + " --learning-rate 1e-3");
+        std::smatch held;
+        double carried = std::regex_search(ft.out, held, std::regex("holds test loss ([0-9.]+)")) ? std::stod(held[1]) : NAN;
+        bool better = false;  // did an evaluation of the fine-tuned model beat the carried loss?
+        const std::regex eval_line("test loss ([0-9.]+) \\|");
+        for (std::sregex_iterator it(ft.out.begin(), ft.out.end(), eval_line), end; it != end; ++it)
+            better |= std::stod((*it)[1]) < carried;
+        const bool changed = slurp(e + "/model.safetensors") != before;
+        check(ft.code == 0 && std::isfinite(carried) && changed == better && (!unbeatable || !changed),
+              "fine-tuning into the model's own dir carries its test loss (%.4f); the model %s", carried,
+              changed ? "is replaced by a better one" : "is kept: nothing beat it");
+    }
 
     // nanoGPT's recipe, every part of it on: the schedule's position and the
     // dropout masks continue exactly. (The cosine ends at --lr-decay-steps,
@@ -114,6 +144,15 @@ static void test_bad_input() {
     std::string odd = g_dir + "/odd.txt";
     write(odd, "abc\nab%c\n");
     expect("byte outside the vocabulary", "--eval " + q(odd), 1, "odd.txt:2: byte '%'");
+    // a fresh run where a trained model is: refused, naming it and the ways on
+    expect("fresh run into a work dir that holds a model", "-i " + q(g_small) + " --max-steps 5", 1,
+           "already holds a trained model (model.safetensors: step 20, test loss ");
+    Run keep = run(q(g_moe) + " -i " + q(g_small) + " -o " + q(good) + " --max-steps 5");
+    check(has(keep.out, "--resume") && has(keep.out, "another work dir with -o") && has(keep.out, "--overwrite"),
+          "... and the message names --resume, -o and --overwrite");
+    Run over = train(good, 5, "--overwrite");
+    check(over.code == 0 && slurp(good + "/model.safetensors") != model && has(slurp(good + "/last.safetensors"), "\"step\":\"5\""),
+          "--overwrite: the fresh run replaces the model (exit %d)", over.code);
 }
 
 static void test_inference() {
