@@ -90,7 +90,9 @@ N positions that carry a target, S routing slots.
 #include <tuple>
 #include <vector>
 #if defined(__unix__) || defined(__APPLE__)
-#include <unistd.h>  // fsync: make a checkpoint durable before renaming it into place
+#include <fcntl.h>     // open a directory, to fsync it after a rename
+#include <sys/file.h>  // flock: one training run per work dir
+#include <unistd.h>    // fsync: make a checkpoint durable before renaming it into place
 #endif
 
 // ============================================================================
@@ -1957,6 +1959,12 @@ static void write_atomic(const std::string& path, const std::string& what, const
         errno = ec.value();
         bad("rename to " + path);
     }
+#if defined(__unix__) || defined(__APPLE__)
+    // The rename is an entry in the directory, which has its own blocks: a
+    // power cut could lose it unless the directory is flushed too.
+    const std::string dir = fs::path(path).parent_path().empty() ? "." : fs::path(path).parent_path().string();
+    if (int fd = open(dir.c_str(), O_RDONLY); fd >= 0) fsync(fd), close(fd);
+#endif
 }
 static void write_text_atomic(const std::string& path, const std::string& what, const std::string& text) {
     write_atomic(path, what, [&](FILE* f) { return std::fwrite(text.data(), 1, text.size(), f) == text.size(); });
@@ -3114,6 +3122,7 @@ struct Options {
     bool resume = false, sample_only = false, text = false, have_prompt = false;
     double temperature = 1.0;
     int top_k = 0, num_samples = 20, max_new_tokens = 500;
+    bool have_num_samples = false;
     int threads = (int)std::max(1u, std::thread::hardware_concurrency());
     std::vector<std::string> eval_files, val_files;
     std::string arith_file, route;
@@ -3246,7 +3255,7 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
         else if (a == "--text") o.text = true;
         else if (a == "--temperature") o.temperature = parse_real(a, val(), 0, 100);
         else if (a == "--top-k") o.top_k = (int)parse_int(a, val(), 0, MAX_VOCAB);
-        else if (a == "--num-samples") o.num_samples = (int)parse_int(a, val(), 0, 1000000);
+        else if (a == "--num-samples") o.num_samples = (int)parse_int(a, val(), 0, 1000000), o.have_num_samples = true;
         else if (a == "--prompt") o.prompt = val(), o.have_prompt = true;
         else if (a == "--max-new-tokens") o.max_new_tokens = (int)parse_int(a, val(), 0, 100000000);
         else if (a == "--threads") o.threads = (int)parse_int(a, val(), 1, 256);
@@ -3262,6 +3271,13 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
     if (o.have_route && (!o.eval_files.empty() || !o.arith_file.empty()))
         throw UsageError("--route explores one text; run --eval and --arith separately");
     if (o.gates && !o.have_route) throw UsageError("--gates goes with --route TEXT");
+    // A flag that the chosen mode would ignore is a mistake, said at once.
+    const char* use = o.have_route ? "--route" : !o.eval_files.empty() ? "--eval" : !o.arith_file.empty() ? "--arith"
+                      : o.have_prompt ? "--prompt" : o.sample_only ? "--sample-only" : nullptr;
+    if (o.resume && use)
+        throw UsageError(std::string("--resume trains, and ") + use + " uses a trained model: run them one after the other");
+    if (o.have_prompt && o.have_num_samples)
+        throw UsageError("--prompt makes one continuation; --num-samples is for --sample-only without a prompt");
     // The schedule must fit the run: checked here, before anything is loaded.
     if (o.min_lr < 0) o.min_lr = o.learning_rate / 10;
     if (o.lr_decay_steps == 0) o.lr_decay_steps = o.max_steps;
@@ -3381,6 +3397,32 @@ struct Training {
     bool evaluated = false;
 };
 
+// One training run per work dir: two at once would write the same files.
+// An advisory lock on DIR/.lock, held until the process ends (the system
+// drops it then, even after kill -9), and the owner's pid in the file for
+// the message. Where there is no flock, nothing is locked.
+static void lock_work_dir(const std::string& dir) {
+#if defined(__unix__) || defined(__APPLE__)
+    const std::string path = (std::filesystem::path(dir) / ".lock").string();
+    const int fd = open(path.c_str(), O_RDWR | O_CREAT, 0644);
+    if (fd < 0) fail("cannot write '" + path + "': " + std::strerror(errno) + "; check the permissions of the work dir (-o)");
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        char pid[32] = {};
+        const ssize_t n = pread(fd, pid, sizeof pid - 1, 0);
+        close(fd);
+        fail("work dir '" + dir + "' is in use by process " + (n > 0 ? std::string(pid, (size_t)n) : std::string("?")) +
+             ", another training run: wait for it to end, or train into another work dir with -o");
+    }
+    const std::string me = std::to_string((long long)getpid());
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, me.data(), me.size(), 0) != (ssize_t)me.size()) {
+        // the lock holds all the same; only the message of a second run would lack the pid
+    }
+    // fd stays open: the lock lasts as long as this process
+#else
+    (void)dir;
+#endif
+}
+
 // What a checkpoint file in the work dir holds: its step and best test loss
 // (step -1 and the reason, when it is there but does not load).
 struct Held {
@@ -3494,6 +3536,7 @@ static void start_training(Training& t, const Options& o) {
     fs::create_directories(o.work_dir, ec);
     if (!fs::is_directory(o.work_dir, ec))
         fail("cannot use work dir '" + o.work_dir + "': it is not a directory and could not be created (-o)");
+    lock_work_dir(o.work_dir);
     // A fresh run in a work dir that holds a trained model would replace it
     // at its first evaluation: rerunning ./moe after a long run is the
     // easiest way to lose one. So it is refused, unless asked for.
@@ -3504,6 +3547,13 @@ static void start_training(Training& t, const Options& o) {
              (h.step >= 0 ? ": step " + std::to_string(h.step) + ", test loss " + fmt("%.4f", h.loss) : ": " + h.problem) +
              "). Continue it with --resume, train into another work dir with -o, or replace it with --overwrite");
     }
+    // Every file the run will write must be writable now, not after an hour.
+    for (const std::string& path : {t.best_path, t.last, t.log_path, t.svg_path})
+        if (fs::exists(path, ec) && !fs::is_regular_file(path, ec))
+            fail("cannot write '" + path + "': it is there and is not a file (a directory?); move it away or use another -o");
+    const std::string probe = (fs::path(o.work_dir) / ".probe").string();
+    write_text_atomic(probe, "probe file", "moe.cpp checks that it can write here\n");
+    fs::remove(probe, ec);
     if (o.resume) {
         t.hist = read_log(t.log_path, t.val_names, t.step);
         if (t.hist.empty() && t.step > 0)

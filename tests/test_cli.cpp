@@ -113,6 +113,9 @@ static void test_bad_input() {
     expect("min-lr above the rate", "--learning-rate 1e-3 --min-lr 1e-2", 2, "is above the learning rate");
     expect("unknown schedule", "--lr-schedule linear", 2, "--lr-schedule takes constant or cosine");
     expect("unknown decay rule", "--decay biases", 2, "--decay takes all or 2d");
+    expect("--resume with --eval", "--resume --eval " + q(g_small), 2, "--resume trains, and --eval uses a trained model");
+    expect("--resume with --sample-only", "--resume --sample-only", 2, "--resume trains, and --sample-only");
+    expect("--prompt with --num-samples", "--prompt em --num-samples 3", 2, "--prompt makes one continuation");
 
     std::string trunc = g_dir + "/trunc.safetensors", bad = g_dir + "/badjson.safetensors",
                 other = g_dir + "/other.safetensors", nan = g_dir + "/nan.safetensors";

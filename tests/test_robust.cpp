@@ -105,6 +105,28 @@ static void test_disk() {
           "the previous checkpoint survives and the temporary file is gone");
     r = train("/dev/null/out", 20);
     check(r.code == 1 && has(r.out, "cannot use work dir"), "a work dir that cannot be created: exit 1, says so");
+    // What the run will write is tried before the first step, not found after it.
+    std::string blocked = g_dir + "/blocked", full = g_dir + "/full";
+    fs::create_directories(blocked + "/log.tsv");
+    r = train(blocked, 20);
+    check(r.code == 1 && has(r.out, "log.tsv': it is there and is not a file") &&
+              !has(r.out, "step     10"),
+          "log.tsv is a directory: exit 1 before the first step, says so (exit %d)", r.code);
+    fs::create_directories(full);
+    fs::create_symlink("/dev/full", full + "/.probe.tmp");
+    r = train(full, 20);
+    check(r.code == 1 && has(r.out, "No space left on device") && !has(r.out, "step     10"),
+          "a full disk is found before the first step: exit 1, says so (exit %d)", r.code);
+    // Two trainings in one work dir: the second is refused while the first runs.
+    std::string shared = g_dir + "/shared", log1 = g_dir + "/first.log", log2 = g_dir + "/second.log";
+    const std::string args = "-i " + q(g_small) + " -o " + q(shared) + " --max-steps 100000000 --eval-interval 1000000 --num-samples 0";
+    Run both = run("sh -c " + q("\"$0\" " + args + " > " + log1 + " 2>&1 & p=$!; sleep 1.5; \"$0\" " + args + " --overwrite > " + log2 +
+                                " 2>&1; echo $? >> " + log2 + "; kill -INT $p; wait $p") + " " + q(g_moe));
+    const std::string second = slurp(log2), first = slurp(log1);
+    check(has(second, "is in use by process") && has(second, "\n1\n") && has(first, "stopped by Ctrl-C"),
+          "a second training in the same work dir: exit 1, 'in use by process N'; the first goes on until stopped");
+    if (!has(second, "is in use by process")) std::printf("%s\n", second.c_str());
+    (void)both;
 }
 
 // Rebuild a safetensors file with a new header (same data).
