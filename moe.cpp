@@ -1838,11 +1838,20 @@ struct LineFile {
     std::vector<std::vector<int>> lines;
     int T = 0;
 };
-static LineFile load_line_file(const std::string& path, const std::string& vocab, const std::string& flag) {
+// A line needs its length + 1 positions, and a model has learned only the
+// positions of its training context: a longer line would be scored with
+// position vectors that never trained, so it is refused.
+static LineFile load_line_file(const std::string& path, const std::string& vocab, const std::string& flag, int context) {
     std::vector<Line> lines = split_lines(read_file(path));
     if (lines.empty()) fail(flag + ": '" + path + "' has no non-empty lines to evaluate");
     size_t longest = 0;
-    for (const auto& l : lines) longest = std::max(longest, l.text.size());
+    for (const auto& l : lines) {
+        if ((int64_t)l.text.size() + 1 > context)
+            fail(flag + ": " + path + ":" + std::to_string(l.number) + ": line of " + std::to_string(l.text.size()) +
+                 " bytes, but the model was trained on lines of at most " + std::to_string(context - 1) +
+                 " (its context is " + std::to_string(context) + " positions): evaluate shorter lines");
+        longest = std::max(longest, l.text.size());
+    }
     return {encode_lines(lines, vocab, path), (int)longest + 1};
 }
 
@@ -3524,7 +3533,7 @@ static void start_training(Training& t, const Options& o) {
     // every evaluation, with the training vocabulary.
     for (const auto& f : o.val_files) {
         if (t.d.text) fail("--val works in line mode, where a file is a set of examples; in text mode use --eval later");
-        t.val.push_back(load_line_file(f, t.d.vocab, "--val"));
+        t.val.push_back(load_line_file(f, t.d.vocab, "--val", t.d.T));
         t.val_names.push_back(fs::path(f).stem().string());
         if (std::count(t.val_names.begin(), t.val_names.end(), t.val_names.back()) > 1)
             fail("--val: two files are named '" + t.val_names.back() + "'; the log and the report name files by it: "
@@ -3780,6 +3789,9 @@ static void load_for_use(const Options& o, Loaded& l) {
         std::vector<int> ctx = l.text ? std::vector<int>{} : std::vector<int>{0};
         std::vector<int> p = encode(o.prompt, l.vocab, "--prompt");
         ctx.insert(ctx.end(), p.begin(), p.end());
+        if (!l.text && (int)ctx.size() >= l.context)  // a line that fills the context has no room to go on
+            fail("--prompt: '" + o.prompt + "' has " + std::to_string(o.prompt.size()) + " bytes; this model makes lines of at most " +
+                 std::to_string(l.context - 1) + ": give a shorter prompt");
         if (ctx.empty()) ctx.push_back(1);  // text mode needs something to continue
         std::printf("%s", decode(ctx, l.vocab).c_str());
         std::fflush(stdout);
@@ -3826,7 +3838,7 @@ static void load_for_use(const Options& o, Loaded& l) {
             if (raw.size() < 2) fail("'" + f + "' has fewer than 2 bytes: nothing to predict");
             r = eval_text(l.m, encode(raw, l.vocab, f), SIZE_MAX, &rt);
         } else {
-            const LineFile lf = load_line_file(f, l.vocab, "--eval");
+            const LineFile lf = load_line_file(f, l.vocab, "--eval", l.context);
             r = eval_lines(l.m, lf.lines, lf.T, SIZE_MAX, &rt);
         }
         std::printf("eval %s loss %.6f tokens %lld\n", f.c_str(), r.loss, (long long)r.tokens);

@@ -116,6 +116,11 @@ static void test_bad_input() {
     expect("--resume with --eval", "--resume --eval " + q(g_small), 2, "--resume trains, and --eval uses a trained model");
     expect("--resume with --sample-only", "--resume --sample-only", 2, "--resume trains, and --sample-only");
     expect("--prompt with --num-samples", "--prompt em --num-samples 3", 2, "--prompt makes one continuation");
+    // longer than the context the model trained on (its longest name + 1), though within BLOCK_SIZE
+    std::string longer = g_dir + "/longer.txt", word(BLOCK_SIZE - 2, 'a');
+    write(longer, "emma\n" + word + "\n");
+    expect("--eval line longer than the trained context", "--eval " + q(longer), 1, "the model was trained on lines of at most");
+    expect("--prompt that fills the context", "--prompt " + word, 1, "give a shorter prompt");
 
     std::string trunc = g_dir + "/trunc.safetensors", bad = g_dir + "/badjson.safetensors",
                 other = g_dir + "/other.safetensors", nan = g_dir + "/nan.safetensors";
