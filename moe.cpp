@@ -1677,6 +1677,7 @@ struct Dataset {
     std::vector<std::vector<int>> train, test;  // line mode: encoded lines, no markers
     std::vector<int> train_text, test_text;     // text mode: encoded bytes
     std::set<std::string> train_lines, test_lines;  // to tell memorised samples from new ones
+    uint64_t bytes = 0, hash = 0;  // the file's size and FNV-1a hash: a checkpoint remembers its data by them
 };
 
 // The whole file as bytes. The checks come first so that the common
@@ -1827,8 +1828,18 @@ static Dataset dataset_from_bytes(const std::string& raw, const std::string& pat
     return d;
 }
 
+// FNV-1a, 64 bits: a fingerprint of a file, enough to tell one data file
+// from another (not a defence against someone forging one).
+static uint64_t fnv1a(const std::string& s) {
+    uint64_t h = 1469598103934665603ull;
+    for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+    return h;
+}
 static Dataset load_dataset(const std::string& path, bool text, uint64_t seed, const std::string& vocab) {
-    return dataset_from_bytes(read_file(path), path, text, seed, vocab);
+    const std::string raw = read_file(path);
+    Dataset d = dataset_from_bytes(raw, path, text, seed, vocab);
+    d.bytes = raw.size(), d.hash = fnv1a(raw);
+    return d;
 }
 
 // A file of lines to evaluate (--eval, --val), with a model's vocabulary:
@@ -3128,6 +3139,7 @@ struct Options {
     int64_t warmup_steps = 0, lr_decay_steps = 0;  // 0: decay until --max-steps
     double min_lr = -1, grad_clip = 0, dropout = 0;  // min_lr < 0: learning_rate / 10
     bool overwrite = false;  // a fresh run may replace the trained model in its work dir
+    bool have_input = false, new_data = false;  // -i was given; --resume may continue on other data
     bool resume = false, sample_only = false, text = false, have_prompt = false;
     double temperature = 1.0;
     int top_k = 0, num_samples = 20, max_new_tokens = 500;
@@ -3168,6 +3180,7 @@ static const char* USAGE =
     "                          losses go in the log and DIR/report.svg, their routing in the final tables\n"
     "  --resume                continue from DIR/last.safetensors (or --checkpoint)\n"
     "  --overwrite             let a fresh run replace the trained model its work dir holds\n"
+    "  --new-data              with --resume: continue on another -i than the run was trained on\n"
     "Sampling and evaluation:\n"
     "  --sample-only           sample from DIR/model.safetensors (or --checkpoint), no training\n"
     "  --checkpoint FILE       the checkpoint to load instead of the work dir's\n"
@@ -3230,7 +3243,8 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
         if (a == "-h" || a == "--help") {
             std::printf("%s\nThis build (compile-time constants, section 1): %s\n", USAGE, config_string().c_str());
             std::exit(0);
-        } else if (a == "-i" || a == "--input-file") o.input = val();
+        } else if (a == "-i" || a == "--input-file") o.input = val(), o.have_input = true;
+        else if (a == "--new-data") o.new_data = true;
         else if (a == "-o" || a == "--work-dir") o.work_dir = val();
         else if (a == "--checkpoint") o.checkpoint = val();
         else if (a == "--max-steps") o.max_steps = parse_int(a, val(), 1, 1000000000);
@@ -3398,6 +3412,7 @@ struct Training {
     AdamW opt;
     double lr = 0;                     // the rate of the latest step
     std::string last, best_path, log_path, svg_path;  // the files in the work dir
+    std::string input;                                // the data file (-i, or on --resume the run's own)
     std::vector<std::string> val_names;  // the --val files' stems, which name them in the log and report
     std::vector<LineFile> val;
     std::vector<LogRow> hist;                // every evaluation, for log.tsv and report.svg
@@ -3451,6 +3466,18 @@ static Held held_model(const std::string& path) {
         h.step = -1, h.problem = e.what();
     }
     return h;
+}
+
+static std::string hex64(uint64_t v) {
+    char b[17];
+    std::snprintf(b, sizeof b, "%016llx", (unsigned long long)v);
+    return b;
+}
+// A run's checkpoint metadata: the model's, and the data it trains on.
+static Meta run_meta(const Training& t) {
+    Meta meta = model_meta(t.d.vocab, t.d.text, t.d.T, t.step, t.seed, t.best);
+    meta["data"] = t.input, meta["data_bytes"] = std::to_string(t.d.bytes), meta["data_fnv1a"] = hex64(t.d.hash);
+    return meta;
 }
 
 // A 64-bit generator state kept as decimal text in a checkpoint's metadata.
@@ -3511,7 +3538,18 @@ static void start_training(Training& t, const Options& o) {
                  (o.text ? "drop --text" : "add --text"));
         t.seed = meta_int(ck, "seed");
     }
-    t.d = load_dataset(o.input, o.text, (uint64_t)t.seed, o.resume ? checkpoint_vocab(ck) : "");
+    // --resume continues on the data the run began with: its name is the
+    // default -i, and another file (told by size and hash) is an error
+    // unless --new-data says it is meant.
+    t.input = o.resume && !o.have_input && ck.meta.count("data") ? ck.meta.at("data") : o.input;
+    t.d = load_dataset(t.input, o.text, (uint64_t)t.seed, o.resume ? checkpoint_vocab(ck) : "");
+    if (o.resume && !o.new_data && ck.meta.count("data_fnv1a") &&
+        (ck.meta.at("data_bytes") != std::to_string(t.d.bytes) || ck.meta.at("data_fnv1a") != hex64(t.d.hash)))
+        fail("checkpoint '" + ck.path + "' was trained on '" + ck.meta.at("data") + "' (" + ck.meta.at("data_bytes") +
+             " bytes), and '" + t.input + "' is another file (" + std::to_string(t.d.bytes) + " bytes" +
+             (ck.meta.at("data_bytes") == std::to_string(t.d.bytes) ? ", other contents" : "") +
+             "): its test split and losses would not compare. Resume with -i '" + ck.meta.at("data") +
+             "', or add --new-data to continue on this file");
     t.rng = make_rng((uint64_t)t.seed, STREAM_TRAIN), t.noise = make_rng((uint64_t)t.seed, STREAM_NOISE);
     t.drop = make_rng((uint64_t)t.seed, STREAM_DROPOUT);
     if (!o.resume) {
@@ -3591,10 +3629,10 @@ static void print_run_header(const Training& t, const Options& o) {
                     "(the build line at the top of moe.cpp has the flag)\n");
 #endif
     if (d.text)
-        std::printf("data: %s, text mode: %zu train / %zu test bytes, vocab %d, context %d\n", o.input.c_str(),
+        std::printf("data: %s, text mode: %zu train / %zu test bytes, vocab %d, context %d\n", t.input.c_str(),
                     d.train_text.size(), d.test_text.size(), m.V, d.T);
     else
-        std::printf("data: %s, line mode: %zu train / %zu test lines, vocab %d, context %d\n", o.input.c_str(),
+        std::printf("data: %s, line mode: %zu train / %zu test lines, vocab %d, context %d\n", t.input.c_str(),
                     d.train.size(), d.test.size(), m.V, d.T);
     std::printf("parameters: %zu total, %lld active per token (%d of %d experts%s)\n", m.n_params,
                 (long long)(m.n_params - (size_t)(expert * (E - K))), K, E,
@@ -3611,7 +3649,7 @@ static void print_run_header(const Training& t, const Options& o) {
 // It is written at every evaluation and when a signal stops the run, and
 // like every checkpoint it replaces the old file only once it is whole.
 static void save_last(const Training& t) {
-    Meta meta = model_meta(t.d.vocab, t.d.text, t.d.T, t.step, t.seed, t.best);
+    Meta meta = run_meta(t);
     meta["rng"] = std::to_string(t.rng.state);
     if (NOISY_GATE) meta["noise_rng"] = std::to_string(t.noise.state);
     if (t.m.dropout > 0) meta["dropout_rng"] = std::to_string(t.drop.state);
@@ -3626,7 +3664,7 @@ static void save_last(const Training& t) {
 // the checkpoints: model.safetensors when the test loss is the best so far
 // (with fewer than 10 lines there is no test split, and the train loss
 // decides), and last.safetensors always.
-static void evaluate_and_save(Training& t, const Options& o) {
+static void evaluate_and_save(Training& t) {
     Model& m = t.m;
     const Dataset& d = t.d;
     EvalResult tr = d.text ? eval_text(m, d.train_text, 256) : eval_lines(m, d.train, d.T, 1000);
@@ -3648,12 +3686,12 @@ static void evaluate_and_save(Training& t, const Options& o) {
     if (!t.val.empty()) std::printf("\n");
     t.hist.push_back(row);
     write_text_atomic(t.log_path, "log", log_tsv(t.hist, t.val_names));
-    const std::string title = "moe.cpp: " + config_string() + " | " + o.input + " | step " + std::to_string(t.step);
+    const std::string title = "moe.cpp: " + config_string() + " | " + t.input + " | step " + std::to_string(t.step);
     write_text_atomic(t.svg_path, "report", training_svg(title, t.hist, t.val_names, t.rt_val, t.rt_test));
     const double score = no_test ? tr.loss : te.loss;
     if (score < t.best) {
         t.best = score;
-        write_safetensors(t.best_path, model_tensors(m), model_meta(d.vocab, d.text, d.T, t.step, t.seed, t.best));
+        write_safetensors(t.best_path, model_tensors(m), run_meta(t));
         std::printf("step %6lld | new best test loss, saved %s\n", (long long)t.step, t.best_path.c_str());
     }
     save_last(t);
@@ -3740,7 +3778,7 @@ static void final_report(Training& t, const Options& o) {
         p.dropped += m.dropped, p.slots += m.slots;
         if (t.step % o.log_interval == 0 || t.step == o.max_steps)
             print_progress(t.step, t.lr, o.grad_clip > 0, p), p = Progress{};
-        if (t.step % o.eval_interval == 0 || t.step == o.max_steps) evaluate_and_save(t, o);
+        if (t.step % o.eval_interval == 0 || t.step == o.max_steps) evaluate_and_save(t);
         if (g_signal) {
             save_last(t);
             std::printf("stopped by %s after step %lld: saved %s\ncontinue with the same command and --resume\n",
@@ -3811,7 +3849,9 @@ static void load_for_use(const Options& o, Loaded& l) {
     Dataset d;
     bool have_data = false;
     try {  // the data file only sorts the samples; without it they are just printed
-        d = load_dataset(o.input, false, (uint64_t)meta_int(l.ck, "seed"), l.vocab);
+        // the run's own data file, unless -i names another
+        const std::string input = !o.have_input && l.ck.meta.count("data") ? l.ck.meta.at("data") : o.input;
+        d = load_dataset(input, false, (uint64_t)meta_int(l.ck, "seed"), l.vocab);
         have_data = true;
     } catch (const std::runtime_error& e) {
         std::printf("(not sorting samples against the training data: %s)\n", e.what());

@@ -22,6 +22,21 @@ static void test_resume() {
     Run rc = train(b, 40, "--resume");
     check(rc.code == 0 && has(rc.out, "nothing to train"), "resuming a finished run trains nothing and says so");
 
+    // --resume remembers its data: without -i it continues on the run's own
+    // file (here from a directory without names.txt, the default), and
+    // another file is refused unless --new-data says so.
+    std::string f = g_dir + "/remember", other = g_dir + "/other.txt";
+    check(train(f, 20).code == 0, "a run to resume");
+    Run own = run("cd " + q(g_dir) + " && " + q(g_moe) + " -o " + q(f) + " --max-steps 30 --eval-interval 10 --num-samples 0 --resume");
+    check(own.code == 0 && has(own.out, "data: " + g_small), "--resume without -i continues on the run's own data file");
+    std::string small = read_file(g_small);
+    write(other, small.substr(0, small.size() / 2));
+    Run mixed = run(q(g_moe) + " -i " + q(other) + " -o " + q(f) + " --max-steps 40 --resume");
+    check(mixed.code == 1 && has(mixed.out, "was trained on '" + g_small + "'") && has(mixed.out, "--new-data"),
+          "--resume with another -i: exit 1, names the run's file and --new-data");
+    Run meant = run(q(g_moe) + " -i " + q(other) + " -o " + q(f) + " --max-steps 40 --eval-interval 10 --num-samples 0 --resume --new-data");
+    check(meant.code == 0, "... and with --new-data it continues on the other file (exit %d)", meant.code);
+
     // Fine-tuning from the work dir's own model, with no last.safetensors: the
     // model it holds is replaced only by a better one. First as it comes
     // (whatever the new losses, the model changes exactly when one beat the
