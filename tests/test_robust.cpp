@@ -221,7 +221,9 @@ static void test_data() {
     write(d + "crlf.txt", crlf);
     Run a = run(q(g_moe) + " -i " + q(g_small) + " -o " + q(d + "lf") + " --max-steps 20 --num-samples 0");
     Run b = run(q(g_moe) + " -i " + q(d + "crlf.txt") + " -o " + q(d + "crlf") + " --max-steps 20 --num-samples 0");
-    check(a.code == 0 && b.code == 0 && slurp(d + "lf/last.safetensors") == slurp(d + "crlf/last.safetensors"),
+    // (the weights and moments, byte for byte; the headers differ only in the data file they name)
+    auto tensors = [](const std::string& f) { return f.size() < 8 ? f : f.substr(8 + header_of(f).size()); };
+    check(a.code == 0 && b.code == 0 && tensors(slurp(d + "lf/last.safetensors")) == tensors(slurp(d + "crlf/last.safetensors")),
           "CRLF line endings train exactly as LF");
 }
 
