@@ -3152,6 +3152,9 @@ struct Options {
 
 static std::string config_string();  // the compiled model, in one line (below)
 
+// The usage text is the reference for every flag (--help prints it with the
+// build's constants), grouped as a run is: what training reads and writes,
+// its recipe, then the modes that use a trained model.
 static const char* USAGE =
     "usage: ./moe [options]\n"
     "Training (what ./moe does by default):\n"
@@ -3228,6 +3231,8 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
     return x;
 }
 
+static void check_options(Options& o);  // below
+
 // One pass over argv. A flag that takes a value reads it with val(), which
 // turns a missing value into a usage error; numbers go through parse_int
 // and parse_real, which name the flag and its range.
@@ -3291,6 +3296,14 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
             if (files.empty()) throw UsageError(a + " needs at least one file");
         } else throw UsageError("unknown option '" + a + "'");
     }
+    check_options(o);
+    return o;
+}
+
+// The flags together: combinations that make no sense, and a schedule that
+// does not fit the run, are refused before anything is loaded. Fills in the
+// defaults that depend on other flags (--min-lr, --lr-decay-steps).
+static void check_options(Options& o) {
     if (o.have_route && (!o.eval_files.empty() || !o.arith_file.empty()))
         throw UsageError("--route explores one text; run --eval and --arith separately");
     if (o.gates && !o.have_route) throw UsageError("--gates goes with --route TEXT");
@@ -3316,7 +3329,6 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
     if (INFERENCE_ONLY && o.resume)
         throw UsageError("--resume: this is the inference-only build (MOE_INFERENCE_ONLY); it cannot train. "
                          "Rebuild without -DMOE_INFERENCE_ONLY to train");
-    return o;
 }
 
 [[maybe_unused]] // One line describing the compiled model, for logs and tests.
@@ -3449,6 +3461,8 @@ static void lock_work_dir(const std::string& dir) {
 
 // What a checkpoint file in the work dir holds: its step and best test loss
 // (step -1 and the reason, when it is there but does not load).
+// (A checkpoint that is there but does not load still counts: a fresh run
+// must not replace it either, and the message says what is wrong with it.)
 struct Held {
     bool exists = false;
     int64_t step = -1;
@@ -3473,7 +3487,9 @@ static std::string hex64(uint64_t v) {
     std::snprintf(b, sizeof b, "%016llx", (unsigned long long)v);
     return b;
 }
-// A run's checkpoint metadata: the model's, and the data it trains on.
+// A run's checkpoint metadata: the model's, and the data it trains on. The
+// data's size and hash let --resume tell the run's own file from another
+// (load_training_data), however it is named.
 static Meta run_meta(const Training& t) {
     Meta meta = model_meta(t.d.vocab, t.d.text, t.d.T, t.step, t.seed, t.best);
     meta["data"] = t.input, meta["data_bytes"] = std::to_string(t.d.bytes), meta["data_fnv1a"] = hex64(t.d.hash);
@@ -3517,6 +3533,50 @@ static void restore_training_state(Training& t, const Checkpoint& ck) {
                 (long long)t.seed);
 }
 
+// The data of a run. --resume continues on the data the run began with: its
+// name is the default -i, and another file (told by size and hash) is an
+// error unless --new-data says it is meant.
+static void load_training_data(Training& t, const Options& o, const Checkpoint& ck) {
+    t.input = o.resume && !o.have_input && ck.meta.count("data") ? ck.meta.at("data") : o.input;
+    t.d = load_dataset(t.input, o.text, (uint64_t)t.seed, o.resume ? checkpoint_vocab(ck) : "");
+    if (o.resume && !o.new_data && ck.meta.count("data_fnv1a") &&
+        (ck.meta.at("data_bytes") != std::to_string(t.d.bytes) || ck.meta.at("data_fnv1a") != hex64(t.d.hash)))
+        fail("checkpoint '" + ck.path + "' was trained on '" + ck.meta.at("data") + "' (" + ck.meta.at("data_bytes") +
+             " bytes), and '" + t.input + "' is another file (" + std::to_string(t.d.bytes) + " bytes" +
+             (ck.meta.at("data_bytes") == std::to_string(t.d.bytes) ? ", other contents" : "") +
+             "): its test split and losses would not compare. Resume with -i '" + ck.meta.at("data") +
+             "', or add --new-data to continue on this file");
+}
+
+// The work dir, made and checked before a long run, so that a bad -o fails
+// at once rather than at the first checkpoint: locked for this run, not
+// holding a model that a fresh run would replace, and writable.
+static void prepare_work_dir(const Training& t, const Options& o) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    fs::create_directories(o.work_dir, ec);
+    if (!fs::is_directory(o.work_dir, ec))
+        fail("cannot use work dir '" + o.work_dir + "': it is not a directory and could not be created (-o)");
+    lock_work_dir(o.work_dir);
+    // A fresh run in a work dir that holds a trained model would replace it
+    // at its first evaluation: rerunning ./moe after a long run is the
+    // easiest way to lose one. So it is refused, unless asked for.
+    for (const std::string& path : {t.best_path, t.last}) {
+        const Held h = held_model(path);
+        if (o.resume || o.overwrite || !h.exists) continue;
+        fail("work dir '" + o.work_dir + "' already holds a trained model (" + fs::path(path).filename().string() +
+             (h.step >= 0 ? ": step " + std::to_string(h.step) + ", test loss " + fmt("%.4f", h.loss) : ": " + h.problem) +
+             "). Continue it with --resume, train into another work dir with -o, or replace it with --overwrite");
+    }
+    // Every file the run will write must be writable now, not after an hour.
+    for (const std::string& path : {t.best_path, t.last, t.log_path, t.svg_path})
+        if (fs::exists(path, ec) && !fs::is_regular_file(path, ec))
+            fail("cannot write '" + path + "': it is there and is not a file (a directory?); move it away or use another -o");
+    const std::string probe = (fs::path(o.work_dir) / ".probe").string();
+    write_text_atomic(probe, "probe file", "moe.cpp checks that it can write here\n");
+    fs::remove(probe, ec);
+}
+
 // The model, the data and the --val files of a run. A fresh run initialises
 // the model from the seed. --resume rebuilds it from a checkpoint instead,
 // with the checkpoint's seed (so the test split is the same) and, when the
@@ -3538,18 +3598,7 @@ static void start_training(Training& t, const Options& o) {
                  (o.text ? "drop --text" : "add --text"));
         t.seed = meta_int(ck, "seed");
     }
-    // --resume continues on the data the run began with: its name is the
-    // default -i, and another file (told by size and hash) is an error
-    // unless --new-data says it is meant.
-    t.input = o.resume && !o.have_input && ck.meta.count("data") ? ck.meta.at("data") : o.input;
-    t.d = load_dataset(t.input, o.text, (uint64_t)t.seed, o.resume ? checkpoint_vocab(ck) : "");
-    if (o.resume && !o.new_data && ck.meta.count("data_fnv1a") &&
-        (ck.meta.at("data_bytes") != std::to_string(t.d.bytes) || ck.meta.at("data_fnv1a") != hex64(t.d.hash)))
-        fail("checkpoint '" + ck.path + "' was trained on '" + ck.meta.at("data") + "' (" + ck.meta.at("data_bytes") +
-             " bytes), and '" + t.input + "' is another file (" + std::to_string(t.d.bytes) + " bytes" +
-             (ck.meta.at("data_bytes") == std::to_string(t.d.bytes) ? ", other contents" : "") +
-             "): its test split and losses would not compare. Resume with -i '" + ck.meta.at("data") +
-             "', or add --new-data to continue on this file");
+    load_training_data(t, o, ck);
     t.rng = make_rng((uint64_t)t.seed, STREAM_TRAIN), t.noise = make_rng((uint64_t)t.seed, STREAM_NOISE);
     t.drop = make_rng((uint64_t)t.seed, STREAM_DROPOUT);
     if (!o.resume) {
@@ -3577,30 +3626,7 @@ static void start_training(Training& t, const Options& o) {
             fail("--val: two files are named '" + t.val_names.back() + "'; the log and the report name files by it: "
                  "rename one");
     }
-    // The work dir is made now, before a long run, so that a bad -o fails at
-    // once rather than at the first checkpoint.
-    std::error_code ec;
-    fs::create_directories(o.work_dir, ec);
-    if (!fs::is_directory(o.work_dir, ec))
-        fail("cannot use work dir '" + o.work_dir + "': it is not a directory and could not be created (-o)");
-    lock_work_dir(o.work_dir);
-    // A fresh run in a work dir that holds a trained model would replace it
-    // at its first evaluation: rerunning ./moe after a long run is the
-    // easiest way to lose one. So it is refused, unless asked for.
-    for (const std::string& path : {t.best_path, t.last}) {
-        const Held h = held_model(path);
-        if (o.resume || o.overwrite || !h.exists) continue;
-        fail("work dir '" + o.work_dir + "' already holds a trained model (" + fs::path(path).filename().string() +
-             (h.step >= 0 ? ": step " + std::to_string(h.step) + ", test loss " + fmt("%.4f", h.loss) : ": " + h.problem) +
-             "). Continue it with --resume, train into another work dir with -o, or replace it with --overwrite");
-    }
-    // Every file the run will write must be writable now, not after an hour.
-    for (const std::string& path : {t.best_path, t.last, t.log_path, t.svg_path})
-        if (fs::exists(path, ec) && !fs::is_regular_file(path, ec))
-            fail("cannot write '" + path + "': it is there and is not a file (a directory?); move it away or use another -o");
-    const std::string probe = (fs::path(o.work_dir) / ".probe").string();
-    write_text_atomic(probe, "probe file", "moe.cpp checks that it can write here\n");
-    fs::remove(probe, ec);
+    prepare_work_dir(t, o);
     if (o.resume) {
         t.hist = read_log(t.log_path, t.val_names, t.step);
         if (t.hist.empty() && t.step > 0)
@@ -3770,6 +3796,9 @@ static void final_report(Training& t, const Options& o) {
             fail("the gradient of " + bad->name + " became NaN or infinite at step " + std::to_string(t.step + 1) +
                  " (loss " + std::to_string(loss) + "); the checkpoints on disk are from before it. Try a lower "
                  "--learning-rate");
+        // Clipping comes after the NaN check (a NaN norm would turn every
+        // gradient into NaN) and before AdamW, as in PyTorch; the rate is the
+        // schedule's for the step about to be taken.
         if (o.grad_clip > 0) p.norm += clip_gradients(m, o.grad_clip);
         t.opt.lr = (float)(t.lr = lr_at(t.sched, t.step + 1));
         adamw_update(m, t.opt, ++t.step);
@@ -3928,6 +3957,8 @@ static void load_for_use(const Options& o, Loaded& l) {
 // stopped by Ctrl-C or SIGTERM (with a checkpoint to resume from).
 int main(int argc, char** argv) {
     try {
+        // One mode per run, chosen by the flags (check_options has refused
+        // mixtures): the routing explorer, evaluation, sampling, or training.
         Options o = parse_args(argc, argv);
         set_threads(o.threads);
         if (o.have_route) route_mode(o);
