@@ -609,7 +609,18 @@ static void router_backward(real* dx, LayerParams& g, const real* drouter, const
 // constant: the router would get no gradient from the language-model loss
 // at all, and only the auxiliary loss would train it. So with K = 1 the gate
 // is the raw probability (Switch Transformer), and the loss reaches the router.
-static void topk_forward(int* chosen, real* gate, const real* probs, const uint8_t* valid, int M) {
+//
+// Two interventions, used only to ask which experts matter (--ablate and
+// --knockout, section 11), take experts away from the choice: off[e] != 0
+// removes expert e of this layer for every token, and skip > 0 removes each
+// token's `skip` most probable experts (DeepSeekMoE's redundancy test). The
+// token then takes its next best, with gates from what remains, exactly as
+// if the removed experts did not exist. Training never sets either.
+struct Ablation {
+    const uint8_t* off = nullptr;  // [E] or null: no expert removed
+    int skip = 0;
+};
+static void topk_forward(int* chosen, real* gate, const real* probs, const uint8_t* valid, int M, Ablation ab = {}) {
     for (int m = 0; m < M; m++) {
         const real* p = probs + (int64_t)m * E;
         int* c = chosen + (int64_t)m * K;
@@ -619,14 +630,17 @@ static void topk_forward(int* chosen, real* gate, const real* probs, const uint8
             continue;
         }
         real sum = 0;
-        for (int j = 0; j < K; j++) {  // K passes of "best not yet taken": K is tiny
+        int skipped[E] = {};  // the token's most probable experts, taken away (ab.skip of them)
+        for (int j = 0; j < ab.skip + K; j++) {  // passes of "best not yet taken": K is tiny
             int best = -1;
             for (int e = 0; e < E; e++) {
-                bool taken = false;
-                for (int i = 0; i < j; i++) taken |= c[i] == e;
+                bool taken = ab.off && ab.off[e];
+                for (int i = 0; i < std::min(j, ab.skip); i++) taken |= skipped[i] == e;
+                for (int i = 0; i < j - ab.skip; i++) taken |= c[i] == e;
                 if (!taken && (best < 0 || p[e] > p[best])) best = e;
             }
-            c[j] = best, g[j] = p[best], sum += p[best];
+            if (j < ab.skip) skipped[j] = best;
+            else c[j - ab.skip] = best, g[j - ab.skip] = p[best], sum += p[best];
         }
         if (NORM_TOPK)
             for (int j = 0; j < K; j++) g[j] /= sum;
@@ -1276,7 +1290,16 @@ struct Model {
     Rng* drop_rng = nullptr;
     bool dropped_out = false;    // the last forward pass drew masks
     std::vector<real> emb_mask;  // [M,C] on the embeddings' sum
+    // Experts taken out of the routing (--ablate, --knockout; see
+    // topk_forward): ablated[l * E + e] != 0 removes expert e of layer l, and
+    // skip_top removes each token's most probable experts. Empty and 0 while
+    // training.
+    std::vector<uint8_t> ablated;
+    int skip_top = 0;
 };
+static Ablation ablation_of(const Model& m, int l) {
+    return {m.ablated.empty() ? nullptr : &m.ablated[(size_t)l * E], m.skip_top};
+}
 
 // The parameters of one expert (c_fc and c_proj, weights and biases): what
 // the parameter count line subtracts E - K times per layer to give the
@@ -1288,7 +1311,7 @@ struct Model {
 //   (z-loss) -> the routed experts -> (plus the shared experts) -> out[M,C]
 // model_forward runs it for a batch, model_step for one sampled token.
 static void moe_forward(real* out, LayerActs& a, const real* x, const LayerParams& w, const uint8_t* valid, int M,
-                        Rng* train_rng, double capacity_factor) {
+                        Rng* train_rng, double capacity_factor, Ablation ab = {}) {
     a.logits.resize((size_t)M * E), a.probs.resize((size_t)M * E), a.chosen.resize((size_t)M * K);
     a.gate.resize((size_t)M * K), a.f.resize(E);
     router_forward(a.logits.data(), x, w, M);
@@ -1301,7 +1324,7 @@ static void moe_forward(real* out, LayerActs& a, const real* x, const LayerParam
         z = a.noisy.data();
     }
     softmax_forward(a.probs.data(), z, M, E);
-    topk_forward(a.chosen.data(), a.gate.data(), a.probs.data(), valid, M);
+    topk_forward(a.chosen.data(), a.gate.data(), a.probs.data(), valid, M, ab);
     const int* routed = a.chosen.data();
     a.dropped = 0;
     if (capacity_factor > 0 && train_rng) {
@@ -1449,7 +1472,8 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
         if (drop) apply_mask(a.x_mid.data(), a.x_mid.data(), a.proj_mask.data(), MC);
         residual_forward(a.x_mid.data(), a.x_mid.data(), a.x.data(), M);
         layernorm_forward(a.ln2.data(), a.ln2_mean.data(), a.ln2_rstd.data(), a.x_mid.data(), w.ln2_w, w.ln2_b, M);
-        moe_forward(a.moe_out.data(), a, a.ln2.data(), w, m.valid.data(), M, m.train_rng, m.capacity_factor);
+        moe_forward(a.moe_out.data(), a, a.ln2.data(), w, m.valid.data(), M, m.train_rng, m.capacity_factor,
+                    ablation_of(m, l));
         if (drop) apply_mask(a.moe_out.data(), a.moe_out.data(), a.moe_mask.data(), MC);
         m.aux_sum += a.aux, m.z_sum += a.z;
         m.dropped += a.dropped, m.slots += a.moe.offset[E] + a.dropped;
@@ -1669,53 +1693,56 @@ static double clip_gradients(Model& m, double max_norm) {
 // bytes; the first 90% trains, the rest tests, and a training example is a
 // random window of T = BLOCK_SIZE inputs and the T bytes that follow them.
 
-// A data set after splitting and encoding, for either mode.
-struct Dataset {
-    bool text = false;
-    std::string vocab;  // token i+1 is byte vocab[i]
-    int T = 0;          // positions per example
-    std::vector<std::vector<int>> train, test;  // line mode: encoded lines, no markers
-    std::vector<int> train_text, test_text;     // text mode: encoded bytes
-    std::set<std::string> train_lines, test_lines;  // to tell memorised samples from new ones
-    uint64_t bytes = 0, hash = 0;  // the file's size and FNV-1a hash: a checkpoint remembers its data by them
-};
-
 // The whole file as bytes. The checks come first so that the common
 // mistakes get a message that says what to do, not just "cannot open".
 // Files are read whole, so a size limit keeps a wrong path (a disk image, a
-// FIFO that never ends) from becoming an out-of-memory kill.
+// pipe that never ends) from becoming an out-of-memory kill. A pipe (say
+// --eval <(head names.txt)) is read to its end under the same limit.
 constexpr uint64_t MAX_FILE_BYTES = (uint64_t)1 << 30;
+
+// Running out of memory says what was being loaded and how big it was, not
+// just "std::bad_alloc".
+[[noreturn]] static void out_of_memory(const std::string& what, uint64_t bytes) {
+    fail("out of memory " + what + " (" + std::to_string(bytes) + " bytes): free some memory or raise the limit "
+         "(ulimit -v), or use a smaller file");
+}
+
 static std::string read_file(const std::string& path, uint64_t max_bytes = MAX_FILE_BYTES) {
     namespace fs = std::filesystem;
     std::error_code ec;
     if (!fs::exists(path, ec)) fail("cannot open '" + path + "': no such file (check the path given with -i/--input-file)");
     if (fs::is_directory(path, ec)) fail("'" + path + "' is a directory, not a file: give a text file with -i/--input-file");
-    if (!fs::is_regular_file(path, ec))
-        fail("'" + path + "' is not a regular file (a FIFO or a device?): give a file on disk");
-    uint64_t size = fs::file_size(path, ec);
+    const bool pipe = fs::is_fifo(path, ec);
+    if (!fs::is_regular_file(path, ec) && !pipe) fail("'" + path + "' is not a file or a pipe (a device?): give a file on disk");
+    uint64_t size = pipe ? 0 : fs::file_size(path, ec);
     if (ec) fail("cannot read the size of '" + path + "': " + ec.message());
-    if (size > max_bytes)
-        fail("'" + path + "' has " + std::to_string(size) + " bytes; moe.cpp reads its inputs into memory and takes at most " +
-             std::to_string(max_bytes) + " here: use a smaller file");
+    auto too_big = [&](const std::string& how) {
+        fail("'" + path + "' " + how + "; moe.cpp reads its inputs into memory and takes at most " +
+             std::to_string(max_bytes) + " bytes here: use a smaller file");
+    };
+    if (size > max_bytes) too_big("has " + std::to_string(size) + " bytes");
     std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), std::fclose);
     if (!f) fail("cannot open '" + path + "': " + std::strerror(errno));
     std::string s;
-    char buf[1 << 16];
-    size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, f.get())) > 0 && s.size() <= max_bytes) s.append(buf, n);
+    try {
+        s.reserve(size);
+        char buf[1 << 16];
+        size_t n;
+        while ((n = std::fread(buf, 1, sizeof buf, f.get())) > 0 && s.size() <= max_bytes) s.append(buf, n);
+    } catch (const std::bad_alloc&) {
+        out_of_memory("reading '" + path + "'", std::max<uint64_t>(size, s.size()));
+    }
     if (std::ferror(f.get())) fail("error reading '" + path + "': " + std::strerror(errno));
-    if (s.size() > max_bytes) fail("'" + path + "' grew past " + std::to_string(max_bytes) + " bytes while being read");
+    if (s.size() > max_bytes) too_big(pipe ? "(a pipe) goes on past that" : "grew past that while being read");
     return s;
 }
 
-// A line of a file, with its number for error messages.
-struct Line {
-    std::string text;
-    int64_t number;  // 1-based line number in the file, for error messages
-};
-// Non-empty lines; a CRLF line ending counts as LF.
-static std::vector<Line> split_lines(const std::string& s) {
-    std::vector<Line> out;
+// The non-empty lines of s: f(start, length, number) for each, with its
+// 1-based line number in the file for error messages. A CRLF line ending
+// counts as LF. Nothing is copied: line mode reads a file of millions of
+// short lines, and a container per line would cost more than its bytes.
+template <class F>
+static void for_each_line(const std::string& s, F f) {
     size_t start = 0;
     int64_t number = 0;
     while (start < s.size()) {
@@ -1724,21 +1751,33 @@ static std::vector<Line> split_lines(const std::string& s) {
         number++;
         size_t len = end - start;
         if (len && s[start + len - 1] == '\r') len--;
-        if (len) out.push_back({s.substr(start, len), number});
+        if (len) f(start, len, number);
         start = end + 1;
     }
+}
+// The same lines as strings, for small files (a log, a list of prompts).
+struct Line {
+    std::string text;
+    int64_t number;
+};
+static std::vector<Line> split_lines(const std::string& s) {
+    std::vector<Line> out;
+    for_each_line(s, [&](size_t start, size_t len, int64_t number) { out.push_back({s.substr(start, len), number}); });
     return out;
 }
 
 // The sorted set of distinct bytes: sorted, so the same data always gives
 // the same token numbers, and a checkpoint's vocabulary can be compared.
-static std::string vocab_of(const std::string& bytes) {
-    bool seen[256] = {};
-    for (unsigned char c : bytes) seen[c] = true;
+static std::string vocab_of(const bool seen[256]) {
     std::string v;
     for (int c = 0; c < 256; c++)
         if (seen[c]) v.push_back((char)c);
     return v;
+}
+static std::string vocab_of(const std::string& bytes) {
+    bool seen[256] = {};
+    for (unsigned char c : bytes) seen[c] = true;
+    return vocab_of(seen);
 }
 
 // A byte as a person wants to read it in an error message.
@@ -1749,35 +1788,131 @@ static std::string describe_byte(unsigned char c) {
     return buf;
 }
 
-// Bytes to tokens with a given vocabulary; `where` names the input in errors.
-static std::vector<int> encode(const std::string& s, const std::string& vocab, const std::string& where) {
+// Bytes to tokens with a given vocabulary, appended to `out`; `where` names
+// the input in errors.
+template <class Token>
+static void encode_into(std::vector<Token>& out, const char* s, size_t n, const std::string& vocab,
+                        const std::string& where) {
     int lut[256];  // byte -> token, -1 for bytes outside the vocabulary
     std::fill(lut, lut + 256, -1);
     for (size_t i = 0; i < vocab.size(); i++) lut[(unsigned char)vocab[i]] = (int)i + 1;
-    std::vector<int> out(s.size());
-    for (size_t i = 0; i < s.size(); i++) {
+    for (size_t i = 0; i < n; i++) {
         int t = lut[(unsigned char)s[i]];
         if (t < 0)
             fail(where + ": byte " + describe_byte((unsigned char)s[i]) +
                  " is not in the model's vocabulary (the bytes of the file it was trained on)");
-        out[i] = t;
+        out.push_back((Token)t);
     }
+}
+static std::vector<int> encode(const std::string& s, const std::string& vocab, const std::string& where) {
+    std::vector<int> out;
+    out.reserve(s.size());
+    encode_into(out, s.data(), s.size(), vocab, where);
     return out;
 }
 
-// Line-mode examples of a file: each line encoded, checked against the context.
-static std::vector<std::vector<int>> encode_lines(const std::vector<Line>& lines, const std::string& vocab,
-                                                  const std::string& path) {
-    std::vector<std::vector<int>> out;
-    for (const auto& l : lines) {
-        if ((int64_t)l.text.size() + 1 > BLOCK_SIZE)
-            fail(path + ":" + std::to_string(l.number) + ": line of " + std::to_string(l.text.size()) +
-                 " bytes needs " + std::to_string(l.text.size() + 1) + " positions but BLOCK_SIZE is " +
-                 std::to_string(BLOCK_SIZE) + "; shorten the line, use --text, or rebuild with -DMOE_BLOCK_SIZE=" +
-                 std::to_string(l.text.size() + 1));
-        out.push_back(encode(l.text, vocab, path + ":" + std::to_string(l.number)));
+// Line mode's examples, packed: line i is the tokens tok[start[i] ..
+// start[i+1]), without markers. One buffer for all lines and one offset
+// each, so memory follows the file's bytes (2 bytes a token, 4 a line)
+// whatever the lines' lengths.
+static_assert(MAX_FILE_BYTES < ((uint64_t)1 << 32), "LineSet's 32-bit offsets need files under 4 GiB");
+struct LineSet {
+    std::vector<uint16_t> tok;       // tokens are 0..256
+    std::vector<uint32_t> start{0};  // size() + 1 offsets
+    size_t size() const { return start.size() - 1; }
+    bool empty() const { return size() == 0; }
+    const uint16_t* line(size_t i) const { return tok.data() + start[i]; }
+    int length(size_t i) const { return (int)(start[i + 1] - start[i]); }
+    void add(const uint16_t* t, size_t n) {
+        tok.insert(tok.end(), t, t + n);
+        start.push_back((uint32_t)tok.size());
     }
+};
+
+// The non-empty lines of `raw` encoded with `vocab`, in file order.
+static LineSet encode_lines(const std::string& raw, const std::string& vocab, const std::string& path) {
+    LineSet out;
+    for_each_line(raw, [&](size_t s, size_t len, int64_t number) {
+        encode_into(out.tok, raw.data() + s, len, vocab, path + ":" + std::to_string(number));
+        out.start.push_back((uint32_t)out.tok.size());
+    });
     return out;
+}
+
+// Line numbers in the order of their lines' contents: with them, a sample
+// is looked up among the data's lines (makemore's report: memorised or new)
+// without a second copy of every line.
+static bool line_less(const LineSet& s, size_t a, const uint16_t* b, int nb) {
+    return std::lexicographical_compare(s.line(a), s.line(a) + s.length(a), b, b + nb);
+}
+static std::vector<uint32_t> sorted_order(const LineSet& s) {
+    std::vector<uint32_t> order(s.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return line_less(s, a, s.line(b), s.length(b)); });
+    return order;
+}
+static bool contains(const LineSet& s, const std::vector<uint32_t>& order, const std::vector<int>& line) {
+    std::vector<uint16_t> t(line.begin(), line.end());
+    auto it = std::lower_bound(order.begin(), order.end(), 0,
+                               [&](uint32_t a, int) { return line_less(s, a, t.data(), (int)t.size()); });
+    return it != order.end() && s.length(*it) == (int)t.size() && std::equal(t.begin(), t.end(), s.line(*it));
+}
+
+// A data set after splitting and encoding, for either mode.
+struct Dataset {
+    bool text = false;
+    std::string vocab;  // token i+1 is byte vocab[i]
+    int T = 0;          // positions per example
+    LineSet train, test;                     // line mode
+    std::vector<int> train_text, test_text;  // text mode: encoded bytes
+    std::vector<uint32_t> train_order, test_order;  // line mode: sorted_order of each, for contains()
+    uint64_t bytes = 0, hash = 0;  // the file's size and FNV-1a hash: a checkpoint remembers its data by them
+};
+
+// Text mode: one stream, the first 90% trains and the last 10% tests.
+static void split_text(Dataset& d, const std::string& raw, const std::string& path) {
+    d.T = BLOCK_SIZE;
+    size_t n_train = raw.size() * 9 / 10;
+    if (n_train < (size_t)BLOCK_SIZE + 1 || raw.size() - n_train < 2)
+        fail("'" + path + "' has " + std::to_string(raw.size()) + " bytes; text mode needs at least " +
+             std::to_string((BLOCK_SIZE + 1) * 10 / 9 + 3) +
+             " (90% of it must hold one window of BLOCK_SIZE + 1 bytes): use a longer file or a smaller "
+             "-DMOE_BLOCK_SIZE");
+    d.train_text.reserve(n_train), d.test_text.reserve(raw.size() - n_train);
+    encode_into(d.train_text, raw.data(), n_train, d.vocab, path);
+    encode_into(d.test_text, raw.data() + n_train, raw.size() - n_train, d.vocab, path);
+}
+
+// Line mode: each non-empty line is an example; a seeded shuffle sets aside
+// the test lines.
+static void split_lines_data(Dataset& d, const std::string& raw, const std::string& path, uint64_t seed,
+                             const std::string& vocab) {
+    size_t n_lines = 0, longest = 0;
+    bool seen[256] = {};
+    for_each_line(raw, [&](size_t s, size_t len, int64_t number) {
+        if (std::memchr(raw.data() + s, '\0', len))
+            fail(path + ":" + std::to_string(number) +
+                 ": a NUL byte: this looks like a binary file, not lines of text (use --text to train on raw bytes)");
+        if ((int64_t)len + 1 > BLOCK_SIZE)
+            fail(path + ":" + std::to_string(number) + ": line of " + std::to_string(len) + " bytes needs " +
+                 std::to_string(len + 1) + " positions but BLOCK_SIZE is " + std::to_string(BLOCK_SIZE) +
+                 "; shorten the line, use --text, or rebuild with -DMOE_BLOCK_SIZE=" + std::to_string(len + 1));
+        for (size_t i = s; i < s + len; i++) seen[(unsigned char)raw[i]] = true;
+        n_lines++, longest = std::max(longest, len);
+    });
+    if (!n_lines) fail("'" + path + "' has no non-empty lines: line mode needs one example per line");
+    d.vocab = vocab.empty() ? vocab_of(seen) : vocab;
+    d.T = (int)longest + 1;
+    LineSet all = encode_lines(raw, d.vocab, path);
+    // The split is a seeded shuffle, as makemore's: the same seed gives the
+    // same test set, which --resume relies on (it reuses the run's seed).
+    std::vector<uint32_t> perm(n_lines);
+    std::iota(perm.begin(), perm.end(), 0);
+    Rng r = make_rng(seed, STREAM_SPLIT);
+    for (size_t i = perm.size(); i > 1; i--) std::swap(perm[i - 1], perm[r.below(i)]);  // Fisher-Yates
+    size_t n_test = std::min<size_t>(1000, n_lines / 10);
+    for (size_t i = 0; i < perm.size(); i++) (i < n_test ? d.test : d.train).add(all.line(perm[i]), all.length(perm[i]));
+    d.train_order = sorted_order(d.train), d.test_order = sorted_order(d.test);
 }
 
 // vocab: the checkpoint's when resuming, else empty (taken from the file).
@@ -1787,43 +1922,11 @@ static Dataset dataset_from_bytes(const std::string& raw, const std::string& pat
     Dataset d;
     d.text = text;
     if (raw.empty()) fail("'" + path + "' is empty: give a file with one example per line, or any text with --text");
-    if (text) {  // one stream: the first 90% trains, the last 10% tests
+    if (text) {
         d.vocab = vocab.empty() ? vocab_of(raw) : vocab;
-        std::vector<int> all = encode(raw, d.vocab, path);
-        d.T = BLOCK_SIZE;
-        size_t n_train = all.size() * 9 / 10;
-        if (n_train < (size_t)BLOCK_SIZE + 1 || all.size() - n_train < 2)
-            fail("'" + path + "' has " + std::to_string(raw.size()) + " bytes; text mode needs at least " +
-                 std::to_string((BLOCK_SIZE + 1) * 10 / 9 + 3) +
-                 " (90% of it must hold one window of BLOCK_SIZE + 1 bytes): use a longer file or a smaller "
-                 "-DMOE_BLOCK_SIZE");
-        d.train_text.assign(all.begin(), all.begin() + n_train);
-        d.test_text.assign(all.begin() + n_train, all.end());
-        return d;
-    }
-    std::vector<Line> lines = split_lines(raw);
-    if (lines.empty()) fail("'" + path + "' has no non-empty lines: line mode needs one example per line");
-    for (const auto& l : lines)
-        if (l.text.find('\0') != std::string::npos)
-            fail(path + ":" + std::to_string(l.number) +
-                 ": a NUL byte: this looks like a binary file, not lines of text (use --text to train on raw bytes)");
-    std::string bytes;
-    size_t longest = 0;
-    for (const auto& l : lines) bytes += l.text, longest = std::max(longest, l.text.size());
-    d.vocab = vocab.empty() ? vocab_of(bytes) : vocab;
-    std::vector<std::vector<int>> enc = encode_lines(lines, d.vocab, path);
-    d.T = (int)longest + 1;
-    // The split is a seeded shuffle, as makemore's: the same seed gives the
-    // same test set, which --resume relies on (it reuses the run's seed).
-    std::vector<size_t> perm(lines.size());
-    std::iota(perm.begin(), perm.end(), 0);
-    Rng r = make_rng(seed, STREAM_SPLIT);
-    for (size_t i = perm.size(); i > 1; i--) std::swap(perm[i - 1], perm[r.below(i)]);  // Fisher-Yates
-    size_t n_test = std::min<size_t>(1000, lines.size() / 10);
-    for (size_t i = 0; i < perm.size(); i++) {
-        bool is_test = i < n_test;
-        (is_test ? d.test : d.train).push_back(enc[perm[i]]);
-        (is_test ? d.test_lines : d.train_lines).insert(lines[perm[i]].text);
+        split_text(d, raw, path);
+    } else {
+        split_lines_data(d, raw, path, seed, vocab);
     }
     return d;
 }
@@ -1837,44 +1940,53 @@ static uint64_t fnv1a(const std::string& s) {
 }
 static Dataset load_dataset(const std::string& path, bool text, uint64_t seed, const std::string& vocab) {
     const std::string raw = read_file(path);
-    Dataset d = dataset_from_bytes(raw, path, text, seed, vocab);
-    d.bytes = raw.size(), d.hash = fnv1a(raw);
-    return d;
+    try {
+        Dataset d = dataset_from_bytes(raw, path, text, seed, vocab);
+        d.bytes = raw.size(), d.hash = fnv1a(raw);
+        return d;
+    } catch (const std::bad_alloc&) {
+        out_of_memory("encoding the data file '" + path + "'", raw.size());
+    }
 }
 
 // A file of lines to evaluate (--eval, --val), with a model's vocabulary:
 // its lines encoded, and the context they need (the longest line + 1).
 // `flag` names the option in errors.
 struct LineFile {
-    std::vector<std::vector<int>> lines;
+    LineSet lines;
     int T = 0;
 };
 // A line needs its length + 1 positions, and a model has learned only the
 // positions of its training context: a longer line would be scored with
 // position vectors that never trained, so it is refused.
 static LineFile load_line_file(const std::string& path, const std::string& vocab, const std::string& flag, int context) {
-    std::vector<Line> lines = split_lines(read_file(path));
-    if (lines.empty()) fail(flag + ": '" + path + "' has no non-empty lines to evaluate");
+    const std::string raw = read_file(path);
     size_t longest = 0;
-    for (const auto& l : lines) {
-        if ((int64_t)l.text.size() + 1 > context)
-            fail(flag + ": " + path + ":" + std::to_string(l.number) + ": line of " + std::to_string(l.text.size()) +
+    for_each_line(raw, [&](size_t, size_t len, int64_t number) {
+        if ((int64_t)len + 1 > context)
+            fail(flag + ": " + path + ":" + std::to_string(number) + ": line of " + std::to_string(len) +
                  " bytes, but the model was trained on lines of at most " + std::to_string(context - 1) +
                  " (its context is " + std::to_string(context) + " positions): evaluate shorter lines");
-        longest = std::max(longest, l.text.size());
+        longest = std::max(longest, len);
+    });
+    LineFile lf;
+    try {
+        lf = {encode_lines(raw, vocab, path), (int)longest + 1};
+    } catch (const std::bad_alloc&) {
+        out_of_memory(flag + ": encoding '" + path + "'", raw.size());
     }
-    return {encode_lines(lines, vocab, path), (int)longest + 1};
+    if (lf.lines.empty()) fail(flag + ": '" + path + "' has no non-empty lines to evaluate");
+    return lf;
 }
 
 // Fill inputs/targets [n, T] with the lines numbered in `which`, in the
 // layout above: input [0, c1..cn, 0...], target [c1..cn, 0, -1...].
-static void lines_batch(int* inputs, int* targets, const std::vector<std::vector<int>>& lines,
-                        const std::vector<size_t>& which, int T) {
+static void lines_batch(int* inputs, int* targets, const LineSet& lines, const std::vector<size_t>& which, int T) {
     for (size_t b = 0; b < which.size(); b++) {
-        const std::vector<int>& l = lines[which[b]];
+        const uint16_t* l = lines.line(which[b]);
         int* in = inputs + b * T;
         int* tg = targets + b * T;
-        int n = (int)l.size();
+        int n = lines.length(which[b]);
         for (int t = 0; t < T; t++) {
             in[t] = t == 0 ? 0 : t <= n ? l[t - 1] : 0;
             tg[t] = t < n ? l[t] : t == n ? 0 : -1;
@@ -1923,36 +2035,26 @@ static void train_batch(std::vector<int>& inputs, std::vector<int>& targets, con
 
 using Meta = std::map<std::string, std::string>;
 
-#if !MOE_INFERENCE_ONLY  // only training writes checkpoints
-// JSON strings escape '"', '\\' and control bytes; every other byte passes.
-static std::string json_escape(const std::string& s) {
-    std::string o;
-    for (unsigned char c : s) {
-        if (c == '"' || c == '\\') o += '\\', o += (char)c;
-        else if (c < 0x20) {
-            char b[8];
-            std::snprintf(b, sizeof b, "\\u%04x", c);
-            o += b;
-        } else o += (char)c;
-    }
-    return o;
+// The temporary file that becomes `path`: path.tmp.PID, a name of this
+// process's own, so that two processes writing the same file never share
+// (or rename away) each other's half-written bytes.
+static std::string process_id() {
+#if defined(__unix__) || defined(__APPLE__)
+    return std::to_string((long long)getpid());
+#else
+    return "0";
+#endif
 }
-
-static std::string hex_encode(const std::string& bytes) {
-    static const char* d = "0123456789abcdef";
-    std::string o;
-    for (unsigned char c : bytes) o += d[c >> 4], o += d[c & 15];
-    return o;
-}
+static std::string temp_name(const std::string& path) { return path + ".tmp." + process_id(); }
 
 // Write a file so that a crash never leaves half of it: body() writes
-// everything to path.tmp, which is forced to the disk (fsync) and only then
-// renamed over path. A rename is atomic, so readers see the old file or the
-// new one. Any failure removes the temporary file, leaves the old one as it
-// was, and names `what` was being written.
+// everything to a temporary file, which is forced to the disk (fsync) and
+// only then renamed over path. A rename is atomic, so readers see the old
+// file or the new one. Any failure removes the temporary file, leaves the old
+// one as it was, and names `what` was being written.
 static void write_atomic(const std::string& path, const std::string& what, const std::function<bool(FILE*)>& body) {
     namespace fs = std::filesystem;
-    std::string tmp = path + ".tmp";
+    const std::string tmp = temp_name(path);
     auto bad = [&](const std::string& step) {
         std::string err = std::strerror(errno);
         std::error_code ec;
@@ -1989,6 +2091,29 @@ static void write_atomic(const std::string& path, const std::string& what, const
 static void write_text_atomic(const std::string& path, const std::string& what, const std::string& text) {
     write_atomic(path, what, [&](FILE* f) { return std::fwrite(text.data(), 1, text.size(), f) == text.size(); });
 }
+
+#if !MOE_INFERENCE_ONLY  // only training writes checkpoints
+// JSON strings escape '"', '\\' and control bytes; every other byte passes.
+static std::string json_escape(const std::string& s) {
+    std::string o;
+    for (unsigned char c : s) {
+        if (c == '"' || c == '\\') o += '\\', o += (char)c;
+        else if (c < 0x20) {
+            char b[8];
+            std::snprintf(b, sizeof b, "\\u%04x", c);
+            o += b;
+        } else o += (char)c;
+    }
+    return o;
+}
+
+static std::string hex_encode(const std::string& bytes) {
+    static const char* d = "0123456789abcdef";
+    std::string o;
+    for (unsigned char c : bytes) o += d[c >> 4], o += d[c & 15];
+    return o;
+}
+
 
 // One tensor to save: its name, its shape, and where its values are.
 struct SaveTensor {
@@ -2447,10 +2572,14 @@ static std::string print_load(const std::vector<double>& load) {
 // A Routing collects those counts over any number of forward passes.
 enum { CLS_MARKER, CLS_LETTER, CLS_DIGIT, CLS_OPERATOR, CLS_OTHER, N_CLASS };
 static const char* const CLASS_NAMES[N_CLASS] = {"marker", "letters", "digits", "operators", "punct/space"};
+// The probe (below: routing dynamics) is the first PROBE_TOKENS routed tokens.
+constexpr size_t PROBE_TOKENS = 8192;
 struct Routing {
     std::vector<int> cls;          // [V] class of each token
     std::vector<double> first;     // [N_LAYER, E] tokens whose first choice was expert e
     std::vector<double> by_class;  // [N_LAYER, N_CLASS, E] the same, per class of the input byte
+    std::vector<int16_t> picks;    // [probe token, N_LAYER, K] every choice of the probe's tokens
+    std::vector<int> read, next;   // [probe token] the token read, and the one to predict
 };
 static Routing routing_for(const std::string& vocab) {
     Routing r;
@@ -2479,6 +2608,74 @@ static void add_routing(std::vector<double>& load, Routing* rt, const Model& m) 
             rt->by_class[((size_t)l * N_CLASS + rt->cls[m.tok[i]]) * E + e] += 1;
         }
     }
+    for (int i = 0; rt && i < m.M && rt->read.size() < PROBE_TOKENS; i++) {
+        if (m.L[0].chosen[(size_t)i * K] < 0) continue;  // not routed (no target)
+        for (int l = 0; l < N_LAYER; l++)
+            for (int j = 0; j < K; j++) rt->picks.push_back((int16_t)m.L[l].chosen[(size_t)i * K + j]);
+        rt->read.push_back(m.tok[i]), rt->next.push_back(m.targets.empty() ? -1 : m.targets[i]);
+    }
+}
+
+// --- routing dynamics (after OLMoE, Muennighoff et al. 2024). A fixed probe
+// (the test split's first PROBE_TOKENS tokens) is routed at every
+// evaluation; three measures per layer tell when and how the routing settles.
+// `picks` is Routing::picks: [token, layer, K].
+static bool picked(const int16_t* p, int e) {
+    for (int j = 0; j < K; j++)
+        if (p[j] == e) return true;
+    return false;
+}
+// Router saturation: the mean over probe tokens of |top-K now ∩ top-K at the
+// end| / K. 1: the routing is already the final one; a router that chooses
+// at random scores K/E on average. Its rise against step shows when the
+// routing stops changing.
+static double saturation(const std::vector<int16_t>& now, const std::vector<int16_t>& end, int l) {
+    const size_t n = std::min(now.size(), end.size()) / ((size_t)N_LAYER * K);
+    double sum = 0;
+    for (size_t t = 0; t < n; t++) {
+        const size_t at = (t * N_LAYER + l) * K;
+        int shared = 0;
+        for (int j = 0; j < K; j++) shared += picked(&end[at], now[at + j]);
+        sum += (double)shared / K;
+    }
+    return n ? sum / (double)n : NAN;
+}
+// Co-activation: c[a * E + b] = P(expert b chosen | expert a chosen), over the
+// probe's tokens, for a != b (the diagonal is left 0). Each row sums to K - 1
+// (every token that chose a chose K - 1 others); spread evenly over the
+// other E - 1 experts, the experts pair at random, and a cell near 1 means b
+// is almost always chosen beside a. With K = 1 it is all 0.
+static std::vector<double> coactivation(const std::vector<int16_t>& picks, int l, std::vector<double>* counts = nullptr) {
+    std::vector<double> both((size_t)E * E, 0), with(E, 0);
+    for (size_t at = (size_t)l * K; at < picks.size(); at += (size_t)N_LAYER * K)
+        for (int j = 0; j < K; j++) {
+            with[picks[at + j]] += 1;
+            for (int i = 0; i < K; i++)
+                if (i != j) both[(size_t)picks[at + j] * E + picks[at + i]] += 1;
+        }
+    if (counts) *counts = both;
+    for (int a = 0; a < E; a++)
+        for (int b = 0; b < E; b++) both[(size_t)a * E + b] /= with[a] > 0 ? with[a] : 1;
+    return both;
+}
+// Vocabulary specialisation: for each token seen at least 10 times in
+// `bytes` (the tokens read, or the tokens to predict), the largest share of
+// its occurrences in which one expert is among the chosen, averaged over
+// those tokens. 1: every occurrence of a byte goes to the same expert, a
+// router keyed on the byte; a router choosing at random gives about K/E.
+static double vocab_specialisation(const std::vector<int16_t>& picks, const std::vector<int>& bytes, int l) {
+    std::map<int, std::vector<double>> seen;  // token -> occurrences with each expert chosen, and in all (last)
+    for (size_t t = 0; t < bytes.size() && (t + 1) * N_LAYER * K <= picks.size(); t++) {
+        std::vector<double>& c = seen[bytes[t]];
+        c.resize(E + 1);
+        for (int j = 0; j < K; j++) c[picks[(t * N_LAYER + l) * K + j]] += 1;
+        c[E] += 1;
+    }
+    double sum = 0;
+    int n = 0;
+    for (const auto& [token, c] : seen)
+        if (c[E] >= 10) sum += *std::max_element(c.begin(), c.begin() + E) / c[E], n++;
+    return n ? sum / n : NAN;
 }
 // Turn sums into means: loss per token, and each layer's counts into fractions.
 static void finish(EvalResult& r, double sum) {
@@ -2493,8 +2690,7 @@ static void finish(EvalResult& r, double sum) {
 // Evaluation is the forward pass alone, with aux_coef 0, summing the
 // cross-entropy over every predicted token. It touches no generator.
 // Line mode: the first `limit` lines (all, if fewer), 64 lines per forward pass.
-static EvalResult eval_lines(Model& m, const std::vector<std::vector<int>>& lines, int T, size_t limit,
-                             Routing* rt = nullptr) {
+static EvalResult eval_lines(Model& m, const LineSet& lines, int T, size_t limit, Routing* rt = nullptr) {
     EvalResult r;
     r.load.assign((size_t)N_LAYER * E, 0);
     double sum = 0;
@@ -2622,7 +2818,7 @@ static void model_step(Model& m, KVCache& c, int tok) {
         linear_forward(c.proj.data(), c.y.data(), w.attn_proj_w, w.attn_proj_b, 1, C, C);
         for (int i = 0; i < C; i++) c.x[i] += c.proj[i];
         layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), w.ln2_w, w.ln2_b, 1);
-        moe_forward(c.out.data(), c.moe, c.ln.data(), w, &valid, 1, nullptr, 0);
+        moe_forward(c.out.data(), c.moe, c.ln.data(), w, &valid, 1, nullptr, 0, ablation_of(m, l));
         for (int i = 0; i < C; i++) c.x[i] += c.out[i];
     }
     layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), m.p.lnf_w, m.p.lnf_b, 1);
@@ -2674,8 +2870,13 @@ static void print_line_samples(Model& m, const std::string& vocab, int context, 
                                int top_k, Rng& rng, const Dataset* d) {
     std::vector<std::string> in_train, in_test, fresh;
     for (int i = 0; i < n; i++) {
-        std::string s = decode(generate(m, {0}, BLOCK_SIZE, true, context, temperature, top_k, rng, nullptr), vocab);
-        (d && d->train_lines.count(s) ? in_train : d && d->test_lines.count(s) ? in_test : fresh).push_back(s);
+        std::vector<int> toks = generate(m, {0}, BLOCK_SIZE, true, context, temperature, top_k, rng, nullptr);
+        std::string s = decode(toks, vocab);
+        toks.erase(toks.begin());  // the start marker
+        (d && contains(d->train, d->train_order, toks)  ? in_train
+         : d && contains(d->test, d->test_order, toks) ? in_test
+                                                       : fresh)
+            .push_back(s);
     }
     std::printf("--------------------------------------------------------------------------------\n");
     if (!d) {
@@ -2770,22 +2971,35 @@ constexpr int ARITH_SAMPLES = 1000;  // lines sampled for the sampled accuracy
 // maybe easy, problems). Greedy: the model completes the held-out prompts
 // "a op b=" of `file` with its most likely tokens, and the answer must be
 // exact: the harder and fairer test. Returns the greedy accuracy.
-static double arith_report(Model& m, const std::string& vocab, int context, const std::string& file,
-                           double temperature, Rng& rng) {
+// The greedy accuracy on the prompts of `file`; the first wrong answers go
+// to `wrong` (if given). Greedy decoding draws nothing from a generator.
+struct Score {
+    int right = 0, total = 0;
+    double share() const { return (double)right / total; }
+};
+static Score arith_greedy(Model& m, const std::string& vocab, int context, const std::string& file,
+                          std::vector<std::string>* wrong) {
     int total = 0, right = 0;
-    std::vector<std::string> wrong;
+    Rng unused = make_rng(0, STREAM_SAMPLE);
     for (const auto& l : split_lines(read_file(file))) {
         int64_t value;
         std::string prompt, answer;
         if (!parse_arith(l.text, &value, &prompt, &answer)) continue;
         std::vector<int> ctx = {0}, p = encode(prompt, vocab, file + ":" + std::to_string(l.number));
         ctx.insert(ctx.end(), p.begin(), p.end());
-        std::string got = decode(generate(m, ctx, BLOCK_SIZE, true, context, 0, 0, rng, nullptr), vocab).substr(prompt.size());
+        std::string got = decode(generate(m, ctx, BLOCK_SIZE, true, context, 0, 0, unused, nullptr), vocab).substr(prompt.size());
         total++;
         if (got == std::to_string(value)) right++;
-        else if (wrong.size() < 5) wrong.push_back(prompt + got + " (want " + std::to_string(value) + ")");
+        else if (wrong && wrong->size() < 5) wrong->push_back(prompt + got + " (want " + std::to_string(value) + ")");
     }
     if (!total) fail("--arith: '" + file + "' has no lines of the form a+b=c, a-b=c or a*b=c");
+    return {right, total};
+}
+static double arith_report(Model& m, const std::string& vocab, int context, const std::string& file,
+                           double temperature, Rng& rng) {
+    std::vector<std::string> wrong;
+    const Score greedy = arith_greedy(m, vocab, context, file, &wrong);
+    const int right = greedy.right, total = greedy.total;
     std::printf("arith greedy: %d / %d held-out prompts completed correctly (%.1f%%)\n", right, total, 100.0 * right / total);
     for (const auto& w : wrong) std::printf("  wrong: %s\n", w.c_str());
     int parsed = 0, correct = 0;
@@ -2798,7 +3012,7 @@ static double arith_report(Model& m, const std::string& vocab, int context, cons
     }
     std::printf("arith sampled: %d samples, %d are arithmetic, %d of those correct (%.1f%%)\n", ARITH_SAMPLES, parsed,
                 correct, parsed ? 100.0 * correct / parsed : 0.0);
-    return (double)right / total;
+    return greedy.share();
 }
 
 // --- the routing explorer: run one line of text through the model and show,
@@ -2910,9 +3124,13 @@ static void svg_plot(std::string& o, double x, double y, double w, double h, con
     svg_text(o, x + 4, y + 15, title, "font-weight=\"bold\"");
     o += "<rect x=\"" + fmt("%.1f", px0) + "\" y=\"" + fmt("%.1f", py0) + "\" width=\"" + fmt("%.1f", px1 - px0) +
          "\" height=\"" + fmt("%.1f", py1 - py0) + "\" fill=\"none\" stroke=\"#888\"/>\n";
+    bool x_whole = true;  // steps: ticked 50, 51, never 50.1
+    for (const auto& s : ss)
+        for (auto pt : s.pts) x_whole = x_whole && pt.first == std::floor(pt.first);
     for (int axis = 0; axis < 2; axis++) {  // gridlines and tick labels: x, then y
         double lo = axis ? ymin : xmin, hi = axis ? ymax : xmax;
         double st = nice_step(hi - lo, axis ? (py1 - py0) / 40 : (px1 - px0) / 70);
+        if (axis == 0 && x_whole) st = std::max(st, 1.0);
         for (double v = std::ceil(lo / st) * st; v <= hi + 1e-9 * st; v += st) {
             std::string label = fmt(st >= 1 ? "%.0f" : st >= 0.1 ? "%.1f" : st >= 0.01 ? "%.2f" : "%.3f", v);
             if (axis == 0) {
@@ -2933,6 +3151,12 @@ static void svg_plot(std::string& o, double x, double y, double w, double h, con
             if (std::isfinite(py)) pts += fmt("%.1f", X(px)) + "," + fmt("%.1f", Y(std::clamp(py, ymin, ymax))) + " ";
         std::string dash = ss[i].dashed ? "\" stroke-dasharray=\"5,3" : "";
         o += "<polyline fill=\"none\" stroke-width=\"1.6\" stroke=\"" + ss[i].colour + dash + "\" points=\"" + pts + "\"/>\n";
+        // A few points are marked as well: one point draws no line at all.
+        if (ss[i].pts.size() <= 30)
+            for (auto [px, py] : ss[i].pts)
+                if (std::isfinite(py))
+                    o += "<circle r=\"2.5\" fill=\"" + ss[i].colour + "\" cx=\"" + fmt("%.1f", X(px)) + "\" cy=\"" +
+                         fmt("%.1f", Y(std::clamp(py, ymin, ymax))) + "\"/>\n";
         if (!legend) continue;
         double ly = py0 + 8 + 16 * (double)i;
         o += "<line x1=\"" + fmt("%.1f", px1 + 10) + "\" x2=\"" + fmt("%.1f", px1 + 30) + "\" y1=\"" + fmt("%.1f", ly) +
@@ -3046,9 +3270,58 @@ static std::vector<double> shares(const std::vector<double>& counts, int l) {
 
 // report.svg: the loss curves, the expert load of each layer over training,
 // and per layer the routing heatmaps (by --val file, and by byte class).
+// The probe's routing at each evaluation of a run, and from it each
+// layer's saturation against the latest (routing dynamics, above).
+struct Settling {
+    std::vector<int64_t> steps;
+    std::vector<std::vector<int16_t>> picks;  // [evaluation] Routing::picks
+};
+static std::vector<Series> saturation_series(const Settling& s) {
+    std::vector<Series> out;
+    for (int l = 0; l < N_LAYER; l++) {
+        out.push_back({"layer " + std::to_string(l), PALETTE[l % 20], l >= 20, {}});
+        for (size_t i = 0; i < s.steps.size(); i++)
+            out.back().pts.push_back({(double)s.steps[i], saturation(s.picks[i], s.picks.back(), l)});
+    }
+    return out;
+}
+// The first step from which a layer's saturation stays at 0.9 or above, or -1.
+static int64_t settled_at(const Settling& s, int l) {
+    int64_t at = -1;
+    for (size_t i = 0; i < s.steps.size(); i++) {
+        const bool high = saturation(s.picks[i], s.picks.back(), l) >= 0.9;
+        at = high ? (at < 0 ? s.steps[i] : at) : -1;
+    }
+    return at;
+}
+// The end-of-run summary of the routing dynamics.
+[[maybe_unused]] static void print_dynamics(const Settling& s, const Routing& last) {
+    if (s.steps.empty() || last.read.empty()) return;
+    std::printf("routing dynamics, on the first %zu test tokens at each of this run's %zu evaluations:\n", last.read.size(),
+                s.steps.size());
+    std::printf("  layer  saturation >= 0.9 from step   vocabulary specialisation: by byte read  by byte to predict\n");
+    for (int l = 0; l < N_LAYER; l++) {
+        const int64_t at = settled_at(s, l);
+        std::printf("  %-5d  %-27s  %40.3f  %18.3f\n", l, at < 0 ? "never" : std::to_string(at).c_str(),
+                    vocab_specialisation(last.picks, last.read, l), vocab_specialisation(last.picks, last.next, l));
+    }
+    if (K < 2) return;
+    std::printf("co-activation at the last evaluation: P(expert b chosen | expert a chosen), row a, column b\n");
+    for (int l = 0; l < N_LAYER; l++) {
+        const std::vector<double> c = coactivation(last.picks, l);
+        std::printf("  layer %d", l);
+        for (int b = 0; b < E; b++) std::printf("     e%-2d", b);
+        std::printf("\n");
+        for (int a = 0; a < E; a++) {
+            std::printf("    e%-4d", a);
+            for (int b = 0; b < E; b++) std::printf(a == b ? "       -" : "   %.3f", c[(size_t)a * E + b]);
+            std::printf("\n");
+        }
+    }
+}
 [[maybe_unused]] static std::string training_svg(const std::string& title, const std::vector<LogRow>& hist,
                                 const std::vector<std::string>& val_names, const std::vector<std::vector<double>>& by_file,
-                                const Routing& rt) {
+                                const Routing& rt, const Settling& settle = {}) {
     const double W = 980;
     const int ncol = std::min(N_LAYER, 4), nrow = (N_LAYER + ncol - 1) / ncol;
     size_t longest = 11;  // "punct/space"
@@ -3064,7 +3337,9 @@ static std::vector<double> shares(const std::vector<double>& counts, int l) {
         if (n > 0) class_rows.push_back(CLASS_NAMES[c]);
     }
     const double heat_h = (val_names.empty() ? 0 : 38 + 20 * val_names.size() + 12) + 38 + 20 * class_rows.size() + 12;
-    const double H = 40 + 320 + 14 * ((E - 1) / 12) + nrow * 190 + 30 + ((N_LAYER + hcol - 1) / hcol) * heat_h + 10;
+    const double H0 = 40 + 320 + 14 * ((E - 1) / 12) + nrow * 190 + 30 + ((N_LAYER + hcol - 1) / hcol) * heat_h + 10;
+    const bool settling = E > 1 && !settle.steps.empty();
+    const double H = H0 + (settling ? 230 : 0);
     std::string o = svg_begin(W, H);
     // the title on lines of at most ~140 characters, broken at " | "
     std::vector<std::string> tl = {""};
@@ -3117,6 +3392,9 @@ static std::vector<double> shares(const std::vector<double>& counts, int l) {
         }
         svg_heatmap(o, x, y, label_w, cell_w, "layer " + std::to_string(l) + ", by byte read", class_rows, cols, v, 0, 1, "%.2f");
     }
+    if (settling)
+        svg_plot(o, 0, H0, W, 220, "router saturation: the share of each test token's top-K that is already its top-K at step " +
+                 std::to_string(settle.steps.back()), "step", saturation_series(settle), true, 0, 1);
     return o + "</svg>\n";
 }
 
@@ -3148,6 +3426,9 @@ struct Options {
     std::vector<std::string> eval_files, val_files;
     std::string arith_file, route;
     bool have_route = false, gates = false;
+    std::string ablate;                   // --ablate L:E,...: as given, for messages
+    std::vector<uint8_t> ablated;         // [N_LAYER * E], or empty: see Model::ablated
+    std::vector<std::string> knockout_files;
 };
 
 static std::string config_string();  // the compiled model, in one line (below)
@@ -3155,7 +3436,7 @@ static std::string config_string();  // the compiled model, in one line (below)
 // The usage text is the reference for every flag (--help prints it with the
 // build's constants), grouped as a run is: what training reads and writes,
 // its recipe, then the modes that use a trained model.
-static const char* USAGE =
+static const char* USAGE_TRAIN =
     "usage: ./moe [options]\n"
     "Training (what ./moe does by default):\n"
     "  -i, --input-file FILE   training data (default names.txt)\n"
@@ -3183,7 +3464,8 @@ static const char* USAGE =
     "                          losses go in the log and DIR/report.svg, their routing in the final tables\n"
     "  --resume                continue from DIR/last.safetensors (or --checkpoint)\n"
     "  --overwrite             let a fresh run replace the trained model its work dir holds\n"
-    "  --new-data              with --resume: continue on another -i than the run was trained on\n"
+    "  --new-data              with --resume: continue on another -i than the run was trained on\n";
+static const char* USAGE_USE =
     "Sampling and evaluation:\n"
     "  --sample-only           sample from DIR/model.safetensors (or --checkpoint), no training\n"
     "  --checkpoint FILE       the checkpoint to load instead of the work dir's\n"
@@ -3199,9 +3481,32 @@ static const char* USAGE =
     "  --route TEXT            show which expert each byte of TEXT goes to, layer by layer ('-': each\n"
     "                          line of standard input)\n"
     "  --gates                 with --route: also every chosen expert and its gate weight\n"
+    "  --ablate L:E[,L:E...]   with the modes above: remove expert E of layer L (from 0) from the routing;\n"
+    "                          each token takes its next best experts instead\n"
+    "  --knockout FILE...      each file's loss with each expert removed in turn (and the arithmetic\n"
+    "                          accuracy, with --arith), a heatmap beside the checkpoint, and the loss\n"
+    "                          when each token's r best experts are removed (the redundancy curve)\n"
     "Other:\n"
     "  --threads N             worker threads (default: all cores); results do not depend on it\n"
     "  -h, --help              this text\n";
+// The inference-only build (MOE_INFERENCE_ONLY) has no training: its usage
+// is the second half, and a training flag is an error, not a flag ignored.
+static const char* USAGE_INFER =
+    "usage: ./moe_infer [options]   (the inference-only build: it samples and evaluates a trained model)\n"
+    "  -i, --input-file FILE   the training data, to tell memorised samples from new ones (default: the\n"
+    "                          checkpoint's own data file)\n"
+    "  -o, --work-dir DIR      the model is DIR/model.safetensors (default out)\n"
+    "  --seed N                seed for sampling (default 3407)\n"
+    "  --text                  the model was trained in text mode\n";
+static bool is_training_flag(const std::string& a) {
+    static const char* const flags[] = {"--max-steps", "--batch-size", "--learning-rate", "--weight-decay", "--decay",
+                                        "--lr-schedule", "--warmup-steps", "--min-lr", "--lr-decay-steps", "--grad-clip",
+                                        "--dropout", "--aux-coef", "--eval-interval", "--log-interval", "--val",
+                                        "--resume", "--overwrite", "--new-data"};
+    for (const char* f : flags)
+        if (a == f) return true;
+    return false;
+}
 
 // A mistake on the command line: main prints the usage with it, exit code 2.
 struct UsageError : std::runtime_error {
@@ -3233,6 +3538,30 @@ static double parse_real(const std::string& flag, const char* v, double lo, doub
 
 static void check_options(Options& o);  // below
 
+// --ablate "1:2,3:0": the experts to remove, as a mask over (layer, expert).
+// Every layer must keep at least K experts to choose from.
+static std::vector<uint8_t> parse_ablate(const std::string& spec) {
+    std::vector<uint8_t> off((size_t)N_LAYER * E, 0);
+    for (size_t at = 0; at <= spec.size();) {
+        size_t end = std::min(spec.find(',', at), spec.size());
+        const std::string item = spec.substr(at, end - at);
+        const size_t colon = item.find(':');
+        if (colon == std::string::npos)
+            throw UsageError("--ablate takes LAYER:EXPERT pairs separated by commas (e.g. 1:2,3:0), got '" + item + "'");
+        const int l = (int)parse_int("--ablate's layer", item.substr(0, colon).c_str(), 0, N_LAYER - 1);
+        const int e = (int)parse_int("--ablate's expert", item.substr(colon + 1).c_str(), 0, E - 1);
+        off[(size_t)l * E + e] = 1;
+        at = end + 1;
+    }
+    for (int l = 0; l < N_LAYER; l++) {
+        const int left = E - (int)std::count(off.begin() + (size_t)l * E, off.begin() + (size_t)(l + 1) * E, 1);
+        if (left < K)
+            throw UsageError("--ablate " + spec + " leaves layer " + std::to_string(l) + " " + std::to_string(left) +
+                             " expert(s), and each token takes K = " + std::to_string(K) + ": remove fewer");
+    }
+    return off;
+}
+
 // One pass over argv. A flag that takes a value reads it with val(), which
 // turns a missing value into a usage error; numbers go through parse_int
 // and parse_real, which name the flag and its range.
@@ -3245,8 +3574,13 @@ static void check_options(Options& o);  // below
             if (i + 1 >= argc) throw UsageError(a + " needs a value");
             return argv[++i];
         };
+        if (INFERENCE_ONLY && is_training_flag(a))
+            throw UsageError(a + " is a training flag, and this is the inference-only build (MOE_INFERENCE_ONLY): it "
+                                 "cannot train. Use ./moe, or rebuild without -DMOE_INFERENCE_ONLY");
         if (a == "-h" || a == "--help") {
-            std::printf("%s\nThis build (compile-time constants, section 1): %s\n", USAGE, config_string().c_str());
+            if (INFERENCE_ONLY) std::printf("%s%s", USAGE_INFER, USAGE_USE);
+            else std::printf("%s%s", USAGE_TRAIN, USAGE_USE);
+            std::printf("\nThis build (compile-time constants, section 1): %s\n", config_string().c_str());
             std::exit(0);
         } else if (a == "-i" || a == "--input-file") o.input = val(), o.have_input = true;
         else if (a == "--new-data") o.new_data = true;
@@ -3290,8 +3624,9 @@ static void check_options(Options& o);  // below
         else if (a == "--arith") o.arith_file = val();
         else if (a == "--route") o.route = val(), o.have_route = true;
         else if (a == "--gates") o.gates = true;
-        else if (a == "--eval" || a == "--val") {  // take every following argument up to the next flag
-            auto& files = a == "--eval" ? o.eval_files : o.val_files;
+        else if (a == "--ablate") o.ablate = val(), o.ablated = parse_ablate(o.ablate);
+        else if (a == "--eval" || a == "--val" || a == "--knockout") {  // every following argument up to the next flag
+            auto& files = a == "--eval" ? o.eval_files : a == "--val" ? o.val_files : o.knockout_files;
             while (i + 1 < argc && argv[i + 1][0] != '-') files.push_back(argv[++i]);
             if (files.empty()) throw UsageError(a + " needs at least one file");
         } else throw UsageError("unknown option '" + a + "'");
@@ -3308,10 +3643,17 @@ static void check_options(Options& o) {
         throw UsageError("--route explores one text; run --eval and --arith separately");
     if (o.gates && !o.have_route) throw UsageError("--gates goes with --route TEXT");
     // A flag that the chosen mode would ignore is a mistake, said at once.
-    const char* use = o.have_route ? "--route" : !o.eval_files.empty() ? "--eval" : !o.arith_file.empty() ? "--arith"
-                      : o.have_prompt ? "--prompt" : o.sample_only ? "--sample-only" : nullptr;
+    const char* use = o.have_route ? "--route" : !o.knockout_files.empty() ? "--knockout" : !o.eval_files.empty() ? "--eval"
+                      : !o.arith_file.empty() ? "--arith" : o.have_prompt ? "--prompt" : o.sample_only ? "--sample-only" : nullptr;
     if (o.resume && use)
         throw UsageError(std::string("--resume trains, and ") + use + " uses a trained model: run them one after the other");
+    if (!o.ablated.empty() && !use && !INFERENCE_ONLY)
+        throw UsageError("--ablate changes a trained model's routing: it goes with --eval, --arith, --route, --prompt or "
+                         "--sample-only, not with training");
+    if (!o.knockout_files.empty() && (o.have_route || !o.eval_files.empty() || o.have_prompt || o.sample_only))
+        throw UsageError("--knockout is a mode of its own (with --arith if you like): run the others separately");
+    if (!o.knockout_files.empty() && !o.ablated.empty())
+        throw UsageError("--knockout removes each expert in turn from the whole model: run it without --ablate");
     if (o.have_prompt && o.have_num_samples)
         throw UsageError("--prompt makes one continuation; --num-samples is for --sample-only without a prompt");
     // The schedule must fit the run: checked here, before anything is loaded.
@@ -3326,9 +3668,6 @@ static void check_options(Options& o) {
     if (o.cosine && o.warmup_steps >= o.lr_decay_steps)
         throw UsageError("--warmup-steps " + std::to_string(o.warmup_steps) + " leaves no steps for the cosine, which ends at " +
                          "step " + std::to_string(o.lr_decay_steps) + " (--lr-decay-steps, or --max-steps): warm up for fewer steps");
-    if (INFERENCE_ONLY && o.resume)
-        throw UsageError("--resume: this is the inference-only build (MOE_INFERENCE_ONLY); it cannot train. "
-                         "Rebuild without -DMOE_INFERENCE_ONLY to train");
 }
 
 [[maybe_unused]] // One line describing the compiled model, for logs and tests.
@@ -3430,6 +3769,7 @@ struct Training {
     std::vector<LogRow> hist;                // every evaluation, for log.tsv and report.svg
     Routing rt_test;                         // the routing of the latest evaluation in this process
     std::vector<std::vector<double>> rt_val;  // ... and of each --val file
+    Settling settle;                         // the probe's routing at each evaluation in this process
     bool evaluated = false;
 };
 
@@ -3548,6 +3888,24 @@ static void load_training_data(Training& t, const Options& o, const Checkpoint& 
              "', or add --new-data to continue on this file");
 }
 
+// A run killed mid-write (kill -9, a power cut) leaves its temporary file
+// behind. Whoever holds the work dir's lock is its only writer, so the
+// temporary files of other processes there are such leftovers: removed.
+static void remove_stale_temps(const std::string& dir, const std::vector<std::string>& outputs) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    for (const auto& entry : fs::directory_iterator(dir, ec)) {
+        const std::string name = entry.path().filename().string();
+        for (const std::string& out : outputs) {
+            const std::string stem = fs::path(out).filename().string() + ".tmp.";
+            const std::string pid = name.substr(std::min(name.size(), stem.size()));
+            if (name.rfind(stem, 0) == 0 && !pid.empty() && pid.find_first_not_of("0123456789") == std::string::npos &&
+                pid != process_id())
+                fs::remove(entry.path(), ec);
+        }
+    }
+}
+
 // The work dir, made and checked before a long run, so that a bad -o fails
 // at once rather than at the first checkpoint: locked for this run, not
 // holding a model that a fresh run would replace, and writable.
@@ -3569,10 +3927,11 @@ static void prepare_work_dir(const Training& t, const Options& o) {
              "). Continue it with --resume, train into another work dir with -o, or replace it with --overwrite");
     }
     // Every file the run will write must be writable now, not after an hour.
+    const std::string probe = (fs::path(o.work_dir) / ".probe").string();
     for (const std::string& path : {t.best_path, t.last, t.log_path, t.svg_path})
         if (fs::exists(path, ec) && !fs::is_regular_file(path, ec))
             fail("cannot write '" + path + "': it is there and is not a file (a directory?); move it away or use another -o");
-    const std::string probe = (fs::path(o.work_dir) / ".probe").string();
+    remove_stale_temps(o.work_dir, {t.best_path, t.last, t.log_path, t.svg_path, probe});
     write_text_atomic(probe, "probe file", "moe.cpp checks that it can write here\n");
     fs::remove(probe, ec);
 }
@@ -3713,7 +4072,8 @@ static void evaluate_and_save(Training& t) {
     t.hist.push_back(row);
     write_text_atomic(t.log_path, "log", log_tsv(t.hist, t.val_names));
     const std::string title = "moe.cpp: " + config_string() + " | " + t.input + " | step " + std::to_string(t.step);
-    write_text_atomic(t.svg_path, "report", training_svg(title, t.hist, t.val_names, t.rt_val, t.rt_test));
+    t.settle.steps.push_back(t.step), t.settle.picks.push_back(t.rt_test.picks);
+    write_text_atomic(t.svg_path, "report", training_svg(title, t.hist, t.val_names, t.rt_val, t.rt_test, t.settle));
     const double score = no_test ? tr.loss : te.loss;
     if (score < t.best) {
         t.best = score;
@@ -3752,6 +4112,7 @@ static void final_report(Training& t, const Options& o) {
             print_routing("routing by --val file: share of each file's tokens whose first choice is expert e",
                           t.val_names, t.rt_val);
         print_routing_by_class(t.rt_test);
+        print_dynamics(t.settle, t.rt_test);
         std::printf("report: %s (loss curves, expert load, routing)\n", t.svg_path.c_str());
     }
     Rng srng = make_rng((uint64_t)t.seed, STREAM_SAMPLE);
@@ -3843,6 +4204,8 @@ static void load_for_use(const Options& o, Loaded& l) {
     const int64_t context = meta_int(l.ck, "context");
     if (context < 2 || context > BLOCK_SIZE) fail("checkpoint '" + l.ck.path + "': metadata 'context' is out of range");
     l.vocab = checkpoint_vocab(l.ck), l.text = meta_get(l.ck, "mode") == "text", l.context = (int)context;
+    l.m.ablated = o.ablated;
+    if (!o.ablated.empty()) std::printf("ablated (removed from the routing): %s\n", o.ablate.c_str());
 }
 
 // Sampling from a checkpoint: samples (makemore style, sorted against the
@@ -3892,6 +4255,25 @@ static void load_for_use(const Options& o, Loaded& l) {
 // line mode every line, padded to the file's longest; in text mode
 // consecutive windows. The loss is the mean over every predicted byte (and
 // end marker). Then the routing tables, and --arith.
+struct EvalFile {
+    std::string name;
+    LineFile lines;           // line mode
+    std::vector<int> tokens;  // text mode
+};
+static EvalFile load_eval_file(const Loaded& l, const std::string& f, const std::string& flag) {
+    EvalFile ef{f, {}, {}};
+    if (!l.text) {
+        ef.lines = load_line_file(f, l.vocab, flag, l.context);
+        return ef;
+    }
+    std::string raw = read_file(f);
+    if (raw.size() < 2) fail(flag + ": '" + f + "' has fewer than 2 bytes: nothing to predict");
+    ef.tokens = encode(raw, l.vocab, f);
+    return ef;
+}
+static EvalResult eval_file(Loaded& l, const EvalFile& ef, Routing* rt) {
+    return l.text ? eval_text(l.m, ef.tokens, SIZE_MAX, rt) : eval_lines(l.m, ef.lines.lines, ef.lines.T, SIZE_MAX, rt);
+}
 [[maybe_unused]] static void eval_files(const Options& o) {
     Loaded l;
     load_for_use(o, l);
@@ -3900,16 +4282,8 @@ static void load_for_use(const Options& o, Loaded& l) {
     std::vector<std::vector<double>> by_file;
     Routing all = routing_for(l.vocab);
     for (const auto& f : o.eval_files) {
-        EvalResult r;
         Routing rt = routing_for(l.vocab);
-        if (l.text) {
-            std::string raw = read_file(f);
-            if (raw.size() < 2) fail("'" + f + "' has fewer than 2 bytes: nothing to predict");
-            r = eval_text(l.m, encode(raw, l.vocab, f), SIZE_MAX, &rt);
-        } else {
-            const LineFile lf = load_line_file(f, l.vocab, "--eval", l.context);
-            r = eval_lines(l.m, lf.lines, lf.T, SIZE_MAX, &rt);
-        }
+        const EvalResult r = eval_file(l, load_eval_file(l, f, "--eval"), &rt);
         std::printf("eval %s loss %.6f tokens %lld\n", f.c_str(), r.loss, (long long)r.tokens);
         std::printf("  expert load %s\n", print_load(r.load).c_str());
         by_file.push_back(rt.first);
@@ -3923,6 +4297,110 @@ static void load_for_use(const Options& o, Loaded& l) {
         Rng rng = make_rng((uint64_t)o.seed, STREAM_SAMPLE);
         arith_report(l.m, l.vocab, l.context, o.arith_file, o.temperature, rng);
     }
+}
+
+// --knockout: which experts matter? A routing table shows where tokens go;
+// it cannot show whether the expert they go to is needed. Removing one
+// expert (every token re-routes to its next best) and measuring the loss
+// can: the change is what the model loses without it. Then DeepSeekMoE's
+// redundancy test: take away each token's r most probable experts (r = 0 is
+// the plain model) and let it choose from the rest; a steep curve means the
+// experts know different things, a flat one that they are redundant.
+struct Knockout {
+    std::vector<std::string> panels;        // a file's name, or "arith greedy accuracy"
+    std::vector<double> base;               // each panel's value with every expert
+    std::vector<std::vector<double>> delta;  // [panel][l * E + e]: value without (l, e) - base
+    std::vector<std::vector<double>> redundancy;  // [r][file]: loss without each token's r best
+};
+static Knockout knockout(Loaded& l, const std::vector<EvalFile>& files, const std::string& arith_file) {
+    Knockout k;
+    auto measure = [&]() {
+        std::vector<double> v;
+        for (const auto& f : files) v.push_back(eval_file(l, f, nullptr).loss);
+        if (!arith_file.empty()) v.push_back(arith_greedy(l.m, l.vocab, l.context, arith_file, nullptr).share());
+        return v;
+    };
+    for (const auto& f : files) k.panels.push_back(f.name);
+    if (!arith_file.empty()) k.panels.push_back("arith greedy accuracy");
+    k.base = measure();
+    k.delta.assign(k.panels.size(), std::vector<double>((size_t)N_LAYER * E));
+    for (int i = 0; i < N_LAYER * E; i++) {
+        l.m.ablated.assign((size_t)N_LAYER * E, 0);
+        l.m.ablated[i] = 1;
+        const std::vector<double> v = measure();
+        for (size_t p = 0; p < v.size(); p++) k.delta[p][i] = v[p] - k.base[p];
+    }
+    l.m.ablated.clear();
+    for (int r = 0; r <= E - K; r++) {
+        l.m.skip_top = r;
+        std::vector<double> v;
+        for (const auto& f : files) v.push_back(eval_file(l, f, nullptr).loss);
+        k.redundancy.push_back(v);
+    }
+    l.m.skip_top = 0;
+    return k;
+}
+static void print_knockout(const Knockout& k, size_t n_files) {
+    for (size_t p = 0; p < k.panels.size(); p++) {
+        const bool acc = p >= n_files;
+        std::printf("knockout %s: %s %.4f with every expert; the change when one expert is removed%s\n", k.panels[p].c_str(),
+                    acc ? "accuracy" : "loss", k.base[p], acc ? "" : " (nats per token; + : the file needs it)");
+        std::printf("  layer");
+        for (int e = 0; e < E; e++) std::printf("     e%-3d", e);
+        std::printf("     total\n");
+        for (int l = 0; l < N_LAYER; l++) {
+            double total = 0;
+            std::printf("  %-5d", l);
+            for (int e = 0; e < E; e++) std::printf("  %+.4f", k.delta[p][(size_t)l * E + e]), total += k.delta[p][(size_t)l * E + e];
+            std::printf("  %+.4f\n", total);
+        }
+    }
+    std::printf("redundancy: the loss when each token's r most probable experts are removed and it chooses from the rest\n");
+    std::printf("  r");
+    for (size_t f = 0; f < n_files; f++) std::printf("  %s", k.panels[f].c_str());
+    std::printf("\n");
+    for (size_t r = 0; r < k.redundancy.size(); r++) {
+        std::printf("  %zu", r);
+        for (double v : k.redundancy[r]) std::printf("  %.6f", v);
+        std::printf("\n");
+    }
+}
+// The heatmap: a panel per file (and for arithmetic), layers x experts.
+static std::string knockout_svg(const Knockout& k, const std::string& title) {
+    std::vector<std::string> rows, cols;
+    for (int l = 0; l < N_LAYER; l++) rows.push_back("layer " + std::to_string(l));
+    for (int e = 0; e < E; e++) cols.push_back("e" + std::to_string(e));
+    const double cell_w = 58, panel_h = 38 + 20.0 * N_LAYER + 12 + 8, w = 70 + cell_w * E + 20;
+    std::string o = svg_begin(w, 40 + panel_h * (double)k.panels.size());
+    svg_text(o, 10, 20, title, "font-weight=\"bold\"");
+    for (size_t p = 0; p < k.panels.size(); p++) {
+        std::vector<std::vector<double>> v(N_LAYER, std::vector<double>(E));
+        double hi = 0;  // shaded from no change (white) to the panel's largest change
+        for (int i = 0; i < N_LAYER * E; i++) v[i / E][i % E] = k.delta[p][i], hi = std::max(hi, std::fabs(k.delta[p][i]));
+        const bool acc = k.panels[p] == "arith greedy accuracy";
+        if (acc)  // accuracy falls when an expert matters: shade the fall
+            for (auto& row : v)
+                for (double& x : row) x = -x;
+        svg_heatmap(o, 10, 30 + panel_h * (double)p, 60, cell_w,
+                    acc ? "arith greedy accuracy: the fall without each expert (base " + fmt("%.3f", k.base[p]) + ")"
+                        : k.panels[p] + ": the loss's rise without each expert (base " + fmt("%.4f", k.base[p]) + ")",
+                    rows, cols, v, 0, hi, "%+.3f");
+    }
+    return o + "</svg>\n";
+}
+[[maybe_unused]] static void knockout_mode(const Options& o) {
+    namespace fs = std::filesystem;
+    Loaded l;
+    load_for_use(o, l);
+    if (!o.arith_file.empty() && l.text)
+        fail("--arith needs a line-mode model: its prompts are lines, and this checkpoint is text mode");
+    std::vector<EvalFile> files;
+    for (const auto& f : o.knockout_files) files.push_back(load_eval_file(l, f, "--knockout"));
+    const Knockout k = knockout(l, files, o.arith_file);
+    print_knockout(k, files.size());
+    const std::string svg = (fs::path(l.ck.path).parent_path() / "knockout.svg").string();
+    write_text_atomic(svg, "knockout heatmap", knockout_svg(k, "knockout: " + l.ck.path + " | " + config_string()));
+    std::printf("knockout heatmap: %s\n", svg.c_str());
 }
 
 // --route: the routing explorer on TEXT, or on each line of standard input.
@@ -3962,6 +4440,7 @@ int main(int argc, char** argv) {
         Options o = parse_args(argc, argv);
         set_threads(o.threads);
         if (o.have_route) route_mode(o);
+        else if (!o.knockout_files.empty()) knockout_mode(o);
         else if (!o.eval_files.empty() || !o.arith_file.empty()) eval_files(o);
         else if (o.sample_only || o.have_prompt || INFERENCE_ONLY) sample_only(o);
 #if !MOE_INFERENCE_ONLY
@@ -3971,6 +4450,10 @@ int main(int argc, char** argv) {
     } catch (const UsageError& e) {
         std::fprintf(stderr, "error: %s\n(./moe --help lists every flag)\n", e.what());
         return 2;
+    } catch (const std::bad_alloc&) {  // the loaders name their file; this is the model or its activations
+        std::fprintf(stderr, "error: out of memory for the model (%s) and a step's activations: free some memory, "
+                             "lower --batch-size, or rebuild with smaller sizes\n", config_string().c_str());
+        return 1;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 1;

@@ -34,9 +34,12 @@ static std::string slurp(const std::string& path) {
 static bool has(const std::string& s, const std::string& what) { return s.find(what) != std::string::npos; }
 
 // Train `steps` steps into dir with the small data set.
+[[maybe_unused]] static std::string train_command(const std::string& dir, int steps, const std::string& extra = "") {
+    return q(g_moe) + " -i " + q(g_small) + " -o " + q(dir) + " --max-steps " + std::to_string(steps) +
+           " --eval-interval 20 --log-interval 10 --num-samples 3 " + extra;
+}
 [[maybe_unused]] static Run train(const std::string& dir, int steps, const std::string& extra = "") {
-    return run(q(g_moe) + " -i " + q(g_small) + " -o " + q(dir) + " --max-steps " + std::to_string(steps) +
-               " --eval-interval 20 --log-interval 10 --num-samples 3 " + extra);
+    return run(train_command(dir, steps, extra));
 }
 // The lines a run prints about steps after `from`, without the timings.
 [[maybe_unused]] static std::string losses(const std::string& out, int from) {

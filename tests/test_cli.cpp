@@ -198,16 +198,92 @@ static void test_inference() {
           "inference-only samples equal the training binary's --sample-only samples");
     Run p = run(q(g_infer) + " --checkpoint " + ck + " --prompt em --seed 3");
     check(p.code == 0 && p.out.rfind("em", 0) == 0, "--prompt continues the prompt: %s", p.out.c_str());
-    Run r = run(q(g_infer) + " --resume");
-    check(r.code == 2 && has(r.out, "inference-only"), "the inference-only binary refuses to train");
+    for (const char* flag : {"--resume", "--max-steps 5", "--learning-rate 0.1", "--val x", "--overwrite"}) {
+        Run r = run(q(g_infer) + " --checkpoint " + ck + " " + flag);
+        check(r.code == 2 && has(r.out, "training flag") && has(r.out, "inference-only"),
+              "the inference-only binary refuses %s: exit %d", flag, r.code);
+    }
+    Run h = run(q(g_infer) + " --help"), th = run(q(g_moe) + " --help");
+    check(h.code == 0 && has(h.out, "inference-only build") && has(h.out, "--eval FILE") && !has(h.out, "--max-steps") &&
+              !has(h.out, "--resume") && th.code == 0 && has(th.out, "--max-steps") && !has(th.out, "inference-only build"),
+          "each build's --help lists what that build does");
+}
+
+// --ablate and --knockout on a small trained model.
+static void test_knockout() {
+    std::string dir = g_dir + "/knockout";
+    check(train(dir, 40).code == 0, "a run to take apart");
+    const std::string ck = " --checkpoint " + q(dir + "/model.safetensors") + " ", few = dir + "/few.txt";
+    std::string some;  // 200 lines keep the 1 + N_LAYER * E + E - K + 1 evaluations quick
+    for (const auto& l : split_lines(read_file(g_small))) some += l.number <= 200 ? l.text + "\n" : "";
+    write(few, some);
+    auto loss_of = [](const std::string& out) {
+        size_t at = out.find(" loss ");
+        return at == std::string::npos ? NAN : std::atof(out.c_str() + at + 6);
+    };
+    Run base = run(q(g_moe) + ck + "--eval " + q(few));
+    Run kn = run(q(g_moe) + ck + "--knockout " + q(few));
+    check(base.code == 0 && kn.code == 0 && has(kn.out, "knockout " + few + ": loss ") && fs::exists(dir + "/knockout.svg"),
+          "--knockout prints its table and writes knockout.svg beside the checkpoint (exit %d)", kn.code);
+    // Parse the table: a row per layer, E changes and their total.
+    std::vector<std::vector<double>> cells;
+    bool totals = true;
+    for (const auto& l : split_lines(kn.out)) {
+        std::vector<double> v;
+        const char* p = l.text.c_str();
+        if (l.text.rfind("  ", 0) != 0 || !std::isdigit((unsigned char)l.text[2]) || !has(l.text, "+")) continue;
+        for (char* end; *p; p = end) {
+            double x = std::strtod(p, &end);
+            if (end == p) break;
+            v.push_back(x);
+        }
+        if (v.size() != (size_t)E + 2) continue;  // layer, E cells, total
+        double sum = 0;
+        for (int e = 0; e < E; e++) sum += v[1 + e];
+        totals = totals && std::fabs(sum - v[E + 1]) <= 0.5e-4 * (E + 1);
+        cells.push_back(v);
+    }
+    check(cells.size() == (size_t)N_LAYER && totals, "--knockout: a row per layer (%zu), each row's total is the sum of its cells",
+          cells.size());
+    // A cell is --eval with that one expert ablated, less the full model's loss.
+    Run ab = run(q(g_moe) + ck + "--eval " + q(few) + " --ablate 1:" + std::to_string(E - 1));
+    const double want = loss_of(ab.out) - loss_of(base.out);
+    check(ab.code == 0 && has(ab.out, "ablated (removed from the routing): 1:") && cells.size() > 1 &&
+              std::fabs(cells[1][E] - want) < 1e-4,
+          "--knockout's cell (1, %d) = --eval --ablate 1:%d minus the full loss: %.4f vs %.4f", E - 1, E - 1,
+          cells.size() > 1 ? cells[1][E] : NAN, want);
+    // The redundancy curve: r = 0 is the plain model's loss; taking experts away costs.
+    const size_t curve = kn.out.find("redundancy:");
+    size_t at = kn.out.find("\n  0  ", curve);
+    const double r0 = at == std::string::npos ? NAN : std::atof(kn.out.c_str() + at + 6);
+    at = kn.out.find("\n  " + std::to_string(E - K) + "  ", curve);
+    const double rmax = at == std::string::npos ? NAN : std::atof(kn.out.c_str() + at + 6);
+    check(std::fabs(r0 - loss_of(base.out)) < 1e-6 && rmax > r0,
+          "redundancy: r = 0 is the --eval loss (%.6f), r = E-K costs more (%.6f)", r0, rmax);
+    const std::string svg = slurp(dir + "/knockout.svg");
+    size_t rects = 0;
+    for (size_t i = svg.find("<rect"); i != std::string::npos; i = svg.find("<rect", i + 1)) rects++;
+    check(rects == 1 + (size_t)N_LAYER * E && has(svg, "</svg>"), "knockout.svg: a cell per (layer, expert) (%zu rects)", rects);
+    // Mistakes are usage errors.
+    const std::string all = [] {
+        std::string s;
+        for (int e = 0; e <= E - K; e++) s += (s.empty() ? "0:" : ",0:") + std::to_string(e);
+        return s;
+    }();
+    for (const std::string& bad : {"--eval " + q(few) + " --ablate " + all, "--eval " + q(few) + " --ablate 9:0",
+                                   "--eval " + q(few) + " --ablate 0", std::string("--ablate 0:0"), "--knockout " + q(few) + " --eval " + q(few)}) {
+        Run r = run(q(g_moe) + ck + bad);
+        check(r.code == 2, "refused with exit 2: %s (exit %d)", bad.c_str(), r.code);
+    }
 }
 
 int main(int argc, char** argv) {
-    std::string group = setup(argc, argv, "resume|threads|bad-input|inference");
+    std::string group = setup(argc, argv, "resume|threads|bad-input|inference|knockout");
     if (group == "resume") test_resume();
     else if (group == "threads") test_threads();
     else if (group == "bad-input") test_bad_input();
     else if (group == "inference") test_inference();
+    else if (group == "knockout") test_knockout();
     else return std::fprintf(stderr, "unknown group %s\n", group.c_str()), 2;
     return report(("test_cli " + group).c_str());
 }

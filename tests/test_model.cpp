@@ -95,11 +95,27 @@ static void test_data() {
     check(d.T == 7, "context = longest line + 1 = %d", d.T);
     check(d.train.size() + d.test.size() == 33 && d.test.size() == 3, "33 lines split %zu train / %zu test",
           d.train.size(), d.test.size());
-    std::vector<std::vector<int>> lines = {encode("emma", d.vocab, "x")};
+    LineSet lines;
+    std::vector<int> emma = encode("emma", d.vocab, "x");
+    std::vector<uint16_t> emma16(emma.begin(), emma.end());
+    lines.add(emma16.data(), emma16.size());
     std::vector<int> in(d.T), tg(d.T);
     lines_batch(in.data(), tg.data(), lines, {0}, d.T);
     std::vector<int> want_in = {0, 3, 4, 4, 1, 0, 0}, want_tg = {3, 4, 4, 1, 0, -1, -1};
     check(in == want_in && tg == want_tg, "'emma' -> input [0 e m m a pad pad], target [e m m a 0 -1 -1]");
+    // every line is found in its own split, and a line that is in neither is in neither
+    bool found = true;
+    for (const LineSet* s : {&d.train, &d.test})
+        for (size_t i = 0; i < s->size(); i++) {
+            std::vector<int> l(s->line(i), s->line(i) + s->length(i));
+            found = found && contains(*s, s == &d.train ? d.train_order : d.test_order, l);
+        }
+    std::vector<int> fresh = encode("xaaaaaa", d.vocab, "x"), prefix = encode("xa", d.vocab, "x");
+    bool xa_in_train = false;  // "xa" is a line (i % 5 == 0): it is in one of the splits
+    for (size_t i = 0; i < d.train.size(); i++) xa_in_train |= d.train.length(i) == 2 && d.train.line(i)[1] == prefix[1];
+    check(found && !contains(d.train, d.train_order, fresh) && !contains(d.test, d.test_order, fresh) &&
+              contains(d.train, d.train_order, prefix) == xa_in_train && !contains(d.train, d.train_order, {}),
+          "every line is found in its split; a line in neither split and the empty line are not");
     std::filesystem::remove(path);
 }
 
@@ -242,6 +258,69 @@ static void test_recipe() {
 #endif
 }
 
+// --ablate and the redundancy test (topk_forward's Ablation): a removed
+// expert is never chosen, the gates come from what remains, and removing
+// experts that no token chose changes nothing, bit for bit.
+static void test_ablation() {
+    if (E <= K) return;  // nothing to remove
+    const int M = 64, V = 13, T = 8;
+    Rng r = make_rng(5, STREAM_SAMPLE);
+    std::vector<real> probs(M * E), logits(M * E);
+    for (auto& v : logits) v = (real)r.normal();
+    softmax_forward(probs.data(), logits.data(), M, E);
+    std::vector<uint8_t> valid(M, 1), off(E, 0);
+    off[0] = 1;
+    std::vector<int> chosen(M * K);
+    std::vector<real> gate(M * K);
+    topk_forward(chosen.data(), gate.data(), probs.data(), valid.data(), M, {off.data(), 0});
+    bool never = true, sums = true;
+    for (int m = 0; m < M; m++) {
+        real s = 0;
+        for (int j = 0; j < K; j++) never = never && chosen[m * K + j] != 0, s += gate[m * K + j];
+        sums = sums && (!NORM_TOPK || K == 1 || std::fabs(s - 1) < 1e-6);
+    }
+    check(never && sums, "an ablated expert is never chosen; the gates of what remains sum to 1");
+    // skip = r: the chosen experts are the ranks r .. r+K-1 of each row
+    bool ranks = true;
+    for (int skip = 0; skip <= E - K; skip++) {
+        topk_forward(chosen.data(), gate.data(), probs.data(), valid.data(), M, {nullptr, skip});
+        for (int m = 0; m < M; m++) {
+            std::vector<int> order(E);
+            std::iota(order.begin(), order.end(), 0);
+            std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return probs[m * E + a] > probs[m * E + b]; });
+            for (int j = 0; j < K; j++) ranks = ranks && chosen[m * K + j] == order[skip + j];
+        }
+    }
+    check(ranks, "redundancy test: with r taken away, each token takes its experts ranked r+1 .. r+K");
+    // One token routes to K experts a layer: removing all the others changes nothing.
+    Model m;
+    random_model(m, V, 31);
+    std::vector<int> in, tg;
+    random_batch(in, tg, 1, T, V, 32);
+    model_forward(m, in.data(), nullptr, 1, 1, 0);
+    const std::vector<real> plain(m.logits.begin(), m.logits.begin() + V);
+    m.ablated.assign((size_t)N_LAYER * E, 1);
+    for (int l = 0; l < N_LAYER; l++)
+        for (int j = 0; j < K; j++) m.ablated[(size_t)l * E + m.L[l].chosen[j]] = 0;
+    model_forward(m, in.data(), nullptr, 1, 1, 0);
+    check(std::equal(plain.begin(), plain.end(), m.logits.begin()),
+          "ablating every expert that no token chose gives the same logits, bit for bit");
+    // With an ablation the KV-cache steps still give the full forward pass's logits.
+    m.ablated.assign((size_t)N_LAYER * E, 0);
+    m.ablated[1] = 1, m.ablated[(size_t)(N_LAYER - 1) * E] = 1;
+    model_forward(m, in.data(), nullptr, 1, T, 0);
+    KVCache cache;
+    double worst = 0;
+    for (int t = 0; t < T; t++) {
+        model_step(m, cache, in[t]);
+        for (int v = 0; v < V; v++) worst = std::max(worst, (double)std::fabs(cache.logits[v] - m.logits[(size_t)t * V + v]));
+    }
+    bool avoided = true;
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < K; j++) avoided = avoided && m.L[0].chosen[t * K + j] != 1 && m.L[N_LAYER - 1].chosen[t * K + j] != 0;
+    check(worst < 1e-4 && avoided, "with --ablate, KV-cache sampling gives the full pass's logits (max diff %.2e)", worst);
+}
+
 int main() {
     set_threads(2);
     g_threads = 1;
@@ -250,6 +329,7 @@ int main() {
     test_forward_reference();
     test_dense();
     test_kv_cache();
+    test_ablation();
     test_data();
     test_overfit();
     test_roundtrip();

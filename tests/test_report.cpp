@@ -388,6 +388,10 @@ static void test_svg() {
     auto pl2 = polylines(svg2);
     check(pl2.size() == 2 + (size_t)N_LAYER * E && pl2.size() >= 2 && pl2[0].size() == 1 && pl2[1].empty(),
           "training_svg without --val: train, test and the loads; the NaN test loss is left out of its line");
+    size_t circles = 0;
+    for (size_t at = svg2.find("<circle"); at != std::string::npos; at = svg2.find("<circle", at + 1)) circles++;
+    check(circles == 1 + (size_t)N_LAYER * E && has(svg2, ">100</text>") && has(svg2, ">101</text>") && !has(svg2, ">100.1</text>"),
+          "one evaluation: each point is drawn as a marker (%zu), and the steps are ticked 100, 101, not 100.1", circles);
 
     // A --val file whose tokens were never counted: its shares are NaN, drawn as "-".
     std::string svg3 = training_svg("zero", hist, vals, some_files(1), some_routing());
