@@ -620,6 +620,13 @@ struct Ablation {
     const uint8_t* off = nullptr;  // [E] or null: no expert removed
     int skip = 0;
 };
+// The most probable expert not yet taken (ties: the lower index).
+static int best_untaken(const real* p, const bool* taken) {
+    int best = -1;
+    for (int e = 0; e < E; e++)
+        if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+    return best;
+}
 static void topk_forward(int* chosen, real* gate, const real* probs, const uint8_t* valid, int M, Ablation ab = {}) {
     for (int m = 0; m < M; m++) {
         const real* p = probs + (int64_t)m * E;
@@ -629,18 +636,14 @@ static void topk_forward(int* chosen, real* gate, const real* probs, const uint8
             for (int j = 0; j < K; j++) c[j] = -1, g[j] = 0;
             continue;
         }
+        bool taken[E];  // ablated experts, and the token's `skip` best, are taken before it chooses
+        for (int e = 0; e < E; e++) taken[e] = ab.off && ab.off[e];
+        for (int s = 0; s < ab.skip; s++) taken[best_untaken(p, taken)] = true;
         real sum = 0;
-        int skipped[E] = {};  // the token's most probable experts, taken away (ab.skip of them)
-        for (int j = 0; j < ab.skip + K; j++) {  // passes of "best not yet taken": K is tiny
-            int best = -1;
-            for (int e = 0; e < E; e++) {
-                bool taken = ab.off && ab.off[e];
-                for (int i = 0; i < std::min(j, ab.skip); i++) taken |= skipped[i] == e;
-                for (int i = 0; i < j - ab.skip; i++) taken |= c[i] == e;
-                if (!taken && (best < 0 || p[e] > p[best])) best = e;
-            }
-            if (j < ab.skip) skipped[j] = best;
-            else c[j - ab.skip] = best, g[j - ab.skip] = p[best], sum += p[best];
+        for (int j = 0; j < K; j++) {  // K passes of "best not yet taken": K is tiny
+            const int best = best_untaken(p, taken);
+            taken[best] = true;
+            c[j] = best, g[j] = p[best], sum += p[best];
         }
         if (NORM_TOPK)
             for (int j = 0; j < K; j++) g[j] /= sum;
@@ -3302,7 +3305,8 @@ static int64_t settled_at(const Settling& s, int l) {
     std::printf("  layer  saturation >= 0.9 from step   vocabulary specialisation: by byte read  by byte to predict\n");
     for (int l = 0; l < N_LAYER; l++) {
         const int64_t at = settled_at(s, l);
-        std::printf("  %-5d  %-27s  %40.3f  %18.3f\n", l, at < 0 ? "never" : std::to_string(at).c_str(),
+        const std::string when = at < 0 || (at == s.steps.back() && s.steps.size() > 1) ? "only at the end" : std::to_string(at);
+        std::printf("  %-5d  %-27s  %40.3f  %18.3f\n", l, when.c_str(),
                     vocab_specialisation(last.picks, last.read, l), vocab_specialisation(last.picks, last.next, l));
     }
     if (K < 2) return;
@@ -4370,7 +4374,7 @@ static std::string knockout_svg(const Knockout& k, const std::string& title) {
     std::vector<std::string> rows, cols;
     for (int l = 0; l < N_LAYER; l++) rows.push_back("layer " + std::to_string(l));
     for (int e = 0; e < E; e++) cols.push_back("e" + std::to_string(e));
-    const double cell_w = 58, panel_h = 38 + 20.0 * N_LAYER + 12 + 8, w = 70 + cell_w * E + 20;
+    const double cell_w = 58, panel_h = 38 + 20.0 * N_LAYER + 12 + 8, w = std::max(70 + cell_w * E + 20, 720.0);
     std::string o = svg_begin(w, 40 + panel_h * (double)k.panels.size());
     svg_text(o, 10, 20, title, "font-weight=\"bold\"");
     for (size_t p = 0; p < k.panels.size(); p++) {
@@ -4399,7 +4403,7 @@ static std::string knockout_svg(const Knockout& k, const std::string& title) {
     const Knockout k = knockout(l, files, o.arith_file);
     print_knockout(k, files.size());
     const std::string svg = (fs::path(l.ck.path).parent_path() / "knockout.svg").string();
-    write_text_atomic(svg, "knockout heatmap", knockout_svg(k, "knockout: " + l.ck.path + " | " + config_string()));
+    write_text_atomic(svg, "knockout heatmap", knockout_svg(k, "knockout of " + l.ck.path));
     std::printf("knockout heatmap: %s\n", svg.c_str());
 }
 

@@ -8,6 +8,7 @@
 //   test_report GROUP MOE MOE_INFER DATA_DIR SCRATCH_DIR     (GROUP: unit | cli)
 #include "cli.h"
 
+#include <random>
 #include <regex>
 
 // ----------------------------------------------------------------------------
@@ -510,8 +511,10 @@ static void cli_train(const std::string& dir) {
     std::string svg = slurp(dir + "/report.svg"), p = svg_problem(svg);
     check(p.empty(), "report.svg is a complete, sound SVG%s%s", p.empty() ? "" : ": ", p.c_str());
     auto pl = polylines(svg);
-    check(pl.size() == 5 + (size_t)N_LAYER * E && pl[0].size() == 2,
-          "report.svg: a polyline per series (train, test, 3 val, N_LAYER*E loads), 2 points each");
+    check(pl.size() == 5 + (size_t)N_LAYER * E + (E > 1 ? N_LAYER : 0) && pl[0].size() == 2 && pl.back().size() == 2,
+          "report.svg: a polyline per series (train, test, 3 val, N_LAYER*E loads, N_LAYER saturations), 2 points each");
+    check(E == 1 || (has(r.out, "routing dynamics, on the first ") && has(r.out, "saturation >= 0.9 from step")),
+          "the final report prints the routing dynamics");
     // step    100 | val arith X | code Y | names Z, and the same numbers in log.tsv
     std::regex val_line("step +([0-9]+) \\| val arith ([0-9.]+) \\| code ([0-9.]+) \\| names ([0-9.]+)\\n");
     int n_val = 0;
@@ -834,6 +837,74 @@ static void test_cli(const std::string& data) {
     cli_resume(dir);
 }
 
+// Routing dynamics: saturation, co-activation and vocabulary specialisation
+// on routings made up for the purpose, where the answer is known.
+static void test_dynamics() {
+    std::mt19937 gen(7);
+    const size_t n = 20000;
+    // a random top-K choice per (token, layer): K distinct experts
+    auto random_picks = [&]() {
+        std::vector<int16_t> p;
+        for (size_t t = 0; t < n * N_LAYER; t++) {
+            std::vector<int> e(E);
+            std::iota(e.begin(), e.end(), 0);
+            std::shuffle(e.begin(), e.end(), gen);
+            for (int j = 0; j < K; j++) p.push_back((int16_t)e[j]);
+        }
+        return p;
+    };
+    const std::vector<int16_t> a = random_picks(), b = random_picks();
+    bool self = true, chance = true;
+    for (int l = 0; l < N_LAYER; l++) {
+        self = self && saturation(a, a, l) == 1.0;
+        chance = chance && std::fabs(saturation(a, b, l) - (double)K / E) < 0.02;
+    }
+    check(self, "saturation of a routing against itself is exactly 1");
+    check(chance, "saturation of two random routings is about K/E = %.3f (layer 0: %.3f)", (double)K / E, saturation(a, b, 0));
+    // A router keyed on the byte: every occurrence of a byte takes the same experts.
+    std::vector<int> bytes(n);
+    std::vector<int16_t> keyed;
+    for (size_t t = 0; t < n; t++) {
+        bytes[t] = (int)(gen() % 30);
+        for (int l = 0; l < N_LAYER; l++)
+            for (int j = 0; j < K; j++) keyed.push_back((int16_t)((bytes[t] + l + j) % E));
+    }
+    const double spec = vocab_specialisation(keyed, bytes, 1), rnd = vocab_specialisation(a, bytes, 1);
+    check(spec == 1.0 && rnd < (double)K / E + 0.05, "vocabulary specialisation: 1 for a router keyed on the byte (%.3f), "
+          "about K/E for a random one (%.3f)", spec, rnd);
+    // A byte seen fewer than 10 times is left out: 9 tokens give no figure at all.
+    std::vector<int> nine(9, 5);
+    check(std::isnan(vocab_specialisation(a, nine, 0)), "vocabulary specialisation counts only bytes seen 10 times or more");
+    // Co-activation on three tokens whose choices are known.
+    if (K == 2 && E >= 3) {
+        std::vector<int16_t> p;
+        const int pairs[3][2] = {{0, 1}, {0, 2}, {1, 0}};
+        for (auto& pr : pairs)
+            for (int l = 0; l < N_LAYER; l++) p.push_back((int16_t)pr[0]), p.push_back((int16_t)pr[1]);
+        std::vector<double> counts;
+        const std::vector<double> c = coactivation(p, 0, &counts);
+        // expert 0 was chosen 3 times, twice beside 1 and once beside 2
+        check(counts[0 * E + 1] == 2 && counts[0 * E + 2] == 1 && counts[1 * E + 0] == 2 && counts[2 * E + 0] == 1 &&
+                  counts[1 * E + 2] == 0 && std::fabs(c[0 * E + 1] - 2.0 / 3) < 1e-12 && c[1 * E + 0] == 1 && c[2 * E + 0] == 1,
+              "co-activation counts exactly: P(1 | 0) = 2/3, P(0 | 1) = 1, P(0 | 2) = 1");
+    }
+    bool rows = true;  // every row of a random routing's co-activation sums to K - 1
+    const std::vector<double> c = coactivation(a, 2);
+    for (int x = 0; x < E; x++) rows = rows && std::fabs(std::accumulate(c.begin() + x * E, c.begin() + (x + 1) * E, 0.0) - (K - 1)) < 1e-9;
+    check(rows, "each co-activation row sums to K - 1");
+    // settled_at: the first step from which saturation stays at 0.9 or more
+    Settling s;
+    s.steps = {100, 200, 300, 400};
+    s.picks = {b, a, b, a};  // random, final, random, final: settled only at the end
+    check(settled_at(s, 0) == 400, "settled_at: a routing that leaves its final form again settles only at the end (%lld)",
+          (long long)settled_at(s, 0));
+    s.picks = {b, a, a, a};
+    check(settled_at(s, 0) == 200, "settled_at: final from step 200 on gives 200 (%lld)", (long long)settled_at(s, 0));
+    const std::string svg = training_svg("dyn", {row_at(100, 1), row_at(200, 2)}, {}, {}, some_routing(), s);
+    check(svg_problem(svg).empty() && has(svg, "router saturation") && polylines(svg).size() == 2 + (size_t)N_LAYER * E + (E > 1 ? N_LAYER : 0),
+          "report.svg draws each layer's saturation against step %s", svg_problem(svg).c_str());
+}
+
 int main(int argc, char** argv) {
     if (argc != 6) {
         std::fprintf(stderr, "usage: %s unit|cli MOE MOE_INFER DATA_DIR SCRATCH_DIR\n", argv[0]);
@@ -850,6 +921,7 @@ int main(int argc, char** argv) {
         test_shares();
         test_svg();
         test_table_checker();
+        test_dynamics();
     } else if (group == "cli") {
         test_cli(argv[4]);
     } else {
