@@ -48,9 +48,10 @@ so that a debugger steps through exactly the code one reads.
   8. AdamW                  the optimizer
   9. Data                   line mode (names) and text mode (a byte stream)
  10. Checkpoints            safetensors files PyTorch can load
- 11. Evaluation and sampling, and the reports: routing tables, arithmetic
-                            accuracy, the routing explorer, SVG pictures
- 12. Command line and main  training, sampling, evaluation
+ 11. Evaluation and sampling, and the reports: routing tables, routing
+                            dynamics, arithmetic accuracy, the routing
+                            explorer, SVG pictures
+ 12. Command line and main  training, sampling, evaluation, knockout
 
   Part two: making it fast
  13. The thread pool        parallel_for, and where it cuts a loop
