@@ -64,6 +64,19 @@ static void test_dense() {
     check(out == y && gate == std::vector<real>(M * K, 1), "dense build: the MoE layer is exactly a plain MLP");
 }
 
+// The largest difference between the logits of the full forward pass over
+// in[0..T) and those of T KV-cache steps (m keeps the full pass's activations).
+static double kv_cache_diff(Model& m, const std::vector<int>& in, int T) {
+    model_forward(m, in.data(), nullptr, 1, T, 0);
+    KVCache cache;
+    double worst = 0;
+    for (int t = 0; t < T; t++) {
+        model_step(m, cache, in[t]);
+        for (int v = 0; v < m.V; v++) worst = std::max(worst, (double)std::fabs(cache.logits[v] - m.logits[(size_t)t * m.V + v]));
+    }
+    return worst;
+}
+
 // Sampling with the KV cache must give the logits of the full forward pass.
 static void test_kv_cache() {
     const int V = 13, T = BLOCK_SIZE;
@@ -71,13 +84,7 @@ static void test_kv_cache() {
     random_model(m, V, 21);
     std::vector<int> in, tg;
     random_batch(in, tg, 1, T, V, 22);
-    model_forward(m, in.data(), nullptr, 1, T, 0);
-    KVCache cache;
-    double worst = 0;
-    for (int t = 0; t < T; t++) {
-        model_step(m, cache, in[t]);
-        for (int v = 0; v < V; v++) worst = std::max(worst, (double)std::fabs(cache.logits[v] - m.logits[(size_t)t * V + v]));
-    }
+    const double worst = kv_cache_diff(m, in, T);
     check(worst < 1e-4, "KV-cache steps give the full forward pass's logits at all %d positions: max diff %.2e", T, worst);
 }
 
@@ -308,13 +315,7 @@ static void test_ablation() {
     // With an ablation the KV-cache steps still give the full forward pass's logits.
     m.ablated.assign((size_t)N_LAYER * E, 0);
     m.ablated[1] = 1, m.ablated[(size_t)(N_LAYER - 1) * E] = 1;
-    model_forward(m, in.data(), nullptr, 1, T, 0);
-    KVCache cache;
-    double worst = 0;
-    for (int t = 0; t < T; t++) {
-        model_step(m, cache, in[t]);
-        for (int v = 0; v < V; v++) worst = std::max(worst, (double)std::fabs(cache.logits[v] - m.logits[(size_t)t * V + v]));
-    }
+    const double worst = kv_cache_diff(m, in, T);
     bool avoided = true;
     for (int t = 0; t < T; t++)
         for (int j = 0; j < K; j++) avoided = avoided && m.L[0].chosen[t * K + j] != 1 && m.L[N_LAYER - 1].chosen[t * K + j] != 0;
