@@ -55,8 +55,8 @@ so that a debugger steps through exactly the code one reads.
 
   Part two: making it fast
  13. The thread pool        parallel_for, and where it cuts a loop
- 14. The tiled matmul       register tiles, packed panels, the weights in panels
- 15. Vectorised math        exp, tanh and sums the compiler vectorises
+ 14. The tiled matmul       register tiles at the vector width, packed panels
+ 15. Vectorised math        exp and tanh on whole vectors, sums in 16 lanes
  16. Fast attention         16 positions at a time, four query rows at once
  17. AdamW, fused           the update writes the panels; zeroing, NaN check
  18. The experts, scheduled a shared counter; the dense baseline's shortcuts
@@ -152,7 +152,14 @@ N positions that carry a target, S routing slots.
 #define MOE_DOUBLE 0
 #endif
 #ifndef MOE_FAST  // 0: part one's plain code alone, on one thread (part two is left out)
+#if defined(__GNUC__)  // g++ and clang++: part two's kernels use their vector extension
 #define MOE_FAST 1
+#else
+#define MOE_FAST 0
+#endif
+#endif
+#if MOE_FAST && !defined(__GNUC__)
+#error "part two (MOE_FAST=1) is written with GCC and Clang's vector extension: build with g++ or clang++, or with MOE_FAST=0"
 #endif
 
 constexpr int N_LAYER = MOE_N_LAYER;
@@ -441,9 +448,10 @@ static void init_params(std::vector<real>& params, const std::vector<TensorInfo>
 // Each output is one sum over k, in order, from zero: out[m][n] = sum_k
 // A[m][k] B[k][n]. The loop over k runs outside the loop over n, so that the
 // innermost loop walks along a row of B and a row of sums, which the
-// compiler turns into vector instructions. Part two's tiled matmul (section
-// 14) adds up exactly the same terms in the same order, so the two agree
-// bit for bit, which the tests check.
+// compiler turns into vector instructions (and, where the CPU has one, into
+// a fused multiply-add: a * b + acc with a single rounding). Part two's
+// tiled matmul (section 14) adds up exactly the same terms in the same
+// order, so the two agree bit for bit, which the tests check.
 static void matmul(real* out, const real* A, int64_t as, int64_t ak, const real* B, int M, int N, int Kd,
                    const real* bias, bool add) {
     if constexpr (FAST) if (fast::on) return fast::matmul(out, A, as, ak, B, M, N, Kd, bias, add);
@@ -4684,15 +4692,15 @@ static void parallel_for_if_big(int64_t work, int n, const Fn& f) {
 //
 // The plain loop is slow because each output is loaded and stored Kd times,
 // and the transposed weight is read across its rows. The fast version keeps
-// an 8x32 tile of outputs in registers (16 accumulators of 16 floats: one
-// AVX-512 register each, or two AVX2 ones; -O3 -march=native vectorises the
-// j loops), streams a row of B and eight values of A per k, and writes the
-// tile once. Per k that is 16 multiply-adds for 2 loads of B and 8 of A: the
-// loads no longer limit the speed, as they do with 8x16.
+// a tile of TM x TN outputs in vector registers (sizes below, per CPU),
+// streams a row of B and TM values of A per k, and writes the tile once.
+// Per k that is 2 TM vector multiply-adds for 2 loads of B and TM of A: the
+// loads no longer limit the speed, and the multiply-adds keep the CPU's
+// vector units busy.
 //
-// Each 32-column panel of B is first copied ("packed") into consecutive
-// memory, Kd rows of 32, and A too when it is read as a transpose (as = 1),
-// each row tile as Kd groups of its 8 values. The kernel then reads
+// Each TN-column panel of B is first copied ("packed") into consecutive
+// memory, Kd rows of TN, and A too when it is read as a transpose (as = 1),
+// each row tile as Kd groups of its TM values. The kernel then reads
 // consecutive memory. Without the copies, rows that lie a multiple of 1 or
 // 4 KB apart (256 or 1024 floats: an expert's width) fall into a few sets of
 // the L1 cache, which evicts them before they are used again. (A plain
@@ -4700,55 +4708,76 @@ static void parallel_for_if_big(int64_t work, int n, const Fn& f) {
 // A weight that the forward pass reads as B is kept in panels during the
 // pass (Panels, ForwardCopy below), so it need not be copied each time.
 // Packing also handles the edges: a short last row tile (an expert's rows
-// rarely come in eights) is padded with zero rows, a narrow last panel (the
+// rarely fill whole tiles) is padded with zero rows, a narrow last panel (the
 // router has E columns, lm_head V) with zero columns, and only real outputs
 // are stored. Every output is the same sum in the same k order wherever it
 // sits, as in the plain loop; the tiles are fixed by M and N alone; threads
 // take whole row tiles or whole panels; so the result is the same for any
 // thread count.
 
-constexpr int TM = 8, TN = 32;
+// The kernel is written for the CPU's vector registers, at their width, with
+// GCC and Clang's vector extension: a `vreal` is VL floats that +, * and =
+// act on lane by lane, and the compiler emits the width's instructions
+// (AVX-512, AVX or SSE on x86, NEON on ARM), whatever width its tuning would
+// pick for a plain loop. A tile is TM rows by TN = 2 vectors of columns, and
+// TM is as many rows as the accumulators, two loads of B and a value of A
+// leave room for in the registers: with AVX-512, 12 rows (24 accumulators
+// of x86's 32 registers); with AVX or AVX2, 6 rows (12 of 16); elsewhere
+// 16-byte vectors, SSE2 on x86 and NEON on ARM, 6 rows. (A compiler without
+// the extension, such as MSVC, builds part one alone: section 1.)
+#if defined(__AVX512F__)
+constexpr int VBYTES = 64, TM = 12;
+#elif defined(__AVX__)
+constexpr int VBYTES = 32, TM = 6;
+#else
+constexpr int VBYTES = 16, TM = 6;
+#endif
+constexpr int VL = VBYTES / (int)sizeof(real), TN = 2 * VL;
+typedef real vreal __attribute__((vector_size(VBYTES)));
+// Loads and stores at any address (memcpy compiles to one unaligned move).
+static inline vreal vload(const real* p) {
+    vreal v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void vstore(real* p, vreal v) { std::memcpy(p, &v, sizeof v); }
 
 // One tile: out[0..rows, 0..cols] (+)= A . B (+ bias), rows <= TM, cols <= TN.
 // A holds the tile's rows, addressed A[r*as + k*ak]; row k of the panel of B
 // is at B + k*ldb (ldb = TN when packed); out and bias point at the tile's
-// first row and column, and ldo is out's row stride. (noinline: inlined into matmul, g++ runs out of
-// registers for the eight row offsets and reloads them on every k.)
+// first row and column, and ldo is out's row stride. Per k it loads two
+// vectors of B and TM values of A, and does 2 TM vector multiply-adds,
+// `c += b * a`: where the target has a fused multiply-add, the compiler
+// makes each one instruction with one rounding, as it does the plain loop's
+// `acc[n] += a * b[n]`, so the two still round alike.
+// (noinline: inlined into matmul, g++ runs out of registers for the row
+// offsets and reloads them on every k.)
 [[gnu::noinline]] static void matmul_tile(real* out, int ldo, const real* A, int64_t as, int64_t ak, const real* B,
                                           int ldb, int Kd, const real* bias, bool add, int rows, int cols) {
-    // Sixteen named accumulators, a 16-column half of each of the 8 rows,
-    // rather than acc[8][32]: g++ then keeps all of them in vector registers
-    // (with arrays of 2-D shape or of 32 columns it spills them to memory).
-    constexpr int H = TN / 2;
-    real c0[H] = {}, c1[H] = {}, c2[H] = {}, c3[H] = {}, c4[H] = {}, c5[H] = {}, c6[H] = {}, c7[H] = {};
-    real d0[H] = {}, d1[H] = {}, d2[H] = {}, d3[H] = {}, d4[H] = {}, d5[H] = {}, d6[H] = {}, d7[H] = {};
+    vreal c[TM][2] = {};  // fully unrolled below, so every c[r][h] is a register
     for (int k = 0; k < Kd; k++) {
-        const real* b = B + (int64_t)k * ldb;
-        const real* ac = A + k * ak;  // column k of this tile's eight rows of A
-        real a0 = ac[0], a1 = ac[as], a2 = ac[2 * as], a3 = ac[3 * as];
-        real a4 = ac[4 * as], a5 = ac[5 * as], a6 = ac[6 * as], a7 = ac[7 * as];
-        for (int j = 0; j < H; j++) {
-            c0[j] += a0 * b[j], c1[j] += a1 * b[j], c2[j] += a2 * b[j], c3[j] += a3 * b[j];
-            c4[j] += a4 * b[j], c5[j] += a5 * b[j], c6[j] += a6 * b[j], c7[j] += a7 * b[j];
-        }
-        for (int j = 0; j < H; j++) {
-            d0[j] += a0 * b[H + j], d1[j] += a1 * b[H + j], d2[j] += a2 * b[H + j], d3[j] += a3 * b[H + j];
-            d4[j] += a4 * b[H + j], d5[j] += a5 * b[H + j], d6[j] += a6 * b[H + j], d7[j] += a7 * b[H + j];
+        const vreal b0 = vload(B + (int64_t)k * ldb), b1 = vload(B + (int64_t)k * ldb + VL);
+        const real* ac = A + k * ak;  // column k of this tile's rows of A
+#pragma GCC unroll 16
+        for (int r = 0; r < TM; r++) {
+            const real a = ac[r * as];
+            c[r][0] += b0 * a, c[r][1] += b1 * a;
         }
     }
-    auto store = [&](const real* c, const real* d, int i) {
-        if (i >= rows) return;
-        real* o = out + (int64_t)i * ldo;
-        if (cols == TN) {  // the common case, as its own loops so that they are vectorised
-            for (int j = 0; j < H; j++) o[j] = (add ? o[j] : 0) + (bias ? bias[j] : 0) + c[j];
-            for (int j = 0; j < H; j++) o[H + j] = (add ? o[H + j] : 0) + (bias ? bias[H + j] : 0) + d[j];
+    const vreal zero = {};
+#pragma GCC unroll 16
+    for (int r = 0; r < TM; r++) {
+        if (r >= rows) break;
+        real* o = out + (int64_t)r * ldo;
+        if (cols == TN) {  // the common case, as whole vectors; the same sum as the plain loop's
+            for (int h = 0; h < 2; h++)
+                vstore(o + h * VL, (add ? vload(o + h * VL) : zero) + (bias ? vload(bias + h * VL) : zero) + c[r][h]);
         } else {
-            for (int j = 0; j < cols; j++)
-                o[j] = (add ? o[j] : 0) + (bias ? bias[j] : 0) + (j < H ? c[j] : d[j - H]);
+            real s[TN] = {};
+            vstore(s, c[r][0]), vstore(s + VL, c[r][1]);
+            for (int j = 0; j < cols; j++) o[j] = (add ? o[j] : 0) + (bias ? bias[j] : 0) + s[j];
         }
-    };
-    store(c0, d0, 0), store(c1, d1, 1), store(c2, d2, 2), store(c3, d3, 3);
-    store(c4, d4, 4), store(c5, d5, 5), store(c6, d6, 6), store(c7, d7, 7);
+    }
 }
 
 static std::atomic<int64_t> g_flops{0};  // multiply-adds x 2, counted from the shapes, for the benchmark
@@ -4769,7 +4798,7 @@ static void matmul_tiled(real* out, const real* A, int64_t as, int64_t ak, const
         apack.resize((size_t)(pack_a ? t1 - t0 : 1) * Kd * TM), bpack.resize((size_t)Kd * TN);
         auto pack_tile = [&](real* p, int i, int rows) {  // row tile i of A -> p[Kd][TM]
             const real* a = A + (int64_t)i * TM * as;
-            if (as == 1 && rows == TM)  // the 8 values of each k are consecutive
+            if (as == 1 && rows == TM)  // the TM values of each k are consecutive
                 for (int k = 0; k < Kd; k++)
                     for (int r = 0; r < TM; r++) p[(size_t)k * TM + r] = a[(int64_t)k * ak + r];
             else
@@ -4922,31 +4951,35 @@ void fast::bias_backward(real* db, const real* dout, int M, int OUT) {
 // tanh, and within a few float roundings of the row's scale for the sums;
 // gradcheck runs these kernels (in double) against finite differences.
 
-// --- exp, written so the compiler can vectorise it (the C library's expf is
-// one function call per element, and attention and the GELU make many).
-// Write x = n ln2 + r with n an integer and |r| <= ln2/2; then
-// exp(x) = 2^n exp(r), exp(r) is its Taylor polynomial of degree 6 (error
-// r^7/7! < 2e-7, a float's precision), and 2^n is written straight into the
-// float's exponent bits. (The double build, used by the gradient check,
-// keeps std::exp.)
-[[maybe_unused]] static inline float exp_poly(float x) {  // for -87 < x < 88
-    // round(x / ln2): adding then subtracting 1.5 * 2^23 leaves no fraction
-    // bits, so the float rounds to the nearest integer (std::floor or
-    // std::round here would stop the compiler from vectorising the loop).
-    float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
-    float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, ln2 split in two for precision
-    float p = 1 + r * (1 + r * (0.5f + r * (1 / 6.f + r * (1 / 24.f + r * (1 / 120.f + r * (1 / 720.f))))));
-    int32_t bits = ((int32_t)n + 127) << 23;  // the float 2^n
-    float scale;
-    std::memcpy(&scale, &bits, 4);
-    return p * scale;
-}
-static inline real exp_fast(real x) {  // for x <= 0, as in a softmax after subtracting the max
+// --- exp on a vector of VL values at once (section 14's vreal); the C
+// library's expf is one function call per element, and attention and the
+// GELU make many. Write x = n ln2 + r with n an integer and |r| <= ln2/2;
+// then exp(x) = 2^n exp(r), exp(r) is its Taylor polynomial of degree 6
+// (error r^7/7! < 2e-7, a float's precision), and 2^n is written straight
+// into the float's exponent bits. It is written on vectors rather than left
+// to the compiler to vectorise as a loop of scalars: the clamps that keep x
+// in range are comparisons, a float comparison may raise a floating-point
+// exception, and g++ then keeps the loop scalar (unless -fno-trapping-math).
+// (The double build, used by the gradient check, keeps std::exp.)
+static inline vreal exp_v(vreal x) {  // for -87 < x < 88
 #if MOE_DOUBLE
-    return std::exp(x);
+    for (int i = 0; i < VL; i++) x[i] = std::exp(x[i]);
+    return x;
 #else
-    return exp_poly(x < -87.f ? -87.f : x);  // exp(-87) is 1.6e-38: zero, for a softmax
+    typedef int32_t vint __attribute__((vector_size(VBYTES)));
+    // round(x / ln2): adding then subtracting 1.5 * 2^23 leaves no fraction
+    // bits, so the float rounds to the nearest integer.
+    const vreal n = (x * 1.44269504f + 12582912.f) - 12582912.f;
+    const vreal r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, ln2 split in two for precision
+    const vreal p = 1 + r * (1 + r * (0.5f + r * (1 / 6.f + r * (1 / 24.f + r * (1 / 120.f + r * (1 / 720.f))))));
+    const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;  // the floats 2^n
+    return p * (vreal)bits;  // (a cast between vectors of one size keeps the bits)
 #endif
+}
+static inline vreal vclamp(vreal x, real lo, real hi) {
+    const vreal vlo = vreal{} + lo, vhi = vreal{} + hi;
+    x = x < vlo ? vlo : x;
+    return x > vhi ? vhi : x;
 }
 
 // A sum of n terms f(0) + ... + f(n-1), as 16 interleaved partial sums
@@ -5025,26 +5058,34 @@ void fast::layernorm_backward(real* dinp, real* dw, real* db, const real* dout, 
 
 // GELU: the experts evaluate it S*F times per layer, so it has to be fast,
 // and the C library's tanhf is one function call per element. In float,
-// tanh(u) = 1 - 2 / (exp(2u) + 1) with the vectorisable exp above; u is
-// clamped to +-9, where tanh is 1 in float.
-// (The double build, used by the gradient check, keeps std::tanh.)
-static inline real tanh_fast(real u) {
+// tanh(u) = 1 - 2 / (exp(2u) + 1) with exp_v; u is clamped to +-9, where
+// tanh is 1 in float. (The double build keeps std::tanh.)
+static inline vreal tanh_v(vreal u) {
 #if MOE_DOUBLE
-    return std::tanh(u);
+    for (int i = 0; i < VL; i++) u[i] = std::tanh(u[i]);
+    return u;
 #else
-    u = u < -9.f ? -9.f : u > 9.f ? 9.f : u;  // (std::min and std::max also block vectorising)
-    return 1 - 2 / (exp_poly(2 * u) + 1);
+    return 1 - 2 / (exp_v(2 * vclamp(u, -9, 9)) + 1);
 #endif
 }
-// out = gelu(inp), th = tanh(u) saved for backward; n elements, in parallel chunks.
+// out = gelu(inp), th = tanh(u) saved for backward; n elements, in parallel
+// chunks, VL at a time (a last, partial vector goes through a padded copy).
 void fast::gelu_forward(real* out, real* th, const real* inp, int64_t n) {
     const int64_t chunk = 4096;
     parallel_for((int)((n + chunk - 1) / chunk), [=](int c0, int c1) {
+        auto gelu = [](const real* x_in, real* t_out, real* out_) {
+            const vreal x = vload(x_in), t = tanh_v(GELU_S * (x + (real)0.044715 * x * x * x));
+            vstore(t_out, t), vstore(out_, (real)0.5 * x * (1 + t));
+        };
         const int64_t i0 = c0 * chunk, i1 = std::min(n, c1 * chunk);
-        for (int64_t i = i0; i < i1; i++) {
-            real x = inp[i];
-            th[i] = tanh_fast(GELU_S * (x + (real)0.044715 * x * x * x));
-            out[i] = (real)0.5 * x * (1 + th[i]);
+        int64_t i = i0;
+        for (; i + VL <= i1; i += VL) gelu(inp + i, th + i, out + i);
+        if (i < i1) {
+            const size_t bytes = (i1 - i) * sizeof(real);
+            real x[VL] = {}, t[VL], o[VL];
+            std::memcpy(x, inp + i, bytes);
+            gelu(x, t, o);
+            std::memcpy(th + i, t, bytes), std::memcpy(out + i, o, bytes);
         }
     });
 }
@@ -5069,7 +5110,16 @@ static void softmax_row(real* a, int n) {
     real maxv = a[0];
     for (int j = 0; j < 8; j++) maxv = mx[j] > maxv ? mx[j] : maxv;
     for (int r = i; r < n; r++) maxv = a[r] > maxv ? a[r] : maxv;
-    for (int s = 0; s < n; s++) a[s] = exp_fast(a[s] - maxv);
+    // exp(a - max), VL at a time, the last vector through a padded copy
+    auto ex = [maxv](real* v) { vstore(v, exp_v(vclamp(vload(v) - maxv, -87, 0))); };  // exp(-87) = 1.6e-38: 0 here
+    int e = 0;
+    for (; e + VL <= n; e += VL) ex(a + e);
+    if (e < n) {
+        real v[VL] = {};
+        std::memcpy(v, a + e, (n - e) * sizeof(real));
+        ex(v);
+        std::memcpy(a + e, v, (n - e) * sizeof(real));
+    }
     for (i = 0; i + 8 <= n; i += 8)
         for (int j = 0; j < 8; j++) sm[j] += a[i + j];
     real sum = 0;
@@ -5117,16 +5167,44 @@ static inline int transpose_head(real* kt, const real* base, int koff, int h, in
         for (int j = 0; j < HS; j++) kt[j * ld + s] = base[(int64_t)s * 3 * C + koff + h * HS + j];
     return ld;
 }
+// A head's channels of rows 0..T of a sequence (qkv rows from base, channel
+// offset off), copied to dst as rows of HP: whole vectors, zero-padded. The
+// sums over positions below then keep a row's HV vectors in registers and
+// read consecutive memory.
+constexpr int HV = (HS + VL - 1) / VL, HP = HV * VL;
+static inline void copy_head(real* dst, const real* base, int64_t ld, int off, int h, int T) {
+    for (int t = 0; t < T; t++) {
+        real* d = dst + (int64_t)t * HP;
+        std::memcpy(d, base + t * ld + off + h * HS, HS * sizeof(real));
+        for (int j = HS; j < HP; j++) d[j] = 0;
+    }
+}
+// acc (HV vectors) += w[s] x_s over s = s0..s1 (rows of HP), s in order; then
+// dst[0..HS) += acc, or = acc when !add.
+static inline void sum_rows(real* dst, bool add, const real* w, int64_t ws, const real* x, int s0, int s1) {
+    vreal acc[HV] = {};
+    for (int s = s0; s <= s1; s++) {
+        const real ws_ = w[s * ws];
+        const real* xs = x + (int64_t)s * HP;
+#pragma GCC unroll 16
+        for (int v = 0; v < HV; v++) acc[v] += vload(xs + v * VL) * ws_;
+    }
+    real out[HP];
+#pragma GCC unroll 16
+    for (int v = 0; v < HV; v++) vstore(out + v * VL, acc[v]);
+    for (int j = 0; j < HS; j++) dst[j] = (add ? dst[j] : 0) + out[j];
+}
 void fast::attention_forward(real* y, real* att, const real* qkv, const int* start, const int* len,
                              const int64_t* att_off, int B, const real* drop) {
     const real scale = 1 / std::sqrt((real)HS);
     for (int b = 0; b < B; b++) g_flops += 2 * (int64_t)N_HEAD * len[b] * (len[b] + 1) * HS;  // q.k and att.v
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
-        real kt[HS * BLOCK_PAD];
+        real kt[HS * BLOCK_PAD], vh[BLOCK_SIZE * HP], masked[BLOCK_PAD];
         for (int i = i0; i < i1; i++) {
             int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
             const real* base = qkv + (int64_t)start[b] * 3 * C;
             const int ld = transpose_head(kt, base, C, h, T);
+            copy_head(vh, base, 3 * C, 2 * C, h, T);
             for (int t = 0; t < T; t++) {
                 real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
                 if (t % QR == 0)  // the scores of rows t..t+3, each up to the last of them (the rest is zeroed below)
@@ -5135,68 +5213,59 @@ void fast::attention_forward(real* y, real* att, const real* qkv, const int* sta
                 for (int s = 0; s <= t; s++) a[s] *= scale;
                 softmax_row(a, t + 1);
                 for (int s = t + 1; s < T; s++) a[s] = 0;
-                // y_t in a local array: the compiler must assume y might
-                // overlap att or qkv, and would otherwise store and reload
-                // it for every s.
-                real acc[HS] = {}, masked[BLOCK_PAD];
                 const real* w = a;  // the weights, or with dropout the masked weights
                 if (drop) {
                     const real* d = drop + (a - att);
                     for (int s = 0; s <= t; s++) masked[s] = a[s] * d[s];
                     w = masked;
                 }
-                for (int s = 0; s <= t; s++) {
-                    const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
-                    for (int j = 0; j < HS; j++) acc[j] += w[s] * v[j];
-                }
-                std::memcpy(y + ((int64_t)start[b] + t) * C + h * HS, acc, sizeof acc);
+                sum_rows(y + ((int64_t)start[b] + t) * C + h * HS, false, w, 1, vh, 0, t);
             }
         }
     });
 }
 #if !MOE_INFERENCE_ONLY
-// The backward pass, as section 6 derives it, with da from dots16 and dq
-// summed locally.
+// The backward pass, as section 6 derives it, with da from dots16. Each sum
+// is made whole where it is needed and added to dqkv once: dq_t over s for
+// each row t, and then dk_s and dv_s over t for each position s, from the
+// row's dz and weights kept in dz[t][s] and wt[t][s].
 void fast::attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, const int* start,
                               const int* len, const int64_t* att_off, int B, const real* drop) {
     const real scale = 1 / std::sqrt((real)HS);
     for (int b = 0; b < B; b++) g_flops += 4 * (int64_t)N_HEAD * len[b] * (len[b] + 1) * HS;  // twice the forward
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
+        thread_local std::vector<real> buf;  // T x T twice: too big for the stack when BLOCK_SIZE is
+        buf.resize(2 * (size_t)BLOCK_SIZE * BLOCK_SIZE + 3 * (size_t)BLOCK_SIZE * HP);
+        real *dz = buf.data(), *wt = dz + BLOCK_SIZE * BLOCK_SIZE, *qh = wt + BLOCK_SIZE * BLOCK_SIZE;
+        real *kh = qh + BLOCK_SIZE * HP, *gh = kh + BLOCK_SIZE * HP;  // this head's q, k and dy rows
         real da4[QR * BLOCK_PAD], vt[HS * BLOCK_PAD];  // vt: this head's values transposed, as kt in the forward pass
         for (int i = i0; i < i1; i++) {
             int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
             const real* base = qkv + (int64_t)start[b] * 3 * C;
             real* dbase = dqkv + (int64_t)start[b] * 3 * C;
+            const real* dyb = dy + (int64_t)start[b] * C;
             const int ld = transpose_head(vt, base, 2 * C, h, T);
+            copy_head(qh, base, 3 * C, 0, h, T), copy_head(kh, base, 3 * C, C, h, T), copy_head(gh, dyb, C, 0, h, T);
             for (int t = 0; t < T; t++) {
                 const real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
-                const real* dyt = dy + ((int64_t)start[b] + t) * C + h * HS;
-                const real* q = base + (int64_t)t * 3 * C + h * HS;
                 if (t % QR == 0)  // da of rows t..t+3
-                    dots16(da4, BLOCK_PAD, dyt, C, std::min(QR, T - t), vt, ld, std::min(t + QR, T));
+                    dots16(da4, BLOCK_PAD, dyb + (int64_t)t * C + h * HS, C, std::min(QR, T - t), vt, ld,
+                           std::min(t + QR, T));
                 const real* da = da4 + (t % QR) * BLOCK_PAD;
-                const real* w = a;  // the weights the values were summed with
-                real masked_w[BLOCK_PAD], masked_da[BLOCK_PAD];
-                if (drop) {
-                    const real* d = drop + (a - att);
-                    for (int s = 0; s <= t; s++) masked_w[s] = a[s] * d[s], masked_da[s] = da[s] * d[s];
-                    w = masked_w, da = masked_da;
-                }
+                const real* d = drop ? drop + (a - att) : nullptr;
+                real* w = wt + (int64_t)t * T;  // the weights the values were summed with
+                real* z = dz + (int64_t)t * T;
                 real sum = 0;
                 for (int s = 0; s <= t; s++) {
-                    real* dv = dbase + (int64_t)s * 3 * C + 2 * C + h * HS;
-                    for (int j = 0; j < HS; j++) dv[j] += w[s] * dyt[j];
-                    sum += a[s] * da[s];
+                    const real das = d ? da[s] * d[s] : da[s];
+                    w[s] = d ? a[s] * d[s] : a[s], z[s] = das, sum += a[s] * das;
                 }
-                real dq[HS] = {};  // summed over s here, added to dqkv once (as y in the forward pass)
-                for (int s = 0; s <= t; s++) {
-                    real dz = a[s] * (da[s] - sum) * scale;
-                    const real* k = base + (int64_t)s * 3 * C + C + h * HS;
-                    real* dk = dbase + (int64_t)s * 3 * C + C + h * HS;
-                    for (int j = 0; j < HS; j++) dq[j] += dz * k[j], dk[j] += dz * q[j];
-                }
-                real* dqt = dbase + (int64_t)t * 3 * C + h * HS;
-                for (int j = 0; j < HS; j++) dqt[j] += dq[j];
+                for (int s = 0; s <= t; s++) z[s] = a[s] * (z[s] - sum) * scale;
+                sum_rows(dbase + (int64_t)t * 3 * C + h * HS, true, z, 1, kh, 0, t);  // dq_t
+            }
+            for (int s = 0; s < T; s++) {
+                sum_rows(dbase + (int64_t)s * 3 * C + C + h * HS, true, dz + s, T, qh, s, T - 1);      // dk_s
+                sum_rows(dbase + (int64_t)s * 3 * C + 2 * C + h * HS, true, wt + s, T, gh, s, T - 1);  // dv_s
             }
         }
     });

@@ -39,6 +39,8 @@
 #include <tuple>
 #include <vector>
 #if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 #endif
 
