@@ -145,6 +145,9 @@ N positions that carry a target, S routing slots.
 #ifndef MOE_N_SHARED  // experts every token uses besides its K routed ones (DeepSeekMoE)
 #define MOE_N_SHARED 0
 #endif
+#ifndef MOE_BIAS_RATE  // > 0: loss-free balancing, a per-expert bias on the choice moved this much per step (DeepSeek-V3)
+#define MOE_BIAS_RATE 0
+#endif
 #ifndef MOE_INFERENCE_ONLY  // 1: no backward, no optimizer, no training
 #define MOE_INFERENCE_ONLY 0
 #endif
@@ -173,6 +176,7 @@ constexpr bool NOISY_GATE = MOE_NOISY_GATE;
 constexpr double CAPACITY_FACTOR = MOE_CAPACITY_FACTOR;
 constexpr double Z_COEF = MOE_Z_COEF;
 constexpr int NS = MOE_N_SHARED;
+constexpr double BIAS_RATE = MOE_BIAS_RATE;
 constexpr int BLOCK_SIZE = MOE_BLOCK_SIZE;
 constexpr bool NORM_TOPK = MOE_NORM_TOPK;
 constexpr bool INFERENCE_ONLY = MOE_INFERENCE_ONLY;
@@ -182,7 +186,8 @@ constexpr int MAX_VOCAB = 257;     // 256 byte values + the start/end marker
 static_assert(N_LAYER >= 1 && N_HEAD >= 1 && C >= 1 && F >= 1 && BLOCK_SIZE >= 2, "sizes must be positive");
 static_assert(C % N_HEAD == 0, "MOE_N_EMBD must be a multiple of MOE_N_HEAD");
 static_assert(E >= 1 && K >= 1 && K <= E, "need 1 <= MOE_TOP_K <= MOE_N_EXPERTS");
-static_assert(NS >= 0 && CAPACITY_FACTOR >= 0 && Z_COEF >= 0, "MoE variant constants must not be negative");
+static_assert(NS >= 0 && CAPACITY_FACTOR >= 0 && Z_COEF >= 0 && BIAS_RATE >= 0, "MoE variant constants must not be negative");
+static_assert(BIAS_RATE == 0 || E > 1, "bias balancing needs experts to choose between: MOE_N_EXPERTS > 1");
 static_assert(!NOISY_GATE || E > 1, "noisy gating needs experts to choose between: MOE_N_EXPERTS > 1");
 
 #if MOE_DOUBLE
@@ -375,6 +380,9 @@ static std::vector<TensorInfo> param_layout(int V) {
     add("lm_head.weight", {V, C});
     return t;
 }
+// Loss-free balancing's biases of layer l (MOE_BIAS_RATE), saved beside the
+// parameters under the layer's MoE, by the name DeepSeek-V3's code gives them.
+static std::string score_bias_name(int l) { return "transformer.h." + std::to_string(l) + ".moe.e_score_correction_bias"; }
 
 // Point the named fields at their tensors inside `base` (the parameters, or
 // the gradients, which share the layout). The order matches param_layout.
@@ -629,6 +637,13 @@ struct Ablation {
     const uint8_t* off = nullptr;  // [E] or null: no expert removed
     int skip = 0;
 };
+//
+// Loss-free balancing (MOE_BIAS_RATE; Wang et al. 2024, DeepSeek-V3) adds a
+// per-expert bias b to the scores the choice is made on, p + b, and to
+// nothing else: the gates are still taken from p. So b decides which experts
+// a token gets, never how much each counts, and carries no gradient. After
+// every training step, b moves towards an even load (bias_update, below)
+// instead of an aux loss pulling the router's probabilities there.
 // The most probable expert not yet taken (ties: the lower index).
 static int best_untaken(const real* p, const bool* taken) {
     int best = -1;
@@ -636,9 +651,14 @@ static int best_untaken(const real* p, const bool* taken) {
         if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
     return best;
 }
-static void topk_forward(int* chosen, real* gate, const real* probs, const uint8_t* valid, int M, Ablation ab = {}) {
+static void topk_forward(int* chosen, real* gate, const real* probs, const uint8_t* valid, int M, Ablation ab = {},
+                         const real* bias = nullptr) {
     for (int m = 0; m < M; m++) {
         const real* p = probs + (int64_t)m * E;
+        real biased[E];  // the scores the choice is made on
+        if (bias)
+            for (int e = 0; e < E; e++) biased[e] = p[e] + bias[e];
+        const real* score = bias ? biased : p;
         int* c = chosen + (int64_t)m * K;
         real* g = gate + (int64_t)m * K;
         if (!valid[m]) {
@@ -647,10 +667,10 @@ static void topk_forward(int* chosen, real* gate, const real* probs, const uint8
         }
         bool taken[E];  // ablated experts, and the token's `skip` best, are taken before it chooses
         for (int e = 0; e < E; e++) taken[e] = ab.off && ab.off[e];
-        for (int s = 0; s < ab.skip; s++) taken[best_untaken(p, taken)] = true;
+        for (int s = 0; s < ab.skip; s++) taken[best_untaken(score, taken)] = true;
         real sum = 0;
         for (int j = 0; j < K; j++) {  // K passes of "best not yet taken": K is tiny
-            const int best = best_untaken(p, taken);
+            const int best = best_untaken(score, taken);
             taken[best] = true;
             c[j] = best, g[j] = p[best], sum += p[best];
         }
@@ -720,6 +740,24 @@ static void aux_backward(real* dprobs, const real* f, const uint8_t* valid, int 
     for (int m = 0; m < M; m++)
         if (valid[m])
             for (int e = 0; e < E; e++) dprobs[(int64_t)m * E + e] += daux * E * f[e] / (real)n;
+}
+
+// Loss-free balancing's update (MOE_BIAS_RATE), after each training step,
+// from the share of the step's routing slots each expert of the layer got
+// (aux_forward's f): every bias moves by `rate` towards an even load,
+//   b_e += rate * sign(1/E - f_e),
+// up for an expert that got less than its share, down for one that got more.
+// Then their mean is taken out: only differences between the biases change a
+// choice, and this keeps them near zero.
+static void bias_update(real* bias, const real* f, double rate) {
+    double mean = 0;
+    for (int e = 0; e < E; e++) {
+        const double d = 1.0 / E - f[e];
+        bias[e] += (real)(rate * ((d > 0) - (d < 0)));
+        mean += bias[e];
+    }
+    mean /= E;
+    for (int e = 0; e < E; e++) bias[e] -= (real)mean;
 }
 #endif
 
@@ -1274,6 +1312,10 @@ struct Model {
     size_t n_params = 0;
     std::vector<real> params;
     Params p;
+    // Loss-free balancing's biases (MOE_BIAS_RATE; topk_forward): [N_LAYER, E].
+    // Model state, saved with the weights, but no parameter: no gradient, no
+    // AdamW moments. Empty when the build has no bias balancing.
+    std::vector<real> score_bias;
 #if !MOE_INFERENCE_ONLY
     std::vector<real> grads, adam_m, adam_v;  // same layout as params
     Params g;
@@ -1312,6 +1354,9 @@ struct Model {
 static Ablation ablation_of(const Model& m, int l) {
     return {m.ablated.empty() ? nullptr : &m.ablated[(size_t)l * E], m.skip_top};
 }
+static const real* score_bias_of(const Model& m, int l) {
+    return m.score_bias.empty() ? nullptr : &m.score_bias[(size_t)l * E];
+}
 
 // The parameters of one expert (c_fc and c_proj, weights and biases): what
 // the parameter count line subtracts E - K times per layer to give the
@@ -1323,7 +1368,7 @@ static Ablation ablation_of(const Model& m, int l) {
 //   (z-loss) -> the routed experts -> (plus the shared experts) -> out[M,C]
 // model_forward runs it for a batch, model_step for one sampled token.
 static void moe_forward(real* out, LayerActs& a, const real* x, const LayerParams& w, const uint8_t* valid, int M,
-                        Rng* train_rng, double capacity_factor, Ablation ab = {}) {
+                        Rng* train_rng, double capacity_factor, Ablation ab = {}, const real* bias = nullptr) {
     a.logits.resize((size_t)M * E), a.probs.resize((size_t)M * E), a.chosen.resize((size_t)M * K);
     a.gate.resize((size_t)M * K), a.f.resize(E);
     router_forward(a.logits.data(), x, w, M);
@@ -1336,7 +1381,7 @@ static void moe_forward(real* out, LayerActs& a, const real* x, const LayerParam
         z = a.noisy.data();
     }
     softmax_forward(a.probs.data(), z, M, E);
-    topk_forward(a.chosen.data(), a.gate.data(), a.probs.data(), valid, M, ab);
+    topk_forward(a.chosen.data(), a.gate.data(), a.probs.data(), valid, M, ab, bias);
     const int* routed = a.chosen.data();
     a.dropped = 0;
     if (capacity_factor > 0 && train_rng) {
@@ -1369,6 +1414,7 @@ static void model_init(Model& m, int V) {
     m.n_params = m.tensors.back().offset + m.tensors.back().size;
     m.params.assign(m.n_params, 0);
     point_params(m.p, m.params.data(), m.tensors);
+    m.score_bias.assign(BIAS_RATE > 0 ? (size_t)N_LAYER * E : 0, 0);
 #if !MOE_INFERENCE_ONLY
     m.grads.assign(m.n_params, 0), m.adam_m.assign(m.n_params, 0), m.adam_v.assign(m.n_params, 0);
     point_params(m.g, m.grads.data(), m.tensors);
@@ -1485,7 +1531,7 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
         residual_forward(a.x_mid.data(), a.x_mid.data(), a.x.data(), M);
         layernorm_forward(a.ln2.data(), a.ln2_mean.data(), a.ln2_rstd.data(), a.x_mid.data(), w.ln2_w, w.ln2_b, M);
         moe_forward(a.moe_out.data(), a, a.ln2.data(), w, m.valid.data(), M, m.train_rng, m.capacity_factor,
-                    ablation_of(m, l));
+                    ablation_of(m, l), score_bias_of(m, l));
         if (drop) apply_mask(a.moe_out.data(), a.moe_out.data(), a.moe_mask.data(), MC);
         m.aux_sum += a.aux, m.z_sum += a.z;
         m.dropped += a.dropped, m.slots += a.moe.offset[E] + a.dropped;
@@ -2516,6 +2562,13 @@ static void load_model(Model& m, const Checkpoint& ck) {
     if (!diff.empty())
         fail("checkpoint '" + ck.path + "' has " + diff + ": rebuild with" + flags + " (g++" + flags + " ... or cmake -B build" +
              flags + ")");
+    // Loss-free balancing's biases are part of the model (they change every
+    // choice): a build with them loads only checkpoints that have them.
+    const std::string br = ck.meta.count("bias_rate") ? meta_get(ck, "bias_rate") : "0";
+    if ((br != "0") != (BIAS_RATE > 0))
+        fail("checkpoint '" + ck.path + "' was trained " +
+             (br != "0" ? "with loss-free balancing (bias_rate=" + br + ")" : std::string("without loss-free balancing")) +
+             " but this binary was built with MOE_BIAS_RATE=" + fmt("%g", BIAS_RATE) + ": rebuild with -DMOE_BIAS_RATE=" + br);
     // (capacity_factor and z_coef change training, not the tensors: train()
     // checks them when resuming; any build may evaluate or sample.)
     // The data mode and the vocabulary: the vocabulary sets V, the size of
@@ -2538,6 +2591,10 @@ static void load_model(Model& m, const Checkpoint& ck) {
     for (const auto& t : m.tensors) {
         copy_tensor(m.params.data() + t.offset, ck, t.name, std::vector<int64_t>(t.shape.begin(), t.shape.end()), true);
         known.insert(t.name);
+    }
+    for (int l = 0; l < (int)m.score_bias.size() / E; l++) {
+        copy_tensor(&m.score_bias[(size_t)l * E], ck, score_bias_name(l), {E}, true);
+        known.insert(score_bias_name(l));
     }
     for (const auto& kv : ck.tensors)
         if (!known.count(kv.first)) fail("checkpoint '" + ck.path + "' has an unexpected tensor '" + kv.first + "'");
@@ -2830,7 +2887,7 @@ static void model_step(Model& m, KVCache& c, int tok) {
         linear_forward(c.proj.data(), c.y.data(), w.attn_proj_w, w.attn_proj_b, 1, C, C);
         for (int i = 0; i < C; i++) c.x[i] += c.proj[i];
         layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), w.ln2_w, w.ln2_b, 1);
-        moe_forward(c.out.data(), c.moe, c.ln.data(), w, &valid, 1, nullptr, 0, ablation_of(m, l));
+        moe_forward(c.out.data(), c.moe, c.ln.data(), w, &valid, 1, nullptr, 0, ablation_of(m, l), score_bias_of(m, l));
         for (int i = 0; i < C; i++) c.x[i] += c.out[i];
     }
     layernorm_forward(c.ln.data(), &mu, &rs, c.x.data(), m.p.lnf_w, m.p.lnf_b, 1);
@@ -3695,6 +3752,7 @@ static std::string config_string() {
                   BLOCK_SIZE, MOE_DOUBLE ? "double" : "float32", NOISY_GATE ? "on" : "off",
                   CAPACITY_FACTOR > 0 ? fmt("%g", CAPACITY_FACTOR).c_str() : "off",
                   Z_COEF > 0 ? fmt("%g", Z_COEF).c_str() : "off", NS);
+    if (BIAS_RATE > 0) return buf + fmt(", bias balancing rate %g", BIAS_RATE);
     return buf;
 }
 
@@ -3731,7 +3789,7 @@ static const TensorInfo* bad_gradient(const Model& m) {
 static Meta model_meta(const std::string& vocab, bool text, int context, int64_t step, int64_t seed, double best) {
     char b[64];
     std::snprintf(b, sizeof b, "%.17g", best);
-    return {{"format", "moe.cpp"},
+    Meta meta = {{"format", "moe.cpp"},
             {"n_layer", std::to_string(N_LAYER)},
             {"n_head", std::to_string(N_HEAD)},
             {"n_embd", std::to_string(C)},
@@ -3750,12 +3808,16 @@ static Meta model_meta(const std::string& vocab, bool text, int context, int64_t
             {"step", std::to_string(step)},
             {"seed", std::to_string(seed)},
             {"best_test_loss", b}};
+    if (BIAS_RATE > 0) meta["bias_rate"] = fmt("%g", BIAS_RATE);  // (absent: 0, as before the variant existed)
+    return meta;
 }
 
 static std::vector<SaveTensor> model_tensors(const Model& m) {
     std::vector<SaveTensor> ts;
     for (const auto& t : m.tensors)
         ts.push_back({t.name, std::vector<int64_t>(t.shape.begin(), t.shape.end()), m.params.data() + t.offset});
+    for (int l = 0; l < (int)m.score_bias.size() / E; l++)  // loss-free balancing's biases, named as DeepSeek-V3's
+        ts.push_back({score_bias_name(l), {E}, &m.score_bias[(size_t)l * E]});
     return ts;
 }
 
@@ -3870,7 +3932,8 @@ static void restore_training_state(Training& t, const Checkpoint& ck) {
     if (ck.meta.count("dropout_rng")) ok = meta_state(ck, "dropout_rng", &t.drop.state) && ok;
     // capacity and z-loss change training, not the tensors: only resuming must match them
     for (auto [key, value, macro] : {std::tuple{"capacity_factor", CAPACITY_FACTOR, "MOE_CAPACITY_FACTOR"},
-                                     std::tuple{"z_coef", Z_COEF, "MOE_Z_COEF"}}) {
+                                     std::tuple{"z_coef", Z_COEF, "MOE_Z_COEF"},
+                                     std::tuple{"bias_rate", BIAS_RATE, "MOE_BIAS_RATE"}}) {
         std::string v = ck.meta.count(key) ? meta_get(ck, key) : "0";
         if (v != fmt("%g", value))
             fail("checkpoint '" + ck.path + "' was trained with " + key + "=" + v + " but this binary was built with " +
@@ -4176,6 +4239,8 @@ static void final_report(Training& t, const Options& o) {
         if (o.grad_clip > 0) p.norm += clip_gradients(m, o.grad_clip);
         t.opt.lr = (float)(t.lr = lr_at(t.sched, t.step + 1));
         adamw_update(m, t.opt, ++t.step);
+        if (BIAS_RATE > 0)  // loss-free balancing: each layer's biases towards the load this step gave
+            for (int l = 0; l < N_LAYER; l++) bias_update(&m.score_bias[(size_t)l * E], m.L[l].f.data(), BIAS_RATE);
         p.ms += now_ms() - t0, p.tokens += m.n_targets, p.steps++;
         p.loss += loss, p.ce += m.ce, p.aux += m.aux_sum / N_LAYER, p.z += m.z_sum / N_LAYER;
         p.dropped += m.dropped, p.slots += m.slots;

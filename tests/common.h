@@ -40,6 +40,7 @@ static int g_checks = 0, g_failures = 0;
             if (router) w[i] = (real)(1.5 * r.normal());
         }
     }
+    for (auto& b : m.score_bias) b = (real)(0.3 * r.normal());  // loss-free balancing's biases, when built with them
 }
 
 // A batch shaped like line mode: each row has a random length, targets -1
@@ -111,7 +112,10 @@ static int g_checks = 0, g_failures = 0;
                 for (auto& v : p) v /= sum;
                 std::vector<int> order(E);
                 std::iota(order.begin(), order.end(), 0);
-                std::stable_sort(order.begin(), order.end(), [&](int a, int c) { return p[a] > p[c]; });
+                // the choice by p plus loss-free balancing's bias, if any; the gates from p alone
+                std::vector<double> score = p;
+                for (int e = 0; e < (int)m.score_bias.size() / N_LAYER; e++) score[e] += m.score_bias[(size_t)l * E + e];
+                std::stable_sort(order.begin(), order.end(), [&](int a, int c) { return score[a] > score[c]; });
                 double gs = 0;
                 for (int j = 0; j < K; j++) gs += p[order[j]];
                 for (int j = 0; j < K + NS; j++) {  // K routed experts, then the NS shared ones with weight 1

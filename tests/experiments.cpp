@@ -10,10 +10,11 @@
 // eval.log) stay in RUNS/<config>/seed<N>.
 //
 //   experiments --bin-dir DIR --data DIR --runs DIR --out DIR
-//               [--steps N] [--seeds N] [--jobs N] [--quick] [--reuse]
+//               [--steps N] [--seeds N] [--jobs N] [--quick] [--reuse] [--only NAME,...]
 //
 // --quick is a smoke run (300 steps, one seed), to see that it all works.
 // --reuse reads back the runs already in RUNS instead of training them again.
+// --only runs the named configs alone (e.g. one added to the grid).
 #include "cli.h"
 
 #include <thread>
@@ -22,7 +23,7 @@
 struct Config {
     const char *name, *bin, *flags, *what;
 };
-static const Config CONFIGS[] = {
+static const Config ALL_CONFIGS[] = {
     {"dense", "moe_exp_dense", "", "dense baseline: one MLP of width 4C (E=1)"},
     {"top1", "moe_exp_top1", "", "E=4, top-1, gate = router probability, aux 0.01"},
     {"top1-noaux", "moe_exp_top1", "--aux-coef 0", "the same without the load-balancing loss"},
@@ -30,7 +31,10 @@ static const Config CONFIGS[] = {
     {"top1-renorm", "moe_exp_top1_renorm", "", "E=4, top-1 with the gate renormalised to 1.0 (no router gradient)"},
     {"dense-active", "moe_exp_dense_active", "", "dense, width 8C: the active size of top2"},
     {"dense-total", "moe_exp_dense_total", "", "dense, width 16C: the total size of top2"},
+    {"top2-bias", "moe_exp_top2_bias", "--aux-coef 0",
+     "E=4, top-2, loss-free balancing (bias rate 1e-3), no aux loss"},
 };
+static std::vector<Config> CONFIGS;  // the grid's configs, or those --only names
 static const char* const DOMAINS[3] = {"names", "arith", "code"};
 
 // What one run measured.
@@ -39,6 +43,7 @@ struct Result {
     double test = NAN, dom[3] = {NAN, NAN, NAN}, greedy = NAN, sampled = NAN, ms = NAN, wall = NAN;
     int sampled_n = 0;
     std::vector<double> cv;       // per layer: coefficient of variation of the expert load
+    std::vector<double> maxvio;   // per layer: (max load - mean load) / mean load
     std::vector<double> mi_dom;   // per layer: I(domain; first expert) / H(domain)
     std::vector<double> mi_cls;   // per layer: I(byte class; first expert) / H(byte class)
     std::vector<std::vector<std::vector<double>>> route;  // [layer][domain][expert] shares
@@ -196,6 +201,8 @@ static Result run_one(const Config& c, const std::string& bin_dir, const std::st
                         // the population sd: the spread of these E numbers themselves
                         sd *= f_e.size() > 1 ? std::sqrt((double)(f_e.size() - 1) / (double)f_e.size()) : 0;
                         r.cv.push_back(mean > 0 && f_e.size() > 1 ? sd / mean : NAN);
+                        const double mx = f_e.empty() ? NAN : *std::max_element(f_e.begin(), f_e.end());
+                        r.maxvio.push_back(mean > 0 ? (mx - mean) / mean : NAN);
                     }
                 }
             }
@@ -256,6 +263,7 @@ int main(int argc, char** argv) {
     int64_t steps = 20000;
     int seeds = 3, jobs = 2, eval_interval = 1000;
     bool quick = false, reuse = false;
+    std::string only;
     for (int i = 1; i < argc; i++) {
         std::string a = argv[i];
         auto val = [&]() -> std::string {
@@ -274,20 +282,27 @@ int main(int argc, char** argv) {
         else if (a == "--jobs") jobs = std::atoi(val().c_str());
         else if (a == "--quick") quick = true;
         else if (a == "--reuse") reuse = true;
+        else if (a == "--only") only = "," + val() + ",";
         else {
             std::fprintf(stderr, "unknown option '%s'\nusage: experiments --bin-dir DIR --data DIR --runs DIR --out DIR "
-                                 "[--steps N] [--seeds N] [--jobs N] [--quick] [--reuse]\n", a.c_str());
+                                 "[--steps N] [--seeds N] [--jobs N] [--quick] [--reuse] [--only NAME,...]\n", a.c_str());
             return 2;
         }
     }
     if (bin_dir.empty() || data.empty() || runs.empty() || out.empty() || steps < 1 || seeds < 1 || jobs < 1) {
         std::fprintf(stderr, "usage: experiments --bin-dir DIR --data DIR --runs DIR --out DIR [--steps N] [--seeds N] "
-                             "[--jobs N] [--quick] [--reuse]\n");
+                             "[--jobs N] [--quick] [--reuse] [--only NAME,...]\n");
         return 2;
     }
     if (quick) steps = 300, seeds = 1, eval_interval = 100;
     eval_interval = (int)std::min<int64_t>(eval_interval, steps);
-    const int n_cfg = (int)(sizeof CONFIGS / sizeof CONFIGS[0]);
+    for (const Config& c : ALL_CONFIGS)
+        if (only.empty() || only.find(std::string(",") + c.name + ",") != std::string::npos) CONFIGS.push_back(c);
+    if (CONFIGS.empty()) {
+        std::fprintf(stderr, "--only %s names no config of the grid\n", only.substr(1, only.size() - 2).c_str());
+        return 2;
+    }
+    const int n_cfg = (int)CONFIGS.size();
     std::printf("domain-mix experiment: %d configs x %d seeds, %lld steps each, %d runs at a time\n", n_cfg, seeds,
                 (long long)steps, jobs);
     std::fflush(stdout);
@@ -333,7 +348,8 @@ int main(int argc, char** argv) {
     md += "- greedy: % of the 500 held-out prompts `a op b=` completed exactly right; sampled: % right of the "
           "free samples (of 1000) that are arithmetic\n";
     md += "- load CV: coefficient of variation of the expert load f on the test set, per layer (0 = perfectly even; "
-          "sqrt(E-1) = 1.73 = one expert takes all)\n";
+          "sqrt(E-1) = 1.73 = one expert takes all); MaxVio: (largest load - mean load) / mean load, per layer "
+          "(0 = even; E-1 = 3 = one expert takes all)\n";
     md += "- MI domain / MI class: I(domain; first-choice expert) / H(domain), and the same for the class of the byte "
           "read (letter, digit, operator, punctuation, line marker), per layer: 0 = the expert says nothing about it, "
           "1 = it determines it\n";
@@ -342,8 +358,8 @@ int main(int argc, char** argv) {
     md += "- ms/step (median of the progress lines) and wall s: two runs at a time on this machine's two cores, with "
           "whatever else ran beside them; rough figures, not a benchmark (`--target bench` is)\n\n";
     md += "| config | what | params (active) | test | names | arith | code | greedy % | sampled % | load CV per layer | "
-          "MI domain per layer | MI class per layer | fall in last 20% | ms/step | wall s |\n";
-    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+          "MaxVio per layer | MI domain per layer | MI class per layer | fall in last 20% | ms/step | wall s |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     auto per_layer = [&](int ci, std::vector<double> Result::*f) {
         std::string s;
         size_t n_l = 0;
@@ -375,6 +391,7 @@ int main(int argc, char** argv) {
               col([](const Result& r) { return r.dom[2]; }, "%.4f") + " | " +
               col([](const Result& r) { return r.greedy; }, "%.1f") + " | " +
               col([](const Result& r) { return r.sampled; }, "%.1f") + " | " + per_layer(ci, &Result::cv) + " | " +
+              per_layer(ci, &Result::maxvio) + " | " +
               per_layer(ci, &Result::mi_dom) + " | " + per_layer(ci, &Result::mi_cls) + " | " +
               col([](const Result& r) { return r.late_drop(); }, "%.4f") + " | " +
               col([](const Result& r) { return r.ms; }, "%.2f") + " | " +

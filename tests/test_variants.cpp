@@ -9,6 +9,10 @@
 //                 huge factor gives exactly the output of no limit
 //   z-loss        equals a direct computation, and is part of the loss
 //   shared        every token goes through every shared expert
+//   bias          loss-free balancing's bias changes the choice, never the
+//                 gates; its update follows the sign rule and keeps a zero
+//                 mean; a router frozen with a skewed bias is pulled back to
+//                 an even load by the updates alone
 #include "common.h"
 
 static double max_diff(const std::vector<real>& a, const std::vector<real>& b) {
@@ -133,6 +137,82 @@ int main() {
         int64_t slots = 0;
         for (const auto& a : m.L) slots += a.moe.offset[E];
         check(slots == (int64_t)N_LAYER * m.M * K, "routed experts: %lld slots = layers x rows x K", (long long)slots);
+    }
+    if (BIAS_RATE > 0) {
+        // The gates: with a bias that favours expert E-1 by far, every routed
+        // row takes it, and each gate is still p / (sum of the chosen p).
+        const int M = 64;
+        std::vector<real> probs((size_t)M * E), bias(E, 0), gate((size_t)M * K);
+        std::vector<int> chosen((size_t)M * K);
+        std::vector<uint8_t> valid(M, 1);
+        Rng r = make_rng(4, STREAM_INIT);
+        for (int i = 0; i < M; i++) {
+            double sum = 0;
+            for (int e = 0; e < E; e++) sum += probs[(size_t)i * E + e] = (real)(0.05 + r.uniform());
+            for (int e = 0; e < E; e++) probs[(size_t)i * E + e] /= (real)sum;
+        }
+        bias[E - 1] = 2;
+        topk_forward(chosen.data(), gate.data(), probs.data(), valid.data(), M, {}, bias.data());
+        int with_last = 0;
+        double gate_diff = 0;
+        for (int i = 0; i < M; i++) {
+            real s = 0;
+            for (int j = 0; j < K; j++) s += probs[(size_t)i * E + chosen[(size_t)i * K + j]], with_last += chosen[(size_t)i * K + j] == E - 1;
+            for (int j = 0; j < K; j++) {
+                const real p = probs[(size_t)i * E + chosen[(size_t)i * K + j]];
+                gate_diff = std::max(gate_diff, (double)std::fabs(gate[(size_t)i * K + j] - (NORM_TOPK ? p / s : p)));
+            }
+        }
+        check(with_last == M && gate_diff == 0, "a bias of +2 on expert %d: all %d rows take it (%d), and every gate is its "
+              "probability over the chosen ones' sum (max diff %.1e)", E - 1, M, with_last, gate_diff);
+        // The update: +rate for an expert under its share, -rate over it, 0 at it; then the mean is taken out.
+        std::vector<real> b(E, 0), f(E, (real)(1.0 / E));
+        f[0] = (real)(1.0 / E + 0.1), f[1] = (real)(1.0 / E - 0.1);
+        bias_update(b.data(), f.data(), 0.5);
+        double mean = 0;
+        for (real v : b) mean += v / E;
+        check(b[1] > b[0] && std::fabs(b[1] - b[0] - 1.0) < 1e-6 && std::fabs(mean) < 1e-7,
+              "bias_update moves an underloaded expert up by the rate and an overloaded one down (b1 - b0 = %.3f), "
+              "mean %.1e", (double)(b[1] - b[0]), mean);
+        // A frozen router with a skewed bias: each step routes 256 new tokens
+        // whose probabilities come from a fixed router (softmax of logits
+        // 2 N(0,1) for each expert, the same distribution for all experts),
+        // with expert 0's bias at +0.5 (the rest -0.5/(E-1)). The bias
+        // updates alone bring the load back to even. (The rule moves each
+        // bias by the sign of the step's error, so it evens out the load of
+        // the median step; over steps that vary, that is the mean load.)
+        const int R = 256;
+        std::vector<real> pr((size_t)R * E), sb(E), fl(E), gt((size_t)R * K);
+        std::vector<int> ch((size_t)R * K);
+        std::vector<uint8_t> ok(R, 1);
+        Rng pr_rng = make_rng(8, STREAM_INIT);
+        for (int e = 0; e < E; e++) sb[e] = e == 0 ? 0.5f : -0.5f / (E - 1);
+        auto step = [&](bool update) {  // one step's load (fl), then the update
+            for (int i = 0; i < R; i++) {
+                std::vector<real> z(E);
+                for (int e = 0; e < E; e++) z[e] = (real)(2 * pr_rng.normal());
+                softmax_forward(&pr[(size_t)i * E], z.data(), 1, E);
+            }
+            topk_forward(ch.data(), gt.data(), pr.data(), ok.data(), R, {}, sb.data());
+            aux_forward(fl.data(), pr.data(), ch.data(), ok.data(), R);
+            if (update) bias_update(sb.data(), fl.data(), 1e-3);
+        };
+        auto mean_dev = [&](bool update) {  // the worst expert's distance from the even share over 100 steps
+            std::vector<double> load(E, 0);
+            for (int i = 0; i < 100; i++) {
+                step(update);
+                for (int e = 0; e < E; e++) load[e] += fl[e] / 100;
+            }
+            double w = 0;
+            for (double v : load) w = std::max(w, std::fabs(v - 1.0 / E));
+            return w;
+        };
+        const double before = mean_dev(false);
+        for (int i = 0; i < 3000; i++) step(true);
+        const double after = mean_dev(true);
+        check(before > 0.2 && after < 0.01,
+              "a frozen router with a skewed bias: the worst expert's load is %.3f off the even %.3f before, %.3f "
+              "after 3000 bias updates (over the next 100 steps)", before, 1.0 / E, after);
     }
     return report("variants");
 }
