@@ -644,11 +644,12 @@ struct Ablation {
 // a token gets, never how much each counts, and carries no gradient. After
 // every training step, b moves towards an even load (bias_update, below)
 // instead of an aux loss pulling the router's probabilities there.
-// The most probable expert not yet taken (ties: the lower index).
-static int best_untaken(const real* p, const bool* taken) {
+
+// The expert with the highest score not yet taken (ties: the lower index).
+static int best_untaken(const real* score, const bool* taken) {
     int best = -1;
     for (int e = 0; e < E; e++)
-        if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+        if (!taken[e] && (best < 0 || score[e] > score[best])) best = e;
     return best;
 }
 static void topk_forward(int* chosen, real* gate, const real* probs, const uint8_t* valid, int M, Ablation ab = {},
@@ -3790,24 +3791,24 @@ static Meta model_meta(const std::string& vocab, bool text, int context, int64_t
     char b[64];
     std::snprintf(b, sizeof b, "%.17g", best);
     Meta meta = {{"format", "moe.cpp"},
-            {"n_layer", std::to_string(N_LAYER)},
-            {"n_head", std::to_string(N_HEAD)},
-            {"n_embd", std::to_string(C)},
-            {"n_experts", std::to_string(E)},
-            {"top_k", std::to_string(K)},
-            {"norm_topk", NORM_TOPK ? "1" : "0"},
-            {"ff", std::to_string(F)},
-            {"noisy_gate", NOISY_GATE ? "1" : "0"},
-            {"capacity_factor", fmt("%g", CAPACITY_FACTOR)},
-            {"z_coef", fmt("%g", Z_COEF)},
-            {"n_shared", std::to_string(NS)},
-            {"block_size", std::to_string(BLOCK_SIZE)},
-            {"mode", text ? "text" : "lines"},
-            {"context", std::to_string(context)},
-            {"vocab", hex_encode(vocab)},
-            {"step", std::to_string(step)},
-            {"seed", std::to_string(seed)},
-            {"best_test_loss", b}};
+                 {"n_layer", std::to_string(N_LAYER)},
+                 {"n_head", std::to_string(N_HEAD)},
+                 {"n_embd", std::to_string(C)},
+                 {"n_experts", std::to_string(E)},
+                 {"top_k", std::to_string(K)},
+                 {"norm_topk", NORM_TOPK ? "1" : "0"},
+                 {"ff", std::to_string(F)},
+                 {"noisy_gate", NOISY_GATE ? "1" : "0"},
+                 {"capacity_factor", fmt("%g", CAPACITY_FACTOR)},
+                 {"z_coef", fmt("%g", Z_COEF)},
+                 {"n_shared", std::to_string(NS)},
+                 {"block_size", std::to_string(BLOCK_SIZE)},
+                 {"mode", text ? "text" : "lines"},
+                 {"context", std::to_string(context)},
+                 {"vocab", hex_encode(vocab)},
+                 {"step", std::to_string(step)},
+                 {"seed", std::to_string(seed)},
+                 {"best_test_loss", b}};
     if (BIAS_RATE > 0) meta["bias_rate"] = fmt("%g", BIAS_RATE);  // (absent: 0, as before the variant existed)
     return meta;
 }
