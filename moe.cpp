@@ -41,7 +41,9 @@ so that a debugger steps through exactly the code one reads.
   5. The Mixture of Experts router, top-k gate, load-balancing loss,
                             experts; the variants: noisy gating, expert
                             capacity, router z-loss, shared and fine-grained
-                            experts; cross-entropy
+                            experts, loss-free balancing, sigmoid gates,
+                            top-p routing, balance per sequence;
+                            cross-entropy
   6. Attention, and the rest of the block: embedding, residual, layernorm,
                             causal self-attention
   7. The model              the layers wired together; saved activations
@@ -128,8 +130,8 @@ N positions that carry a target, S routing slots.
 #ifndef MOE_FF  // hidden width of each expert (GPT's MLP uses 4C)
 #define MOE_FF (4 * MOE_N_EMBD)
 #endif
-#ifndef MOE_NORM_TOPK  // renormalise the K chosen probabilities to sum to 1?
-#define MOE_NORM_TOPK (MOE_TOP_K > 1)
+#ifndef MOE_NORM_TOPK  // renormalise the K chosen probabilities to sum to 1? (top-p: no, section 5 says why)
+#define MOE_NORM_TOPK (MOE_TOP_K > 1 && !(MOE_TOP_P > 0))
 #endif
 // The MoE variants a reader can switch on, each explained where it lives
 // (section 5, "The Mixture of Experts"). All are off by default.
@@ -147,6 +149,18 @@ N positions that carry a target, S routing slots.
 #endif
 #ifndef MOE_BIAS_RATE  // > 0: loss-free balancing, a per-expert bias on the choice moved this much per step (DeepSeek-V3)
 #define MOE_BIAS_RATE 0
+#endif
+#ifndef MOE_SIGMOID_GATE  // 1: router scores sigmoid(logits) instead of a softmax (DeepSeek-V3)
+#define MOE_SIGMOID_GATE 0
+#endif
+#ifndef MOE_TOP_P  // > 0: dynamic routing, experts taken until their probability reaches P, at most MOE_TOP_K (Huang et al. 2024)
+#define MOE_TOP_P 0
+#endif
+#ifndef MOE_ENTROPY_COEF  // weight of top-p's router entropy loss (the paper's 1e-4)
+#define MOE_ENTROPY_COEF (MOE_TOP_P > 0 ? 1e-4 : 0)
+#endif
+#ifndef MOE_AUX_SCOPE  // where the aux loss measures balance: batch (the whole batch) or seq (each sequence, averaged)
+#define MOE_AUX_SCOPE batch
 #endif
 #ifndef MOE_INFERENCE_ONLY  // 1: no backward, no optimizer, no training
 #define MOE_INFERENCE_ONLY 0
@@ -177,6 +191,11 @@ constexpr double CAPACITY_FACTOR = MOE_CAPACITY_FACTOR;
 constexpr double Z_COEF = MOE_Z_COEF;
 constexpr int NS = MOE_N_SHARED;
 constexpr double BIAS_RATE = MOE_BIAS_RATE;
+constexpr bool SIGMOID_GATE = MOE_SIGMOID_GATE;
+constexpr double TOP_P = MOE_TOP_P;
+constexpr double ENTROPY_COEF = MOE_ENTROPY_COEF;
+enum class Scope { batch, seq };
+constexpr Scope AUX_SCOPE = Scope::MOE_AUX_SCOPE;  // -DMOE_AUX_SCOPE=seq names Scope::seq
 constexpr int BLOCK_SIZE = MOE_BLOCK_SIZE;
 constexpr bool NORM_TOPK = MOE_NORM_TOPK;
 constexpr bool INFERENCE_ONLY = MOE_INFERENCE_ONLY;
@@ -189,6 +208,12 @@ static_assert(E >= 1 && K >= 1 && K <= E, "need 1 <= MOE_TOP_K <= MOE_N_EXPERTS"
 static_assert(NS >= 0 && CAPACITY_FACTOR >= 0 && Z_COEF >= 0 && BIAS_RATE >= 0, "MoE variant constants must not be negative");
 static_assert(BIAS_RATE == 0 || E > 1, "bias balancing needs experts to choose between: MOE_N_EXPERTS > 1");
 static_assert(!NOISY_GATE || E > 1, "noisy gating needs experts to choose between: MOE_N_EXPERTS > 1");
+static_assert(TOP_P >= 0 && TOP_P <= 1 && ENTROPY_COEF >= 0, "MOE_TOP_P must be in [0, 1], MOE_ENTROPY_COEF >= 0");
+static_assert(!SIGMOID_GATE || E > 1, "sigmoid gates need experts to choose between: MOE_N_EXPERTS > 1");
+static_assert(ENTROPY_COEF == 0 || !SIGMOID_GATE, "the entropy loss needs probabilities: not with MOE_SIGMOID_GATE");
+static_assert(TOP_P == 0 || (E > 1 && !SIGMOID_GATE && BIAS_RATE == 0),
+              "top-p routing adds up probabilities that sum to 1 over the experts: it needs MOE_N_EXPERTS > 1 and the "
+              "softmax router, not MOE_SIGMOID_GATE or MOE_BIAS_RATE (a bias would change the choice, not the sum)");
 
 #if MOE_DOUBLE
 using real = double;
@@ -653,7 +678,7 @@ static int best_untaken(const real* score, const bool* taken) {
     return best;
 }
 static void topk_forward(int* chosen, real* gate, const real* probs, const uint8_t* valid, int M, Ablation ab = {},
-                         const real* bias = nullptr) {
+                         const real* bias = nullptr, double top_p = TOP_P) {
     for (int m = 0; m < M; m++) {
         const real* p = probs + (int64_t)m * E;
         real biased[E];  // the scores the choice is made on
@@ -671,12 +696,16 @@ static void topk_forward(int* chosen, real* gate, const real* probs, const uint8
         for (int s = 0; s < ab.skip; s++) taken[best_untaken(score, taken)] = true;
         real sum = 0;
         for (int j = 0; j < K; j++) {  // K passes of "best not yet taken": K is tiny
+            if (top_p > 0 && sum >= (real)top_p) {  // top-p (section 5's variants): enough mass, the rest stay empty
+                c[j] = -1, g[j] = 0;
+                continue;
+            }
             const int best = best_untaken(score, taken);
             taken[best] = true;
             c[j] = best, g[j] = p[best], sum += p[best];
         }
         if (NORM_TOPK)
-            for (int j = 0; j < K; j++) g[j] /= sum;
+            for (int j = 0; j < K && c[j] >= 0; j++) g[j] /= sum;
     }
 }
 #if !MOE_INFERENCE_ONLY
@@ -695,11 +724,11 @@ static void topk_backward(real* dprobs, const real* dgate, const int* chosen, co
         const real* g = gate + (int64_t)m * K;
         real* dp = dprobs + (int64_t)m * E;
         if (!NORM_TOPK) {
-            for (int j = 0; j < K; j++) dp[c[j]] += dg[j];
+            for (int j = 0; j < K && c[j] >= 0; j++) dp[c[j]] += dg[j];
         } else {
             real s = 0, dot = 0;
-            for (int j = 0; j < K; j++) s += probs[(int64_t)m * E + c[j]], dot += dg[j] * g[j];
-            for (int j = 0; j < K; j++) dp[c[j]] += (dg[j] - dot) / s;
+            for (int j = 0; j < K && c[j] >= 0; j++) s += probs[(int64_t)m * E + c[j]], dot += dg[j] * g[j];
+            for (int j = 0; j < K && c[j] >= 0; j++) dp[c[j]] += (dg[j] - dot) / s;
         }
     }
 }
@@ -709,7 +738,7 @@ static void topk_backward(real* dprobs, const real* dgate, const int* chosen, co
 // Left alone, a router collapses: the expert that is chosen a little more
 // often trains more, gets better, and is chosen more still. The aux loss
 //   aux = E * sum_i f_i * P_i
-//   f_i = fraction of the routing slots (N tokens x K) that went to expert i
+//   f_i = fraction of the routing slots (N tokens x K; top-p: those taken) that went to expert i
 //   P_i = mean router probability of expert i over the same N tokens
 // is smallest when both are uniform: f_i = P_i = 1/E gives aux = 1, and all
 // tokens on one expert gives f = P = one-hot and aux = E. f counts discrete
@@ -718,17 +747,18 @@ static void topk_backward(real* dprobs, const real* dgate, const int* chosen, co
 //   d aux / d p[m,i] = E * f_i / N    for each of the N routed rows m.
 // Only positions that carry a target count. Returns aux; f[E] is saved.
 static real aux_forward(real* f, const real* probs, const int* chosen, const uint8_t* valid, int M) {
-    int64_t n = 0;
+    int64_t n = 0, slots = 0;
     double P[E] = {}, cnt[E] = {};
     for (int m = 0; m < M; m++) {
         if (!valid[m]) continue;
         n++;
         for (int e = 0; e < E; e++) P[e] += probs[(int64_t)m * E + e];
-        for (int j = 0; j < K; j++) cnt[chosen[(int64_t)m * K + j]] += 1;
+        for (int j = 0; j < K; j++)
+            if (const int c = chosen[(int64_t)m * K + j]; c >= 0) cnt[c] += 1, slots++;
     }
     double aux = 0;
     for (int e = 0; e < E; e++) {
-        f[e] = n ? (real)(cnt[e] / ((double)n * K)) : 0;
+        f[e] = n ? (real)(cnt[e] / (double)slots) : 0;
         aux += n ? (double)f[e] * (P[e] / (double)n) : 0;
     }
     return (real)(E * aux);
@@ -1022,6 +1052,134 @@ static void zloss_backward(real* dlogits, const real* lse, const real* logits, c
 // to combine experts. The parameter counts at start (total, and active per
 // token) show the equal cost.
 
+// Sigmoid gates (MOE_SIGMOID_GATE; DeepSeek-V3). A softmax makes the experts
+// compete for one unit of probability: raising one score lowers every
+// other. DeepSeek-V3 scores each expert on its own instead,
+//   s_e = sigmoid(z_e)       in (0, 1), independent of the other experts
+// and the top-k choice and the gates read s where they read p: the gates are
+// s[top] / sum(s[top]) for K > 1. With K = 1 that normalisation would make
+// the gate the constant 1 and cut the router off from the loss (see
+// top-k's note), so K = 1 keeps the unnormalised gate s[top], as the
+// softmax router does. The aux loss needs numbers that sum to 1 over the
+// experts, so its P is taken from the normalised scores s'_e = s_e / S,
+// S = sum_e s_e, as DeepSeek-V3's balance loss does. Backward:
+//   sigmoid:        dz_e = ds_e * s_e (1 - s_e)
+//   normalisation:  ds'_i/ds_k = (delta_ik - s'_i) / S, so
+//                   ds_k += (ds'_k - sum_i ds'_i s'_i) / S
+// (DeepSeek-V3 also scales the gates by a constant, 2.5; here the expert
+// weights can learn any scale.)
+static void sigmoid_forward(real* s, const real* z, int64_t n) {
+    for (int64_t i = 0; i < n; i++) s[i] = 1 / (1 + std::exp(-z[i]));
+}
+// out[M,E] = s / (sum of its row): the scores as a distribution over the experts
+static void normalize_forward(real* out, const real* s, int M) {
+    for (int m = 0; m < M; m++) {
+        real sum = 0;
+        for (int e = 0; e < E; e++) sum += s[(int64_t)m * E + e];
+        for (int e = 0; e < E; e++) out[(int64_t)m * E + e] = s[(int64_t)m * E + e] / sum;
+    }
+}
+#if !MOE_INFERENCE_ONLY
+static void sigmoid_backward(real* dz, const real* ds, const real* s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dz[i] += ds[i] * s[i] * (1 - s[i]);
+}
+static void normalize_backward(real* ds, const real* dout, const real* out, const real* s, int M) {
+    for (int m = 0; m < M; m++) {
+        real sum = 0, dot = 0;
+        for (int e = 0; e < E; e++) sum += s[(int64_t)m * E + e], dot += dout[(int64_t)m * E + e] * out[(int64_t)m * E + e];
+        for (int e = 0; e < E; e++) ds[(int64_t)m * E + e] += (dout[(int64_t)m * E + e] - dot) / sum;
+    }
+}
+#endif
+
+// Dynamic top-p routing (MOE_TOP_P; Huang et al. 2024, "Harder tasks need
+// more experts"). Top-k gives every token K experts, the easy ones and the
+// hard ones alike. Top-p lets the router decide: a token takes experts in
+// order of probability until the probabilities taken add up to P, at least
+// one and at most MOE_TOP_K (topk_forward does the choosing). A confident
+// router (one expert at 0.9) spends one expert; an unsure one spends more.
+// So the cost per token is no longer a constant, and the progress line, the
+// evaluation and the routing explorer report the mean experts per token.
+// The gates are the raw probabilities, not renormalised over the experts
+// taken: a token with one expert would otherwise get the constant gate 1
+// and no router gradient. The loophole: a router that flattens its probabilities
+// buys more experts for every token, and more experts lower the loss. The
+// paper closes it with an entropy loss on the router's distribution, which
+// rewards being sure:
+//   ent = mean over routed tokens of H(p) = -sum_e p_e log p_e
+//   d ent / d p_e = -(log p_e + 1) / N
+// added to the loss with weight ENTROPY_COEF per layer. (A probability
+// that underflows to 0 would make log p infinite: it is read as 1e-30.)
+static real entropy_forward(const real* probs, const uint8_t* valid, int M) {
+    double sum = 0;
+    int64_t n = 0;
+    for (int m = 0; m < M; m++) {
+        if (!valid[m]) continue;
+        n++;
+        for (int e = 0; e < E; e++) {
+            const double p = std::max(probs[(int64_t)m * E + e], (real)1e-30);
+            sum -= p * std::log(p);
+        }
+    }
+    return n ? (real)(sum / (double)n) : 0;
+}
+#if !MOE_INFERENCE_ONLY
+static void entropy_backward(real* dprobs, const real* probs, const uint8_t* valid, int M, real dent) {
+    int64_t n = 0;
+    for (int m = 0; m < M; m++) n += valid[m];
+    for (int m = 0; m < M; m++) {
+        if (!valid[m]) continue;
+        for (int e = 0; e < E; e++) {
+            const real p = std::max(probs[(int64_t)m * E + e], (real)1e-30);
+            dprobs[(int64_t)m * E + e] -= dent * (std::log(p) + 1) / (real)n;
+        }
+    }
+}
+#endif
+
+// Where balance is measured (MOE_AUX_SCOPE; Qiu et al. 2025). The aux loss
+// above counts f and P over the whole batch: a batch is balanced when its
+// experts are, even if every sequence in it uses one expert only. With
+// MOE_AUX_SCOPE=seq the same loss is computed over each sequence (each
+// line, in line mode) on its own and averaged over the sequences,
+//   aux = (1 / B') sum_b aux(sequence b)     (B' sequences with a target)
+// which asks every sequence to spread its tokens over all experts
+// (DeepSeek-V3 adds such a loss, with a tiny weight, beside its bias
+// balancing). On data where each line is one domain, that is a pull
+// against experts specialising by domain; Qiu et al. predict it costs
+// quality. Each sequence's f is saved, fs[B,E]; backward is aux_backward
+// over each sequence's rows, with daux / B'. The batch-wide f is still
+// what the load reports and loss-free balancing read.
+struct Seqs {  // the sequences packed into M rows: rows start[b] .. start[b] + len[b]
+    const int* start = nullptr;
+    const int* len = nullptr;
+    int B = 0;
+};
+static int seqs_with_targets(const uint8_t* valid, Seqs sq) {
+    int n = 0;
+    for (int b = 0; b < sq.B; b++) n += std::any_of(valid + sq.start[b], valid + sq.start[b] + sq.len[b], [](uint8_t v) { return v; });
+    return n;
+}
+static real aux_seq_forward(real* fs, const real* probs, const int* chosen, const uint8_t* valid, Seqs sq) {
+    double sum = 0;
+    for (int b = 0; b < sq.B; b++) {
+        const int s = sq.start[b];
+        sum += aux_forward(fs + (int64_t)b * E, probs + (int64_t)s * E, chosen + (int64_t)s * K, valid + s, sq.len[b]);
+    }
+    const int n = seqs_with_targets(valid, sq);
+    return n ? (real)(sum / n) : 0;
+}
+#if !MOE_INFERENCE_ONLY
+static void aux_seq_backward(real* dprobs, const real* fs, const uint8_t* valid, Seqs sq, real daux) {
+    const int n = seqs_with_targets(valid, sq);
+    if (n == 0) return;
+    for (int b = 0; b < sq.B; b++) {
+        const int s = sq.start[b];
+        aux_backward(dprobs + (int64_t)s * E, fs + (int64_t)b * E, valid + s, sq.len[b], daux / (real)n);
+    }
+}
+#endif
+
 // --- cross-entropy of the next-token prediction, for positions whose target
 // is not -1. probs[M,V] (the softmax of the logits) is saved for backward.
 // Returns the summed loss (in double) and sets *count to the number of targets.
@@ -1281,7 +1439,7 @@ struct LayerActs {
     std::vector<real> x_mid;                    // [M,C] x + attn(ln_1(x))
     std::vector<real> ln2, ln2_mean, ln2_rstd;  // [M,C], [M], [M]
     std::vector<real> logits;                   // [M,E] router logits
-    std::vector<real> probs;                    // [M,E] router probabilities
+    std::vector<real> probs;                    // [M,E] router probabilities (sigmoid gates: the scores s)
     std::vector<int> chosen;                    // [M,K] chosen experts (-1: not routed)
     std::vector<real> gate;                     // [M,K] gate weights
     std::vector<real> f;                        // [E] fraction of slots per expert
@@ -1296,6 +1454,10 @@ struct LayerActs {
     real z = 0;                                   // this layer's z-loss
     std::vector<real> sh_h, sh_th, sh_hg;         // [NS,M,F] the shared experts' hidden layers
     std::vector<real> sh_y;                       // [M,C] scratch: one shared expert's output
+    std::vector<real> pnorm;                      // [M,E] sigmoid gates: the scores normalised, for the aux loss
+    std::vector<real> f_seq;                      // [B,E] aux scope seq: each sequence's f
+    bool seq_scope = false;                       // the aux loss was measured per sequence
+    real ent = 0;                                 // top-p: mean entropy of the router's probabilities
     bool noise_on = false;                        // noise was added in this forward pass
     // dropout's masks (--dropout, while training): 0 or 1/(1-P) per value
     std::vector<real> att_mask;             // laid out as att
@@ -1334,11 +1496,14 @@ struct Model {
     int64_t n_targets = 0;
     real aux_sum = 0, aux_coef = 0;
     real z_sum = 0;        // summed router z-loss (MOE_Z_COEF)
+    real ent_sum = 0;      // summed router entropy (top-p, MOE_ENTROPY_COEF)
     int64_t dropped = 0, slots = 0;  // routing slots dropped by capacity, of all slots
+    int64_t routed = 0;              // routed rows, summed over layers: slots / routed = experts per token
     // Set while training: noisy gating draws from it, and expert capacity
     // applies. Null at evaluation and sampling.
     Rng* train_rng = nullptr;
     double capacity_factor = CAPACITY_FACTOR;  // a variable so a test can compare factors in one binary
+    double top_p = TOP_P;                      // ... and top-p thresholds
     // Dropout (--dropout): its probability, and while training the generator
     // of its masks (null at evaluation and sampling: nothing is dropped).
     real dropout = 0;
@@ -1365,11 +1530,13 @@ static const real* score_bias_of(const Model& m, int l) {
 [[maybe_unused]] static int64_t expert_params() { return (int64_t)F * C + F + (int64_t)C * F + C; }
 
 // The MoE block for M rows, x = ln_2 of the residual stream:
-//   router logits -> (noise) -> softmax -> top-k -> (capacity) -> aux loss,
+//   router logits -> (noise) -> softmax (or sigmoid) -> top-k (or top-p)
+//   -> (capacity) -> aux loss (per batch, or per sequence of sq), (entropy),
 //   (z-loss) -> the routed experts -> (plus the shared experts) -> out[M,C]
 // model_forward runs it for a batch, model_step for one sampled token.
 static void moe_forward(real* out, LayerActs& a, const real* x, const LayerParams& w, const uint8_t* valid, int M,
-                        Rng* train_rng, double capacity_factor, Ablation ab = {}, const real* bias = nullptr) {
+                        Rng* train_rng, double capacity_factor, Ablation ab = {}, const real* bias = nullptr,
+                        Seqs sq = {}, double top_p = TOP_P) {
     a.logits.resize((size_t)M * E), a.probs.resize((size_t)M * E), a.chosen.resize((size_t)M * K);
     a.gate.resize((size_t)M * K), a.f.resize(E);
     router_forward(a.logits.data(), x, w, M);
@@ -1381,8 +1548,9 @@ static void moe_forward(real* out, LayerActs& a, const real* x, const LayerParam
         noise_forward(a.noisy.data(), a.noise_eps.data(), a.logits.data(), a.noise_u.data(), valid, M, *train_rng);
         z = a.noisy.data();
     }
-    softmax_forward(a.probs.data(), z, M, E);
-    topk_forward(a.chosen.data(), a.gate.data(), a.probs.data(), valid, M, ab, bias);
+    if (SIGMOID_GATE) sigmoid_forward(a.probs.data(), z, (int64_t)M * E);
+    else softmax_forward(a.probs.data(), z, M, E);
+    topk_forward(a.chosen.data(), a.gate.data(), a.probs.data(), valid, M, ab, bias, top_p);
     const int* routed = a.chosen.data();
     a.dropped = 0;
     if (capacity_factor > 0 && train_rng) {
@@ -1390,7 +1558,12 @@ static void moe_forward(real* out, LayerActs& a, const real* x, const LayerParam
         a.dropped = capacity_forward(a.routed.data(), a.chosen.data(), a.gate.data(), valid, M, capacity_factor);
         routed = a.routed.data();
     }
-    a.aux = aux_forward(a.f.data(), a.probs.data(), a.chosen.data(), valid, M);
+    const real* P = a.probs.data();  // what the aux loss averages: probabilities, or the normalised sigmoid scores
+    if (SIGMOID_GATE) a.pnorm.resize((size_t)M * E), normalize_forward(a.pnorm.data(), P, M), P = a.pnorm.data();
+    a.aux = aux_forward(a.f.data(), P, a.chosen.data(), valid, M);  // f over the batch, whatever the scope
+    a.seq_scope = AUX_SCOPE == Scope::seq && sq.B > 0;
+    if (a.seq_scope) a.f_seq.resize((size_t)sq.B * E), a.aux = aux_seq_forward(a.f_seq.data(), P, a.chosen.data(), valid, sq);
+    if (TOP_P > 0 || ENTROPY_COEF > 0) a.ent = entropy_forward(a.probs.data(), valid, M);
     if (Z_COEF > 0) a.lse.resize(M), a.z = zloss_forward(a.lse.data(), a.logits.data(), valid, M);
     experts_forward(out, a.moe, x, routed, a.gate.data(), w, M);
     if (NS > 0) {
@@ -1488,7 +1661,8 @@ static int64_t pack_batch(Model& m, const int* inputs, const int* targets, int B
 }
 
 // inputs, targets: [B,T]. targets may be null (sampling): then every position
-// is used and no loss is computed. Returns ce + aux_coef * aux_sum (+ Z_COEF * z_sum).
+// is used and no loss is computed. Returns ce + aux_coef * aux_sum (+ Z_COEF * z_sum,
+// + ENTROPY_COEF * ent_sum).
 // The cross-entropy is a mean over the positions with a target, so that the
 // loss of a batch of short names and one of long names are on one scale;
 // the aux loss is a sum over layers, each about 1 when balanced, so
@@ -1515,7 +1689,7 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
     const size_t MC = (size_t)M * C;
     encoder_forward(m.L[0].x.data(), m.tok.data(), m.pos.data(), m.p.wte, m.p.wpe, M);
     if (drop) dropout_mask(m.emb_mask, MC, m.dropout, *m.drop_rng), apply_mask(m.L[0].x.data(), m.L[0].x.data(), m.emb_mask.data(), MC);
-    m.aux_sum = 0, m.z_sum = 0, m.dropped = 0, m.slots = 0;
+    m.aux_sum = 0, m.z_sum = 0, m.ent_sum = 0, m.dropped = 0, m.slots = 0, m.routed = 0;
     for (int l = 0; l < N_LAYER; l++) {
         LayerActs& a = m.L[l];
         const LayerParams& w = m.p.h[l];
@@ -1532,10 +1706,11 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
         residual_forward(a.x_mid.data(), a.x_mid.data(), a.x.data(), M);
         layernorm_forward(a.ln2.data(), a.ln2_mean.data(), a.ln2_rstd.data(), a.x_mid.data(), w.ln2_w, w.ln2_b, M);
         moe_forward(a.moe_out.data(), a, a.ln2.data(), w, m.valid.data(), M, m.train_rng, m.capacity_factor,
-                    ablation_of(m, l), score_bias_of(m, l));
+                    ablation_of(m, l), score_bias_of(m, l), {m.start.data(), m.len.data(), B}, m.top_p);
         if (drop) apply_mask(a.moe_out.data(), a.moe_out.data(), a.moe_mask.data(), MC);
-        m.aux_sum += a.aux, m.z_sum += a.z;
+        m.aux_sum += a.aux, m.z_sum += a.z, m.ent_sum += a.ent;
         m.dropped += a.dropped, m.slots += a.moe.offset[E] + a.dropped;
+        m.routed += std::count(m.valid.begin(), m.valid.end(), 1);
         real* next = l + 1 < N_LAYER ? m.L[l + 1].x.data() : m.x_out.data();
         residual_forward(next, a.x_mid.data(), a.moe_out.data(), M);
     }
@@ -1547,14 +1722,14 @@ static double model_forward(Model& m, const int* inputs, const int* targets, int
     if (!targets) return 0;
     m.ce_sum = crossentropy_forward(m.probs.data(), m.logits.data(), m.targets.data(), M, V, &m.n_targets);
     m.ce = m.n_targets ? m.ce_sum / (double)m.n_targets : 0;
-    return m.ce + (double)aux_coef * m.aux_sum + Z_COEF * m.z_sum;
+    return m.ce + (double)aux_coef * m.aux_sum + Z_COEF * m.z_sum + ENTROPY_COEF * m.ent_sum;
 }
 
 #if !MOE_INFERENCE_ONLY
 struct Backward {  // scratch for gradients flowing between layers; reused by every layer
     std::vector<real> dres, dln, datty, dqkv, dlogits, dgate, dprobs, drouter;
     MoeGrad moe;
-    std::vector<real> dnoise, sh_dhg, sh_dh;  // the variants' scratch
+    std::vector<real> dnoise, sh_dhg, sh_dh, dpnorm;  // the variants' scratch
     std::vector<real> dmask;                  // [M,C] a branch's gradient through its dropout mask
 } g_bw;
 
@@ -1568,7 +1743,8 @@ struct Backward {  // scratch for gradients flowing between layers; reused by ev
 // logits' gradient, which (with the noise's and the z-loss's share) goes
 // through the router Linear into x. dx accumulates.
 static void moe_backward(real* dx, LayerParams& g, const real* dout, const LayerActs& a, const real* x,
-                         const LayerParams& p, const uint8_t* valid, int M, real aux_coef, real z_coef) {
+                         const LayerParams& p, const uint8_t* valid, int M, real aux_coef, real z_coef,
+                         real ent_coef = 0, Seqs sq = {}) {
     Backward& w = g_bw;
     w.dgate.assign((size_t)M * K, 0), w.dprobs.assign((size_t)M * E, 0), w.drouter.assign((size_t)M * E, 0);
     experts_backward(dx, w.dgate.data(), g, w.moe, dout, x, a.moe, a.gate.data(), p, M);
@@ -1578,8 +1754,14 @@ static void moe_backward(real* dx, LayerParams& g, const real* dout, const Layer
         mlp_backward(dx, g, w.sh_dhg.data(), w.sh_dh.data(), dout, x, &a.sh_h[o], &a.sh_th[o], &a.sh_hg[o], p, E + s, M);
     }
     topk_backward(w.dprobs.data(), w.dgate.data(), a.chosen.data(), a.gate.data(), a.probs.data(), M);
-    aux_backward(w.dprobs.data(), a.f.data(), valid, M, aux_coef);
-    softmax_backward(w.drouter.data(), w.dprobs.data(), a.probs.data(), M, E);  // d(logits the softmax read)
+    real* dP = w.dprobs.data();  // the aux loss's P: the probabilities, or the sigmoid scores normalised
+    if (SIGMOID_GATE) w.dpnorm.assign((size_t)M * E, 0), dP = w.dpnorm.data();
+    if (a.seq_scope) aux_seq_backward(dP, a.f_seq.data(), valid, sq, aux_coef);
+    else aux_backward(dP, a.f.data(), valid, M, aux_coef);
+    if (SIGMOID_GATE) normalize_backward(w.dprobs.data(), dP, a.pnorm.data(), a.probs.data(), M);
+    if (ent_coef != 0) entropy_backward(w.dprobs.data(), a.probs.data(), valid, M, ent_coef);
+    if (SIGMOID_GATE) sigmoid_backward(w.drouter.data(), w.dprobs.data(), a.probs.data(), (int64_t)M * E);
+    else softmax_backward(w.drouter.data(), w.dprobs.data(), a.probs.data(), M, E);  // d(logits the softmax read)
     if (a.noise_on) {
         w.dnoise.assign((size_t)M * E, 0);
         noise_backward(w.dnoise.data(), w.drouter.data(), a.noise_eps.data(), a.noise_u.data(), M);
@@ -1616,7 +1798,8 @@ static void model_backward(Model& m) {
         const real* dbranch = w.dres.data();
         if (m.dropped_out) w.dmask.resize(MC), apply_mask(w.dmask.data(), w.dres.data(), a.moe_mask.data(), MC), dbranch = w.dmask.data();
         zero(w.dln, (size_t)M * C);
-        moe_backward(w.dln.data(), g, dbranch, a, a.ln2.data(), p, m.valid.data(), M, m.aux_coef, (real)Z_COEF);
+        moe_backward(w.dln.data(), g, dbranch, a, a.ln2.data(), p, m.valid.data(), M, m.aux_coef, (real)Z_COEF,
+                     (real)ENTROPY_COEF, {m.start.data(), m.len.data(), m.B});
         layernorm_backward(w.dres.data(), g.ln2_w, g.ln2_b, w.dln.data(), a.x_mid.data(), p.ln2_w, a.ln2_mean.data(),
                            a.ln2_rstd.data(), M);
         // the attention half: x_mid = x + c_proj(attention(c_attn(ln_1(x))))
@@ -2549,7 +2732,8 @@ static void load_model(Model& m, const Checkpoint& ck) {
                   {"n_embd", C, "MOE_N_EMBD", -1},             {"n_experts", E, "MOE_N_EXPERTS", -1},
                   {"top_k", K, "MOE_TOP_K", -1},               {"block_size", BLOCK_SIZE, "MOE_BLOCK_SIZE", -1},
                   {"norm_topk", NORM_TOPK ? 1 : 0, "MOE_NORM_TOPK", -1}, {"ff", F, "MOE_FF", 4 * C},
-                  {"noisy_gate", NOISY_GATE, "MOE_NOISY_GATE", 0},       {"n_shared", NS, "MOE_N_SHARED", 0}};
+                  {"noisy_gate", NOISY_GATE, "MOE_NOISY_GATE", 0},       {"n_shared", NS, "MOE_N_SHARED", 0},
+                  {"sigmoid_gate", SIGMOID_GATE, "MOE_SIGMOID_GATE", 0}};
     // Every constant that differs is named at once, with one rebuild line
     // that sets them all.
     std::string diff, flags;
@@ -2559,6 +2743,14 @@ static void load_model(Model& m, const Checkpoint& ck) {
         diff += std::string(diff.empty() ? "" : ", ") + c.key + "=" + std::to_string(v) + " (this binary: " + c.macro + "=" +
                 std::to_string(c.compiled) + ")";
         flags += std::string(" -D") + c.macro + "=" + std::to_string(v);
+    }
+    // Top-p's threshold decides how many experts each token gets, at
+    // evaluation too: the build must have the one the model was trained with.
+    const std::string tp = ck.meta.count("top_p") ? meta_get(ck, "top_p") : "0";
+    if (tp != fmt("%g", TOP_P)) {
+        diff += std::string(diff.empty() ? "" : ", ") + "top_p=" + tp + " (0: top-k; this binary: MOE_TOP_P=" +
+                fmt("%g", TOP_P) + ")";
+        flags += " -DMOE_TOP_P=" + tp;
     }
     if (!diff.empty())
         fail("checkpoint '" + ck.path + "' has " + diff + ": rebuild with" + flags + " (g++" + flags + " ... or cmake -B build" +
@@ -2621,6 +2813,8 @@ struct EvalResult {
     double loss = 0;                 // mean cross-entropy, nats per predicted token
     int64_t tokens = 0;              // predicted tokens
     std::vector<double> load;        // [N_LAYER * E] fraction of routing slots per expert
+    double slots = 0, routed = 0;    // routing slots taken, rows routed (both summed over layers)
+    std::vector<double> experts;     // [N_LAYER] experts per token (top-p: it varies)
 };
 
 // Expert load per layer, e.g. "L0 0.25 0.25 0.25 0.25 | L1 ...": balanced
@@ -2633,6 +2827,14 @@ static std::string print_load(const std::vector<double>& load) {
         for (int e = 0; e < E; e++) std::snprintf(b, sizeof b, " %.2f", load[(size_t)l * E + e]), s += b;
     }
     return s;
+}
+
+// Top-p's experts per token, the mean over layers and then each layer's:
+// "1.634 (L0 1.20 L1 1.71 ...)". (With top-k it is K everywhere.)
+static std::string print_experts(const EvalResult& r) {
+    std::string s = fmt("%.3f (", r.routed > 0 ? r.slots / r.routed : NAN);
+    for (int l = 0; l < N_LAYER; l++) s += (l ? " L" : "L") + std::to_string(l) + fmt(" %.2f", r.experts[l]);
+    return s + ")";
 }
 
 // --- what the router did. The load says how much each expert gets; to see
@@ -2650,6 +2852,10 @@ struct Routing {
     std::vector<double> by_class;  // [N_LAYER, N_CLASS, E] the same, per class of the input byte
     std::vector<int16_t> picks;    // [probe token, N_LAYER, K] every choice of the probe's tokens
     std::vector<int> read, next;   // [probe token] the token read, and the one to predict
+    // Top-p: slots taken and tokens routed, summed over layers, per class of
+    // the byte read, and (last) from a '=' to the line's end: an answer.
+    std::vector<double> slots_by, rows_by;  // [N_CLASS + 1]
+    int eq = -1, newline = -1;              // the tokens of '=' and of a newline (text mode), -1 if none
 };
 static Routing routing_for(const std::string& vocab) {
     Routing r;
@@ -2660,6 +2866,9 @@ static Routing routing_for(const std::string& vocab) {
                         : c && std::strchr("+-*/=<>%", c) ? CLS_OPERATOR  // (strchr finds the NUL too)
                                                      : CLS_OTHER);
     r.first.assign((size_t)N_LAYER * E, 0), r.by_class.assign((size_t)N_LAYER * N_CLASS * E, 0);
+    r.slots_by.assign(N_CLASS + 1, 0), r.rows_by.assign(N_CLASS + 1, 0);
+    auto token_of = [&](char c) { size_t at = vocab.find(c); return at == std::string::npos ? -1 : 1 + (int)at; };
+    r.eq = token_of('='), r.newline = token_of('\n');
     return r;
 }
 // Routing counts of the last forward pass: the load into load[N_LAYER * E],
@@ -2676,6 +2885,19 @@ static void add_routing(std::vector<double>& load, Routing* rt, const Model& m) 
             if (e < 0) continue;
             rt->first[(size_t)l * E + e] += 1;
             rt->by_class[((size_t)l * N_CLASS + rt->cls[m.tok[i]]) * E + e] += 1;
+        }
+    }
+    for (int b = 0; rt && TOP_P > 0 && b < m.B; b++) {  // experts per token, by what the token reads
+        bool answer = false;  // at or after a '=' of this line
+        for (int i = m.start[b]; i < m.start[b] + m.len[b]; i++) {
+            const int tok = m.tok[i];
+            answer = (answer && tok != 0 && tok != rt->newline) || tok == rt->eq;
+            if (m.L[0].chosen[(size_t)i * K] < 0) continue;
+            double n = 0;
+            for (int l = 0; l < N_LAYER; l++)
+                for (int j = 0; j < K; j++) n += m.L[l].chosen[(size_t)i * K + j] >= 0;
+            rt->slots_by[rt->cls[tok]] += n, rt->rows_by[rt->cls[tok]] += N_LAYER;
+            if (answer) rt->slots_by[N_CLASS] += n, rt->rows_by[N_CLASS] += N_LAYER;
         }
     }
     for (int i = 0; rt && i < m.M && rt->read.size() < PROBE_TOKENS; i++) {
@@ -2696,7 +2918,7 @@ static bool picked(const int16_t* p, int e) {
     return false;
 }
 // Router saturation: the mean over probe tokens of |top-K now ∩ top-K at the
-// end| / K. 1: the routing is already the final one; a router that chooses
+// end| / K (top-p: over the number taken at the end). 1: the routing is already the final one; a router that chooses
 // at random scores K/E on average. Its rise against step shows when the
 // routing stops changing.
 static double saturation(const std::vector<int16_t>& now, const std::vector<int16_t>& end, int l) {
@@ -2704,9 +2926,9 @@ static double saturation(const std::vector<int16_t>& now, const std::vector<int1
     double sum = 0;
     for (size_t t = 0; t < n; t++) {
         const size_t at = (t * N_LAYER + l) * K;
-        int shared = 0;
-        for (int j = 0; j < K; j++) shared += picked(&end[at], now[at + j]);
-        sum += (double)shared / K;
+        int shared = 0, taken = 0;  // taken: K, or with top-p as many as the final routing took
+        for (int j = 0; j < K; j++) shared += now[at + j] >= 0 && picked(&end[at], now[at + j]), taken += end[at + j] >= 0;
+        sum += (double)shared / taken;
     }
     return n ? sum / (double)n : NAN;
 }
@@ -2718,9 +2940,9 @@ static double saturation(const std::vector<int16_t>& now, const std::vector<int1
 static std::vector<double> coactivation(const std::vector<int16_t>& picks, int l, std::vector<double>* counts = nullptr) {
     std::vector<double> both((size_t)E * E, 0), with(E, 0);
     for (size_t at = (size_t)l * K; at < picks.size(); at += (size_t)N_LAYER * K)
-        for (int j = 0; j < K; j++) {
+        for (int j = 0; j < K && picks[at + j] >= 0; j++) {  // (top-p leaves the last slots empty: -1)
             with[picks[at + j]] += 1;
-            for (int i = 0; i < K; i++)
+            for (int i = 0; i < K && picks[at + i] >= 0; i++)
                 if (i != j) both[(size_t)picks[at + j] * E + picks[at + i]] += 1;
         }
     if (counts) *counts = both;
@@ -2738,7 +2960,8 @@ static double vocab_specialisation(const std::vector<int16_t>& picks, const std:
     for (size_t t = 0; t < bytes.size() && (t + 1) * N_LAYER * K <= picks.size(); t++) {
         std::vector<double>& c = seen[bytes[t]];
         c.resize(E + 1);
-        for (int j = 0; j < K; j++) c[picks[(t * N_LAYER + l) * K + j]] += 1;
+        for (int j = 0; j < K; j++)
+            if (const int e = picks[(t * N_LAYER + l) * K + j]; e >= 0) c[e] += 1;
         c[E] += 1;
     }
     double sum = 0;
@@ -2750,9 +2973,11 @@ static double vocab_specialisation(const std::vector<int16_t>& picks, const std:
 // Turn sums into means: loss per token, and each layer's counts into fractions.
 static void finish(EvalResult& r, double sum) {
     r.loss = r.tokens ? sum / (double)r.tokens : NAN;
+    r.experts.resize(N_LAYER);
     for (int l = 0; l < N_LAYER; l++) {
         double n = 0;
         for (int e = 0; e < E; e++) n += r.load[(size_t)l * E + e];
+        r.experts[l] = r.routed > 0 ? n / (r.routed / N_LAYER) : NAN;
         for (int e = 0; e < E; e++) r.load[(size_t)l * E + e] /= n > 0 ? n : 1;
     }
 }
@@ -2772,7 +2997,7 @@ static EvalResult eval_lines(Model& m, const LineSet& lines, int T, size_t limit
         in.resize(which.size() * T), tg.resize(which.size() * T);
         lines_batch(in.data(), tg.data(), lines, which, T);
         model_forward(m, in.data(), tg.data(), (int)which.size(), T, 0);
-        sum += m.ce_sum, r.tokens += m.n_targets;
+        sum += m.ce_sum, r.tokens += m.n_targets, r.slots += (double)m.slots, r.routed += (double)m.routed;
         add_routing(r.load, rt, m);
     }
     finish(r, sum);
@@ -2798,7 +3023,7 @@ static EvalResult eval_text(Model& m, const std::vector<int>& toks, size_t limit
             B++, windows++, s += T;
         }
         model_forward(m, in.data(), tg.data(), B, T, 0);
-        sum += m.ce_sum, r.tokens += m.n_targets;
+        sum += m.ce_sum, r.tokens += m.n_targets, r.slots += (double)m.slots, r.routed += (double)m.routed;
         add_routing(r.load, rt, m);
     }
     finish(r, sum);
@@ -3013,6 +3238,13 @@ static void print_routing_by_class(const Routing& rt) {
         for (int c = 0; c < N_CLASS; c++)
             for (int e = 0; e < E; e++) counts[c][(size_t)l * E + e] = rt.by_class[((size_t)l * N_CLASS + c) * E + e];
     print_routing("routing by the class of the byte read: share of tokens whose first choice is expert e", rows, counts);
+    if (TOP_P == 0) return;
+    std::printf("experts per token (top-p, mean over layers) by the byte read:");
+    for (int c = 0; c <= N_CLASS; c++)
+        if (rt.rows_by[c] > 0)
+            std::printf("%s %s %.3f", c ? "," : "", c < N_CLASS ? CLASS_NAMES[c] : "from '=' to the line's end",
+                        rt.slots_by[c] / rt.rows_by[c]);
+    std::printf("\n");
 }
 
 // --- arithmetic: a line "a+b=c", "a-b=c" or "a*b=c" is right when c is the
@@ -3127,14 +3359,19 @@ static void route_line(Model& m, const std::string& vocab, bool text_mode, int c
     }
     if (!gates) return;
     std::printf("  byte ");
-    for (int l = 0; l < N_LAYER; l++) std::printf(" | L%-*d", 8 * K - 2, l);
+    for (int l = 0; l < N_LAYER; l++) std::printf(" | L%-*d", 8 * K - 2 + (TOP_P > 0 ? 4 : 0), l);
     std::printf("\n");
     for (int i = 0; i < T; i++) {
         std::printf("  %-4c ", shown[i]);
         for (int l = 0; l < N_LAYER; l++) {
             std::printf(" |");
-            for (int j = 0; j < K; j++)
-                std::printf(" e%-2d%.2f", m.L[l].chosen[(size_t)i * K + j], (double)m.L[l].gate[(size_t)i * K + j]);
+            int n = 0;  // top-p: how many experts the byte got in this layer
+            for (int j = 0; j < K; j++) {
+                const int e = m.L[l].chosen[(size_t)i * K + j];
+                if (e < 0) std::printf("        ");
+                else std::printf(" e%-2d%.2f", e, (double)m.L[l].gate[(size_t)i * K + j]), n++;
+            }
+            if (TOP_P > 0) std::printf(" (%d)", n);
         }
         std::printf("\n");
     }
@@ -3282,17 +3519,20 @@ struct LogRow {
     std::vector<double> val;   // the loss on each --val file
     std::vector<double> load;  // [N_LAYER * E] on the test split
     double lr = NAN;           // the learning rate of the step
+    double experts = NAN;      // top-p: experts per token on the test split (a column only then)
 };
 static std::string log_tsv(const std::vector<LogRow>& hist, const std::vector<std::string>& val_names) {
     std::string s = "step\ttrain\ttest\tlr";
     for (const auto& v : val_names) s += "\tval:" + v;
     for (int l = 0; l < N_LAYER; l++)
         for (int e = 0; e < E; e++) s += "\tload:L" + std::to_string(l) + "e" + std::to_string(e);
+    if (TOP_P > 0) s += "\texperts_per_token";
     s += "\n";
     for (const auto& r : hist) {
         s += std::to_string(r.step) + fmt("\t%.6f", r.train) + fmt("\t%.6f", r.test) + fmt("\t%.6e", r.lr);
         for (double v : r.val) s += fmt("\t%.6f", v);
         for (double v : r.load) s += fmt("\t%.5f", v);
+        if (TOP_P > 0) s += fmt("\t%.4f", r.experts);
         s += "\n";
     }
     return s;
@@ -3318,13 +3558,15 @@ static std::string log_tsv(const std::vector<LogRow>& hist, const std::vector<st
             if (end == p || (*end != '\t' && *end)) return {};
             if (!*end) break;
         }
-        if (f.size() != 4 + val_names.size() + (size_t)N_LAYER * E) return {};
+        const size_t n_load = (size_t)N_LAYER * E;
+        if (f.size() != 4 + val_names.size() + n_load + (TOP_P > 0)) return {};
         // the step must be a whole number in range: converting anything else to an integer is undefined
         if (!(f[0] >= 0 && f[0] <= 1e12 && f[0] == std::floor(f[0]))) return {};
         LogRow r;
         r.step = (int64_t)f[0], r.train = f[1], r.test = f[2], r.lr = f[3];
         r.val.assign(f.begin() + 4, f.begin() + 4 + val_names.size());
-        r.load.assign(f.begin() + 4 + val_names.size(), f.end());
+        r.load.assign(f.begin() + 4 + val_names.size(), f.begin() + 4 + val_names.size() + n_load);
+        if (TOP_P > 0) r.experts = f.back();
         if (r.step <= up_to) hist.push_back(r);
     }
     return hist;
@@ -3753,8 +3995,13 @@ static std::string config_string() {
                   BLOCK_SIZE, MOE_DOUBLE ? "double" : "float32", NOISY_GATE ? "on" : "off",
                   CAPACITY_FACTOR > 0 ? fmt("%g", CAPACITY_FACTOR).c_str() : "off",
                   Z_COEF > 0 ? fmt("%g", Z_COEF).c_str() : "off", NS);
-    if (BIAS_RATE > 0) return buf + fmt(", bias balancing rate %g", BIAS_RATE);
-    return buf;
+    std::string s = buf;
+    if (BIAS_RATE > 0) s += fmt(", bias balancing rate %g", BIAS_RATE);
+    if (SIGMOID_GATE) s += ", sigmoid gates";
+    if (TOP_P > 0) s += fmt(", top-p %g", TOP_P) + fmt(" (at most top-k; entropy loss %g)", ENTROPY_COEF);
+    else if (ENTROPY_COEF > 0) s += fmt(", entropy loss %g", ENTROPY_COEF);
+    if (AUX_SCOPE == Scope::seq) s += ", aux loss per sequence";
+    return s;
 }
 
 #if !MOE_INFERENCE_ONLY
@@ -3809,7 +4056,13 @@ static Meta model_meta(const std::string& vocab, bool text, int context, int64_t
                  {"step", std::to_string(step)},
                  {"seed", std::to_string(seed)},
                  {"best_test_loss", b}};
-    if (BIAS_RATE > 0) meta["bias_rate"] = fmt("%g", BIAS_RATE);  // (absent: 0, as before the variant existed)
+    // The variants added later are written only when on: absent means off,
+    // as before they existed.
+    if (BIAS_RATE > 0) meta["bias_rate"] = fmt("%g", BIAS_RATE);
+    if (SIGMOID_GATE) meta["sigmoid_gate"] = "1";
+    if (TOP_P > 0) meta["top_p"] = fmt("%g", TOP_P);
+    if (ENTROPY_COEF > 0) meta["entropy_coef"] = fmt("%g", ENTROPY_COEF);
+    if (AUX_SCOPE == Scope::seq) meta["aux_scope"] = "seq";
     return meta;
 }
 
@@ -3934,12 +4187,18 @@ static void restore_training_state(Training& t, const Checkpoint& ck) {
     // capacity and z-loss change training, not the tensors: only resuming must match them
     for (auto [key, value, macro] : {std::tuple{"capacity_factor", CAPACITY_FACTOR, "MOE_CAPACITY_FACTOR"},
                                      std::tuple{"z_coef", Z_COEF, "MOE_Z_COEF"},
-                                     std::tuple{"bias_rate", BIAS_RATE, "MOE_BIAS_RATE"}}) {
+                                     std::tuple{"bias_rate", BIAS_RATE, "MOE_BIAS_RATE"},
+                                     std::tuple{"entropy_coef", ENTROPY_COEF, "MOE_ENTROPY_COEF"}}) {
         std::string v = ck.meta.count(key) ? meta_get(ck, key) : "0";
         if (v != fmt("%g", value))
             fail("checkpoint '" + ck.path + "' was trained with " + key + "=" + v + " but this binary was built with " +
                  macro + "=" + fmt("%g", value) + ": to resume, rebuild with -D" + macro + "=" + v);
     }
+    const std::string scope = ck.meta.count("aux_scope") ? meta_get(ck, "aux_scope") : "batch";
+    if (scope != (AUX_SCOPE == Scope::seq ? "seq" : "batch"))
+        fail("checkpoint '" + ck.path + "' was trained with the aux loss per " + (scope == "seq" ? "sequence" : "batch") +
+             " (aux_scope=" + scope + ") but this binary was built with MOE_AUX_SCOPE=" +
+             (AUX_SCOPE == Scope::seq ? "seq" : "batch") + ": to resume, rebuild with -DMOE_AUX_SCOPE=" + scope);
     const std::string b = meta_get(ck, "best_test_loss");
     char* end = nullptr;
     t.best = std::strtod(b.c_str(), &end);
@@ -4096,9 +4355,13 @@ static void print_run_header(const Training& t, const Options& o) {
     else
         std::printf("data: %s, line mode: %zu train / %zu test lines, vocab %d, context %d\n", t.input.c_str(),
                     d.train.size(), d.test.size(), m.V, d.T);
-    std::printf("parameters: %zu total, %lld active per token (%d of %d experts%s)\n", m.n_params,
-                (long long)(m.n_params - (size_t)(expert * (E - K))), K, E,
+    std::printf("parameters: %zu total, %lld active per token (%s%d of %d experts%s)\n", m.n_params,
+                (long long)(m.n_params - (size_t)(expert * (E - K))), TOP_P > 0 ? "at most: " : "", K, E,
                 NS ? (", plus " + std::to_string(NS) + " shared").c_str() : "");
+    if (TOP_P > 0)  // top-p: the mean is measured as the run goes
+        std::printf("top-p %g: each token takes 1 to %d experts; experts per token (and so the active parameters, "
+                    "%lld per expert a token takes) in the progress and evaluation lines\n",
+                    TOP_P, K, (long long)expert);
     std::printf("training: batch %d, AdamW lr %g wd %g (%s), aux_coef %g, steps %lld\n", o.batch_size, o.learning_rate,
                 o.weight_decay, o.decay_2d ? "2-D parameters only" : "every parameter", o.aux_coef, (long long)o.max_steps);
     if (o.cosine || o.warmup_steps || o.grad_clip > 0 || o.dropout > 0)
@@ -4134,9 +4397,10 @@ static void evaluate_and_save(Training& t) {
     t.rt_test = routing_for(d.vocab), t.evaluated = true;
     EvalResult te = d.text ? eval_text(m, d.test_text, 256, &t.rt_test)
                            : eval_lines(m, no_test ? d.train : d.test, d.T, 1000, &t.rt_test);
-    std::printf("step %6lld | train loss %.4f | test loss %.4f | expert load %s\n", (long long)t.step, tr.loss,
-                no_test ? NAN : te.loss, print_load(te.load).c_str());
-    LogRow row{t.step, tr.loss, no_test ? NAN : te.loss, {}, te.load, t.lr};
+    std::printf("step %6lld | train loss %.4f | test loss %.4f | expert load %s%s\n", (long long)t.step, tr.loss,
+                no_test ? NAN : te.loss, print_load(te.load).c_str(),
+                TOP_P > 0 ? (" | experts/token " + print_experts(te)).c_str() : "");
+    LogRow row{t.step, tr.loss, no_test ? NAN : te.loss, {}, te.load, t.lr, te.routed > 0 ? te.slots / te.routed : NAN};
     t.rt_val.clear();
     for (size_t v = 0; v < t.val.size(); v++) {
         Routing rt = routing_for(d.vocab);
@@ -4166,14 +4430,18 @@ static void evaluate_and_save(Training& t) {
 // last step alone: a single batch's loss jumps by tenths from step to step,
 // and its mean over a hundred steps is what shows the trend.
 struct Progress {
-    double ms = 0, loss = 0, ce = 0, aux = 0, z = 0, norm = 0;  // norm: before clipping (--grad-clip)
-    int64_t tokens = 0, steps = 0, dropped = 0, slots = 0;
+    double ms = 0, loss = 0, ce = 0, aux = 0, z = 0, ent = 0, norm = 0;  // norm: before clipping (--grad-clip)
+    int64_t tokens = 0, steps = 0, dropped = 0, slots = 0, routed = 0;
 };
 static void print_progress(int64_t step, double lr, bool clip, const Progress& p) {
-    // the variants' figures, when built in: z-loss per layer, slots dropped by capacity
+    // the variants' figures, when built in: z-loss per layer, slots dropped
+    // by capacity, top-p's experts per token and router entropy per layer
     std::string extra = (Z_COEF > 0 ? fmt(" | z %.4f", p.z / p.steps) : "") +
                         (CAPACITY_FACTOR > 0 ? fmt(" | dropped %.2f%%", 100.0 * p.dropped / std::max<int64_t>(p.slots, 1))
                                              : "");
+    if (TOP_P > 0)
+        extra += fmt(" | experts/token %.3f", (double)p.slots / std::max<int64_t>(p.routed, 1)) +
+                 fmt(" | entropy %.4f", p.ent / p.steps);
     extra += fmt(" | lr %.3e", lr) + (clip ? fmt(" | norm %.3f", p.norm / p.steps) : "");
     std::printf("step %6lld | loss %.4f | ce %.4f | aux %.4f%s | %.2f ms/step | %.0f tok/s\n", (long long)step,
                 p.loss / p.steps, p.ce / p.steps, p.aux / p.steps, extra.c_str(), p.ms / p.steps,
@@ -4244,7 +4512,7 @@ static void final_report(Training& t, const Options& o) {
             for (int l = 0; l < N_LAYER; l++) bias_update(&m.score_bias[(size_t)l * E], m.L[l].f.data(), BIAS_RATE);
         p.ms += now_ms() - t0, p.tokens += m.n_targets, p.steps++;
         p.loss += loss, p.ce += m.ce, p.aux += m.aux_sum / N_LAYER, p.z += m.z_sum / N_LAYER;
-        p.dropped += m.dropped, p.slots += m.slots;
+        p.ent += m.ent_sum / N_LAYER, p.dropped += m.dropped, p.slots += m.slots, p.routed += m.routed;
         if (t.step % o.log_interval == 0 || t.step == o.max_steps)
             print_progress(t.step, t.lr, o.grad_clip > 0, p), p = Progress{};
         if (t.step % o.eval_interval == 0 || t.step == o.max_steps) evaluate_and_save(t);
@@ -4365,8 +4633,10 @@ static EvalResult eval_file(Loaded& l, const EvalFile& ef, Routing* rt) {
         const EvalResult r = eval_file(l, load_eval_file(l, f, "--eval"), &rt);
         std::printf("eval %s loss %.6f tokens %lld\n", f.c_str(), r.loss, (long long)r.tokens);
         std::printf("  expert load %s\n", print_load(r.load).c_str());
+        if (TOP_P > 0) std::printf("  experts per token %s\n", print_experts(r).c_str());
         by_file.push_back(rt.first);
         for (size_t i = 0; i < all.by_class.size(); i++) all.by_class[i] += rt.by_class[i];
+        for (int c = 0; c <= N_CLASS; c++) all.slots_by[c] += rt.slots_by[c], all.rows_by[c] += rt.rows_by[c];
     }
     if (E > 1 && !o.eval_files.empty()) {
         print_routing("routing by file: share of each file's tokens whose first choice is expert e", o.eval_files, by_file);

@@ -33,14 +33,14 @@ static double model_mb(const Model& m) {
         for (const auto* v : {&a.x, &a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.att, &a.atty, &a.x_mid, &a.ln2,
                               &a.ln2_mean, &a.ln2_rstd, &a.logits, &a.probs, &a.gate, &a.f, &a.moe_out, &a.moe.x,
                               &a.moe.h, &a.moe.th, &a.moe.hg, &a.moe.y, &a.noise_u, &a.noise_eps, &a.noisy, &a.lse,
-                              &a.sh_h, &a.sh_th, &a.sh_hg, &a.sh_y})
+                              &a.sh_h, &a.sh_th, &a.sh_hg, &a.sh_y, &a.pnorm, &a.f_seq})
             add(*v);
         add(a.chosen), add(a.routed), add(a.moe.slot_of), add(a.moe.slot_src);
     }
     for (const auto* v : {&m.x_out, &m.lnf, &m.lnf_mean, &m.lnf_rstd, &m.logits, &m.probs}) add(*v);
     for (const auto* v : {&g_bw.dres, &g_bw.dln, &g_bw.datty, &g_bw.dqkv, &g_bw.dlogits, &g_bw.dgate, &g_bw.dprobs,
                           &g_bw.drouter, &g_bw.moe.dy, &g_bw.moe.dhg, &g_bw.moe.dh, &g_bw.moe.dx, &g_bw.dnoise,
-                          &g_bw.sh_dhg, &g_bw.sh_dh})
+                          &g_bw.sh_dhg, &g_bw.sh_dh, &g_bw.dpnorm})
         add(*v);
     return bytes / (1024.0 * 1024.0);
 }
@@ -48,7 +48,7 @@ static double model_mb(const Model& m) {
 static std::string shape() {
     char b[96];
     std::snprintf(b, sizeof b, "L%d C%d E%d K%d T%d", N_LAYER, C, E, K, BLOCK_SIZE);
-    return b;
+    return TOP_P > 0 ? b + fmt(" p%g", TOP_P) : b;
 }
 
 #include "bench_run.h"
@@ -59,11 +59,11 @@ static void bench_train(const std::string& name, const std::string& data, bool t
     start_run(r, data, text, B);
     const Model& m = r.m;
     std::vector<double> ms;
-    int64_t tokens = 0, flops = 0;
+    int64_t tokens = 0, flops = 0, slots = 0, routed = 0;
     for (int step = 1; step <= 40; step++) {
         g_flops = 0;
         double t = train_step(r, step);
-        if (step > 10) ms.push_back(t), tokens += m.n_targets, flops += g_flops;
+        if (step > 10) ms.push_back(t), tokens += m.n_targets, flops += g_flops, slots += m.slots, routed += m.routed;
     }
     double med = median(ms), total = std::accumulate(ms.begin(), ms.end(), 0.0);
     uint64_t hash = 1469598103934665603ull;  // FNV-1a of the weights' bytes
@@ -75,6 +75,11 @@ static void bench_train(const std::string& name, const std::string& data, bool t
     std::printf("| %-10s | %-20s | %d | %8.2f | %9.0f | %7.1f | %7.1f | %7.1f | %016llx |\n", name.c_str(),
                 shape().c_str(), threads, med, tokens / (total / 1000), flops / (total / 1000) / 1e9, peak_mb(),
                 model_mb(m), (unsigned long long)hash);
+    if (TOP_P > 0)  // what a token used, on average, over the timed steps (a fresh router: near its most)
+        std::printf("| %-10s | top-p: %.2f experts per token (at most %d), %.0f of %zu parameters active per token |\n",
+                    name.c_str(), (double)slots / (double)routed, K,
+                    (double)m.n_params - (double)expert_params() * N_LAYER * (E - (double)slots / (double)routed),
+                    m.n_params);
 }
 
 // Two threads against one, side by side: one model, whose steps alternate

@@ -110,17 +110,22 @@ static int g_checks = 0, g_failures = 0;
                 double mx = *std::max_element(z.begin(), z.end()), sum = 0;
                 for (int e = 0; e < E; e++) sum += (p[e] = std::exp(z[e] - mx));
                 for (auto& v : p) v /= sum;
+                if (SIGMOID_GATE)  // sigmoid gates: each expert's score on its own
+                    for (int e = 0; e < E; e++) p[e] = 1 / (1 + std::exp(-z[e]));
                 std::vector<int> order(E);
                 std::iota(order.begin(), order.end(), 0);
                 // the choice by p plus loss-free balancing's bias, if any; the gates from p alone
                 std::vector<double> score = p;
                 for (int e = 0; e < (int)m.score_bias.size() / N_LAYER; e++) score[e] += m.score_bias[(size_t)l * E + e];
                 std::stable_sort(order.begin(), order.end(), [&](int a, int c) { return score[a] > score[c]; });
+                int n = K;  // top-k takes K; top-p stops once the probabilities taken reach TOP_P
                 double gs = 0;
-                for (int j = 0; j < K; j++) gs += p[order[j]];
-                for (int j = 0; j < K + NS; j++) {  // K routed experts, then the NS shared ones with weight 1
-                    int e = j < K ? order[j] : E + j - K;
-                    double g = j >= K ? 1 : NORM_TOPK ? p[e] / gs : p[e];
+                for (int j = 0; j < K; j++)
+                    if (TOP_P > 0 && gs >= TOP_P) n = std::min(n, j);
+                    else if (j < n) gs += p[order[j]];
+                for (int j = 0; j < n + NS; j++) {  // n routed experts, then the NS shared ones with weight 1
+                    int e = j < n ? order[j] : E + j - n;
+                    double g = j >= n ? 1 : NORM_TOPK ? p[e] / gs : p[e];
                     std::vector<double> hdn = lin(w.fc_w[e], w.fc_b[e], u, F);
                     for (auto& v : hdn) v = 0.5 * v * (1 + std::tanh(std::sqrt(2 / M_PI) * (v + 0.044715 * v * v * v)));
                     std::vector<double> y = lin(w.proj_w[e], w.proj_b[e], hdn, C);

@@ -33,6 +33,10 @@ static const Config ALL_CONFIGS[] = {
     {"dense-total", "moe_exp_dense_total", "", "dense, width 16C: the total size of top2"},
     {"top2-bias", "moe_exp_top2_bias", "--aux-coef 0",
      "E=4, top-2, loss-free balancing (bias rate 1e-3), no aux loss"},
+    {"sigmoid-bias", "moe_exp_top2_bias_sigmoid", "--aux-coef 0",
+     "top2-bias with sigmoid gates (DeepSeek-V3's router), no aux loss"},
+    {"top-p", "moe_exp_topp", "", "E=4, top-p 0.75 (1 to 4 experts), entropy loss 1e-4, aux 0.01"},
+    {"top2-seq", "moe_exp_top2_seq", "", "top2 with the aux loss per sequence (line), not per batch"},
 };
 static std::vector<Config> CONFIGS;  // the grid's configs, or those --only names
 static const char* const DOMAINS[3] = {"names", "arith", "code"};
@@ -44,6 +48,9 @@ struct Result {
     int sampled_n = 0;
     std::vector<double> cv;       // per layer: coefficient of variation of the expert load
     std::vector<double> maxvio;   // per layer: (max load - mean load) / mean load
+    std::vector<double> cv_run, maxvio_run;  // the same per layer, averaged over every evaluation of the run (log.tsv)
+    double experts_dom[3] = {NAN, NAN, NAN};  // top-p: experts per token on each domain's file
+    std::string experts_cls;                 // top-p: eval's "experts per token ... by the byte read" line
     std::vector<double> mi_dom;   // per layer: I(domain; first expert) / H(domain)
     std::vector<double> mi_cls;   // per layer: I(byte class; first expert) / H(byte class)
     std::vector<std::vector<std::vector<double>>> route;  // [layer][domain][expert] shares
@@ -59,6 +66,17 @@ struct Result {
         return before - curve.back().second;
     }
 };
+
+// The load CV (population sd / mean) and MaxVio ((max - mean) / mean) of one
+// layer's E loads.
+static void balance(const std::vector<double>& f_e, double* cv, double* maxvio) {
+    double mean = 0, ss = 0;
+    for (double x : f_e) mean += x / (double)f_e.size();
+    for (double x : f_e) ss += (x - mean) * (x - mean) / (double)f_e.size();
+    const double mx = f_e.empty() ? NAN : *std::max_element(f_e.begin(), f_e.end());
+    *cv = mean > 0 && f_e.size() > 1 ? std::sqrt(ss) / mean : NAN;
+    *maxvio = mean > 0 ? (mx - mean) / mean : NAN;
+}
 
 static double median(std::vector<double> v) {
     if (v.empty()) return NAN;
@@ -196,19 +214,21 @@ static Result run_one(const Config& c, const std::string& bin_dir, const std::st
                             if (end == q0) break;
                             f_e.push_back(x);
                         }
-                        double mean, sd;
-                        mean_sd(f_e, &mean, &sd);
-                        // the population sd: the spread of these E numbers themselves
-                        sd *= f_e.size() > 1 ? std::sqrt((double)(f_e.size() - 1) / (double)f_e.size()) : 0;
-                        r.cv.push_back(mean > 0 && f_e.size() > 1 ? sd / mean : NAN);
-                        const double mx = f_e.empty() ? NAN : *std::max_element(f_e.begin(), f_e.end());
-                        r.maxvio.push_back(mean > 0 ? (mx - mean) / mean : NAN);
+                        double cv, mv;
+                        balance(f_e, &cv, &mv);
+                        r.cv.push_back(cv), r.maxvio.push_back(mv);
                     }
                 }
             }
             for (int d = 0; d < 3; d++)
-                if (f == std::string("domain_") + DOMAINS[d] + "_val.txt") r.dom[d] = loss;
+                if (f == std::string("domain_") + DOMAINS[d] + "_val.txt") {
+                    r.dom[d] = loss;
+                    double ex;  // top-p builds print "  experts per token X (L0 ...)" after the load
+                    if (i + 2 < lines.size() && std::sscanf(lines[i + 2].text.c_str(), "  experts per token %lf", &ex) == 1)
+                        r.experts_dom[d] = ex;
+                }
         }
+        if (s.rfind("experts per token (top-p", 0) == 0) r.experts_cls = s.substr(s.find(':') + 2);
         int right, total, parsed, correct, n;
         if (std::sscanf(s.c_str(), "arith greedy: %d / %d", &right, &total) == 2) r.greedy = 100.0 * right / total;
         if (std::sscanf(s.c_str(), "arith sampled: %d samples, %d are arithmetic, %d", &n, &parsed, &correct) == 3)
@@ -234,14 +254,36 @@ static Result run_one(const Config& c, const std::string& bin_dir, const std::st
         for (const auto& kv : layer) counts.push_back(kv.second);
         r.mi_cls.push_back(norm_mi(counts));
     }
-    // log.tsv: the test loss (moe's own split of the training file) over training.
+    // log.tsv: the test loss (moe's own split of the training file) and the
+    // expert load (columns load:L<l>e<e>) at every evaluation.
     std::vector<Line> log = split_lines(slurp(dir + "/log.tsv"));
+    std::vector<std::pair<int, size_t>> load_col;  // (layer, column) of each load column, in order
+    if (!log.empty()) {
+        size_t col = 0;
+        for (size_t at = 0, next; at != std::string::npos; at = next == std::string::npos ? next : next + 1, col++) {
+            next = log[0].text.find('\t', at);
+            const std::string name = log[0].text.substr(at, next == std::string::npos ? next : next - at);
+            if (name.rfind("load:L", 0) == 0) load_col.push_back({std::atoi(name.c_str() + 6), col});
+        }
+    }
+    const int n_layers = load_col.empty() ? 0 : load_col.back().first + 1;
+    r.cv_run.assign(n_layers, 0), r.maxvio_run.assign(n_layers, 0);
     for (size_t i = 1; i < log.size(); i++) {
-        char* end;
-        double step = std::strtod(log[i].text.c_str(), &end);
-        std::strtod(end, &end);  // train loss
-        double test = std::strtod(end, &end);
-        r.curve.push_back({step, test});
+        std::vector<double> f;
+        const char* p = log[i].text.c_str();
+        for (char* end;; p = end + 1) {
+            f.push_back(std::strtod(p, &end));
+            if (*end != '\t') break;
+        }
+        r.curve.push_back({f[0], f.size() > 2 ? f[2] : NAN});
+        for (int l = 0; l < n_layers; l++) {
+            std::vector<double> f_e;
+            for (auto [layer, at] : load_col)
+                if (layer == l && at < f.size()) f_e.push_back(f[at]);
+            double cv, mv;
+            balance(f_e, &cv, &mv);
+            r.cv_run[l] += cv / (double)(log.size() - 1), r.maxvio_run[l] += mv / (double)(log.size() - 1);
+        }
     }
     r.ok = std::isfinite(r.test);
     return r;
@@ -349,7 +391,9 @@ int main(int argc, char** argv) {
           "free samples (of 1000) that are arithmetic\n";
     md += "- load CV: coefficient of variation of the expert load f on the test set, per layer (0 = perfectly even; "
           "sqrt(E-1) = 1.73 = one expert takes all); MaxVio: (largest load - mean load) / mean load, per layer "
-          "(0 = even; E-1 = 3 = one expert takes all)\n";
+          "(0 = even; E-1 = 3 = one expert takes all); over training: the same on moe's test split at every "
+          "evaluation (log.tsv), averaged over the evaluations\n";
+    md += "- experts/token: top-p's mean experts per token on each domain's file (names arith code); - for top-k, where it is K\n";
     md += "- MI domain / MI class: I(domain; first-choice expert) / H(domain), and the same for the class of the byte "
           "read (letter, digit, operator, punctuation, line marker), per layer: 0 = the expert says nothing about it, "
           "1 = it determines it\n";
@@ -358,8 +402,9 @@ int main(int argc, char** argv) {
     md += "- ms/step (median of the progress lines) and wall s: two runs at a time on this machine's two cores, with "
           "whatever else ran beside them; rough figures, not a benchmark (`--target bench` is)\n\n";
     md += "| config | what | params (active) | test | names | arith | code | greedy % | sampled % | load CV per layer | "
-          "MaxVio per layer | MI domain per layer | MI class per layer | fall in last 20% | ms/step | wall s |\n";
-    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+          "MaxVio per layer | load CV over training | MaxVio over training | experts/token | MI domain per layer | "
+          "MI class per layer | fall in last 20% | ms/step | wall s |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     auto per_layer = [&](int ci, std::vector<double> Result::*f) {
         std::string s;
         size_t n_l = 0;
@@ -391,12 +436,27 @@ int main(int argc, char** argv) {
               col([](const Result& r) { return r.dom[2]; }, "%.4f") + " | " +
               col([](const Result& r) { return r.greedy; }, "%.1f") + " | " +
               col([](const Result& r) { return r.sampled; }, "%.1f") + " | " + per_layer(ci, &Result::cv) + " | " +
-              per_layer(ci, &Result::maxvio) + " | " +
+              per_layer(ci, &Result::maxvio) + " | " + per_layer(ci, &Result::cv_run) + " | " +
+              per_layer(ci, &Result::maxvio_run) + " | " +
+              (std::isfinite(r0.experts_dom[0]) ? col([](const Result& r) { return r.experts_dom[0]; }, "%.2f") + " " +
+                                                      col([](const Result& r) { return r.experts_dom[1]; }, "%.2f") + " " +
+                                                      col([](const Result& r) { return r.experts_dom[2]; }, "%.2f")
+                                                : std::string("-")) + " | " +
               per_layer(ci, &Result::mi_dom) + " | " + per_layer(ci, &Result::mi_cls) + " | " +
               col([](const Result& r) { return r.late_drop(); }, "%.4f") + " | " +
               col([](const Result& r) { return r.ms; }, "%.2f") + " | " +
               col([](const Result& r) { return r.wall; }, "%.0f") + " |\n";
     }
+    // Top-p: experts per token by the byte read, each seed.
+    for (int ci = 0; ci < n_cfg; ci++)
+        for (int k = 0; k < seeds; k++)
+            if (!res[ci * seeds + k].experts_cls.empty()) {
+                if (md.find("## Experts per token") == std::string::npos)
+                    md += "\n## Experts per token by the byte read (top-p)\n\nOver the four evaluated files together (the mixed "
+                          "test set and the three domain validation files), mean over layers.\n\n";
+                md += std::string("- ") + CONFIGS[ci].name + ", seed " + std::to_string(k + 1) + ": " +
+                      res[ci * seeds + k].experts_cls + "\n";
+            }
     // Routing by domain of seed 1 of each MoE config (expert numbers are
     // arbitrary, so tables of different seeds cannot be averaged).
     md += "\n## Routing by domain (seed 1)\n\nShare of each domain's tokens whose first choice is expert e, per layer.\n";

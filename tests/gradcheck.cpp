@@ -2,7 +2,8 @@
 // input gradient, in double precision. Built several times by CMake with
 // small sizes: top-1 (gate = raw probability), top-2 (renormalised gates),
 // the dense baseline (one expert), and one build per MoE variant (noisy
-// gating, capacity, z-loss, shared experts, fine-grained experts).
+// gating, capacity, z-loss, shared experts, fine-grained experts, bias
+// balancing, sigmoid gates, top-p with its entropy loss, per-sequence aux).
 //
 // The model is run as in training (train_rng set), so noise and capacity
 // apply; every forward pass draws the same noise from a fresh copy of one
@@ -79,6 +80,17 @@ static void check_model() {
     if (CAPACITY_FACTOR > 0)  // else the capacity build would check nothing new
         check(m.dropped > 0, "capacity %.2f drops %lld of %lld routing slots in this batch", CAPACITY_FACTOR,
               (long long)m.dropped, (long long)m.slots);
+    if (ENTROPY_COEF > 0)
+        check(m.ent_sum * ENTROPY_COEF > 0.05 * m.ce, "entropy term %.3f is a visible part of the loss (ce %.3f)",
+              m.ent_sum * ENTROPY_COEF, m.ce);
+    if (TOP_P > 0) {  // the choice really varies: some tokens take one expert, some more
+        int64_t one = 0, more = 0;
+        for (const auto& a : m.L)
+            for (int i = 0; i < m.M; i++)
+                if (m.valid[i]) (K > 1 && a.chosen[(size_t)i * K + 1] >= 0 ? more : one)++;
+        check(one > 0 && more > 0, "top-p %.2f: %lld routed tokens took one expert, %lld took more", TOP_P, (long long)one,
+              (long long)more);
+    }
     if (Z_COEF > 0)
         check(m.z_sum * Z_COEF > 0.05 * m.ce, "z-loss term %.3f is a visible part of the loss (ce %.3f)", m.z_sum * Z_COEF, m.ce);
     if (GRADCHECK_DROPOUT > 0) {  // the masks really drop, and a fixed mask makes the loss a function of the weights
@@ -263,6 +275,27 @@ static void check_layers() {
             [&](const std::vector<real>& z) { return std::vector<real>{zloss_forward(lse.data(), z.data(), valid.data(), M)}; },
             [&](const std::vector<real>& z, const std::vector<real>& d) { std::vector<real> dz(z.size()); zloss_backward(dz.data(), lse.data(), z.data(), valid.data(), M, d[0]); return dz; }, 13);
     }
+
+    // The aux loss per sequence (MOE_AUX_SCOPE=seq; checked in every build),
+    // over two sequences of 4 and 2 rows, the last row padding.
+    std::vector<real> fs(2 * E);
+    const Seqs two{start.data(), len.data(), 2};
+    check_input("aux, per seq", sep,
+        [&](const std::vector<real>& x) { return std::vector<real>{aux_seq_forward(fs.data(), x.data(), chosen.data(), valid.data(), two)}; },
+        [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(x.size()); aux_seq_backward(dx.data(), fs.data(), valid.data(), two, d[0]); return dx; }, 15);
+    if (SIGMOID_GATE) {  // sigmoid scores, and their normalisation for the aux loss's P
+        std::vector<real> sg(M * E), nm(M * E);
+        check_input("sigmoid", randv(M * E, 2),
+            [&](const std::vector<real>& z) { sigmoid_forward(sg.data(), z.data(), M * E); return sg; },
+            [&](const std::vector<real>& z, const std::vector<real>& d) { std::vector<real> dz(z.size()); (void)z; sigmoid_backward(dz.data(), d.data(), sg.data(), M * E); return dz; }, 16);
+        check_input("normalisation", sep,
+            [&](const std::vector<real>& x) { normalize_forward(nm.data(), x.data(), M); return nm; },
+            [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(x.size()); normalize_backward(dx.data(), d.data(), nm.data(), x.data(), M); return dx; }, 17);
+    }
+    if (TOP_P > 0 || ENTROPY_COEF > 0)
+        check_input("entropy loss", sep,
+            [&](const std::vector<real>& x) { return std::vector<real>{entropy_forward(x.data(), valid.data(), M)}; },
+            [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(x.size()); entropy_backward(dx.data(), x.data(), valid.data(), M, d[0]); return dx; }, 18);
 
     std::vector<int> targets = {1, 0, -1, 5, 2, 3};
     std::vector<real> lprobs(M * V);

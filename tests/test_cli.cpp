@@ -94,6 +94,75 @@ static void test_threads() {
           "1, 2 and 3 threads print the same losses");
 }
 
+// Two builds that must train the same model: MOE (argument 2) and the one in
+// argument 3's place, e.g. top-p with a threshold near 0 (one expert a
+// token) and the top-1 build. Their metadata differ; every tensor must not.
+static std::string tensor_bytes(const std::string& path) {  // a safetensors file without its header
+    std::string f = slurp(path);
+    if (f.size() < 8) return "";
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; i--) n = n << 8 | (unsigned char)f[i];
+    return n + 8 <= f.size() ? f.substr(8 + n) : "";
+}
+static void test_same() {
+    std::string a = g_dir + "/a", b = g_dir + "/b";
+    Run ra = train(a, 30), rb = run(q(g_infer) + " -i " + q(g_small) + " -o " + q(b) +
+                                    " --max-steps 30 --eval-interval 20 --log-interval 10 --num-samples 3");
+    check(ra.code == 0 && rb.code == 0, "both builds train 30 steps (exit %d, %d)", ra.code, rb.code);
+    for (const char* f : {"/model.safetensors", "/last.safetensors"}) {
+        const std::string ta = tensor_bytes(a + f), tb = tensor_bytes(b + f);
+        check(!ta.empty() && ta == tb, "%s: every tensor byte-identical (%zu bytes of tensors)", f + 1, ta.size());
+    }
+}
+
+// A top-p build (argument 2): what it reports about the experts each token
+// took, and the threshold as part of the model (the default inference build,
+// argument 3, must refuse its checkpoint).
+static void test_topp() {
+    const std::string dir = g_dir + "/run";
+    Run r = train(dir, 40, "--threads 1");
+    check(r.code == 0 && has(r.out, "| experts/token ") && has(r.out, "| entropy ") && has(r.out, "at most: "),
+          "training prints experts per token, the router entropy and the range of active parameters");
+    std::vector<Line> log = split_lines(slurp(dir + "/log.tsv"));
+    bool in_range = log.size() == 3;  // the header and the evaluations at steps 20 and 40
+    for (size_t i = 1; i < log.size(); i++) {
+        const double x = std::strtod(log[i].text.c_str() + log[i].text.rfind('\t') + 1, nullptr);
+        in_range = in_range && x >= 1 && x <= K;
+    }
+    check(!log.empty() && has(log[0].text, "\texperts_per_token") && in_range,
+          "log.tsv has an experts_per_token column, between 1 and %d at every evaluation", K);
+    const std::string ck = " --checkpoint " + q(dir + "/model.safetensors");
+    Run ev = run(q(g_moe) + ck + " --eval " + q(g_small));
+    double ex = 0;
+    const size_t at = ev.out.find("  experts per token ");
+    if (at != std::string::npos) ex = std::strtod(ev.out.c_str() + at + 20, nullptr);
+    check(ev.code == 0 && ex >= 1 && ex <= K && has(ev.out, "experts per token (top-p, mean over layers) by the byte read: "),
+          "--eval prints experts per token for the file (%.3f) and by the class of byte read", ex);
+    Run rt = run(q(g_moe) + ck + " --route emma --gates");
+    // each byte's cell in each layer ends with "(n)": n must be the number of experts listed in it
+    int rows = 0, bad = 0;
+    for (const Line& l : split_lines(rt.out)) {
+        if (l.text.rfind("  ", 0) != 0 || l.text.find(" |") == std::string::npos || has(l.text, "byte")) continue;
+        rows++;
+        size_t p = l.text.find(" |");
+        while (p != std::string::npos) {
+            const size_t q2 = l.text.find(" |", p + 2);
+            const std::string cell = l.text.substr(p + 2, q2 == std::string::npos ? std::string::npos : q2 - p - 2);
+            int listed = 0;
+            for (size_t e = cell.find(" e"); e != std::string::npos; e = cell.find(" e", e + 2)) listed++;
+            const size_t open = cell.rfind('(');
+            bad += open == std::string::npos || std::atoi(cell.c_str() + open + 1) != listed || listed < 1;
+            p = q2;
+        }
+    }
+    check(rt.code == 0 && rows == 5 && bad == 0, "--route --gates: each of the %d bytes shows how many experts it got "
+          "in each layer, as many as it lists (%d wrong)", rows, bad);
+    Run other = run(q(g_infer) + ck + " --eval " + q(g_small));
+    check(other.code != 0 && has(other.out, "top_p=0.5") && has(other.out, "-DMOE_TOP_P=0.5"),
+          "a build without top-p refuses the checkpoint, naming the rebuild: %s",
+          other.out.substr(0, other.out.find('\n')).c_str());
+}
+
 static void test_bad_input() {
     std::string good = g_dir + "/good";
     check(train(good, 20).code == 0, "a good run to protect");
@@ -278,12 +347,14 @@ static void test_knockout() {
 }
 
 int main(int argc, char** argv) {
-    std::string group = setup(argc, argv, "resume|threads|bad-input|inference|knockout");
+    std::string group = setup(argc, argv, "resume|threads|bad-input|inference|knockout|same|topp");
     if (group == "resume") test_resume();
     else if (group == "threads") test_threads();
     else if (group == "bad-input") test_bad_input();
     else if (group == "inference") test_inference();
     else if (group == "knockout") test_knockout();
+    else if (group == "same") test_same();
+    else if (group == "topp") test_topp();
     else return std::fprintf(stderr, "unknown group %s\n", group.c_str()), 2;
     return report(("test_cli " + group).c_str());
 }

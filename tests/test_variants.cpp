@@ -13,6 +13,14 @@
 //                 gates; its update follows the sign rule and keeps a zero
 //                 mean; a router frozen with a skewed bias is pulled back to
 //                 an even load by the updates alone
+//   sigmoid       the scores are sigmoid(logits), the gates the chosen
+//                 scores normalised, the aux loss's P the normalised scores
+//   top-p         a token takes experts until their probability reaches p;
+//                 p near 1 gives every token the cap (K), p near 0 exactly
+//                 one, the most probable, with its probability as gate
+//   seq           the aux loss per sequence: for a batch of one line the
+//                 same, bit for bit, as over the batch (forward and
+//                 backward), and each sequence's own for a batch of several
 #include "common.h"
 
 static double max_diff(const std::vector<real>& a, const std::vector<real>& b) {
@@ -213,6 +221,138 @@ int main() {
         check(before > 0.2 && after < 0.01,
               "a frozen router with a skewed bias: the worst expert's load is %.3f off the even %.3f before, %.3f "
               "after 3000 bias updates (over the next 100 steps)", before, 1.0 / E, after);
+    }
+    if (SIGMOID_GATE) {
+        model_forward(m, in.data(), tg.data(), B, T, 0.01f);
+        double ws = 0, wg = 0, wa = 0;
+        for (int l = 0; l < N_LAYER; l++) {
+            const LayerActs& a = m.L[l];
+            std::vector<double> P(E, 0), cnt(E, 0);
+            double n = 0, slots = 0;
+            for (int r = 0; r < m.M; r++) {
+                double sum = 0, top = 0;
+                for (int e = 0; e < E; e++) {
+                    const double sg = 1 / (1 + std::exp(-(double)a.logits[(size_t)r * E + e]));
+                    ws = std::max(ws, std::fabs(sg - a.probs[(size_t)r * E + e]));
+                    sum += a.probs[(size_t)r * E + e];
+                }
+                for (int j = 0; j < K; j++) top += a.probs[(size_t)r * E + a.chosen[(size_t)r * K + j]];
+                for (int j = 0; j < K; j++) {
+                    const double g = a.probs[(size_t)r * E + a.chosen[(size_t)r * K + j]];
+                    wg = std::max(wg, std::fabs(a.gate[(size_t)r * K + j] - (NORM_TOPK ? g / top : g)));
+                }
+                if (!m.valid[r]) continue;
+                n++;
+                for (int e = 0; e < E; e++) P[e] += a.probs[(size_t)r * E + e] / sum;
+                for (int j = 0; j < K; j++) cnt[a.chosen[(size_t)r * K + j]]++, slots++;
+            }
+            double aux = 0;
+            for (int e = 0; e < E; e++) aux += E * (cnt[e] / slots) * (P[e] / n);
+            wa = std::max(wa, std::fabs(aux - a.aux));
+        }
+        check(ws < 1e-6 && wg < 1e-6 && wa < 1e-5,
+              "sigmoid gates: scores = sigmoid(logits) (max diff %.1e), gates = chosen scores over their sum (%.1e), "
+              "aux from the normalised scores (%.1e)", ws, wg, wa);
+    }
+    if (TOP_P > 0) {
+        // The rule, at the threshold the build has: experts in order of
+        // probability until they reach TOP_P, each gate its probability.
+        model_forward(m, in.data(), tg.data(), B, T, 0);
+        int64_t bad = 0, rows = 0, more = 0;
+        for (const auto& a : m.L)
+            for (int r = 0; r < m.M; r++) {
+                if (!m.valid[r]) continue;
+                rows++;
+                std::vector<int> order(E);
+                std::iota(order.begin(), order.end(), 0);
+                std::stable_sort(order.begin(), order.end(),
+                                 [&](int x, int y) { return a.probs[(size_t)r * E + x] > a.probs[(size_t)r * E + y]; });
+                real mass = 0;
+                int n = 0;
+                while (n < K && (n == 0 || mass < (real)TOP_P)) mass += a.probs[(size_t)r * E + order[n++]];
+                more += n > 1;
+                for (int j = 0; j < K; j++) {
+                    const int c = a.chosen[(size_t)r * K + j];
+                    bad += j < n ? c != order[j] || a.gate[(size_t)r * K + j] != a.probs[(size_t)r * E + c] : c != -1;
+                }
+            }
+        check(bad == 0 && more > 0 && more < rows,
+              "top-p %g: every routed token takes experts in order until they reach it (%lld of %lld take more than "
+              "one), gates = probabilities (%lld wrong)", TOP_P, (long long)more, (long long)rows, (long long)bad);
+        auto taken = [&](double p, int64_t* with_cap, int64_t* with_one, double* gate_diff) {
+            m.top_p = p;
+            model_forward(m, in.data(), tg.data(), B, T, 0);
+            m.top_p = TOP_P;
+            *with_cap = *with_one = 0, *gate_diff = 0;
+            for (const auto& a : m.L)
+                for (int r = 0; r < m.M; r++) {
+                    if (!m.valid[r]) continue;
+                    int n = 0;
+                    for (int j = 0; j < K; j++) n += a.chosen[(size_t)r * K + j] >= 0;
+                    *with_cap += n == K, *with_one += n == 1;
+                    const real* pr = &a.probs[(size_t)r * E];
+                    if (n == 1)  // the single expert is the most probable, with its probability as gate
+                        *gate_diff = std::max(*gate_diff, (double)std::fabs(*std::max_element(pr, pr + E) - a.gate[(size_t)r * K]) +
+                                                              (pr[a.chosen[(size_t)r * K]] != *std::max_element(pr, pr + E)));
+                }
+            return rows;
+        };
+        int64_t cap, one;
+        double gd;
+        // p near 1, on a router made unsure (its weights / 10), so that no
+        // single probability reaches p on its own
+        const std::vector<real> keep = m.params;
+        for (int l = 0; l < N_LAYER; l++)
+            for (int i = 0; i < E * C; i++) m.p.h[l].router_w[i] /= 10;
+        taken(0.999, &cap, &one, &gd);
+        m.params = keep;
+        check(cap == rows, "p = 0.999: all %lld routed tokens of every layer take the cap, %d experts (%lld)",
+              (long long)rows, K, (long long)cap);
+        taken(1e-6, &cap, &one, &gd);
+        check(one == rows && gd == 0, "p = 1e-6: all %lld take exactly one expert (%lld), the most probable, gate = its "
+              "probability (max diff %.1e)", (long long)rows, (long long)one, gd);
+        m.top_p = TOP_P;
+    }
+    if (AUX_SCOPE == Scope::seq) {
+        // Where the aux loss is measured, one MoE layer run directly: over
+        // the batch (no sequences given) or per sequence.
+        const int Bq = 3, Tq = 5, Mq = Bq * Tq;
+        std::vector<real> x((size_t)Mq * C), out((size_t)Mq * C), dout((size_t)Mq * C);
+        Rng xr = make_rng(12, STREAM_SAMPLE);
+        for (auto& v : x) v = (real)xr.normal();
+        for (auto& v : dout) v = (real)xr.normal();
+        std::vector<uint8_t> ok(Mq, 1);
+        ok[Mq - 1] = 0;  // a padding row
+        std::vector<int> st = {0, Tq, 2 * Tq}, ln = {Tq, Tq, Tq};
+        auto layer = [&](Seqs sq, int M) {  // (aux, dx, router gradient) of layer 0 over the first M rows
+            LayerActs a;
+            moe_forward(out.data(), a, x.data(), m.p.h[0], ok.data(), M, nullptr, 0, {}, score_bias_of(m, 0), sq);
+            std::fill(m.grads.begin(), m.grads.end(), 0);
+            std::vector<real> dx((size_t)M * C, 0);
+            moe_backward(dx.data(), m.g.h[0], dout.data(), a, x.data(), m.p.h[0], ok.data(), M, 0.5f, 0, 0, sq);
+            std::vector<real> gr(m.g.h[0].router_w, m.g.h[0].router_w + E * C);
+            return std::tuple{a.aux, dx, gr};
+        };
+        const auto [aux_b, dx_b, gr_b] = layer({}, Tq);
+        const auto [aux_s, dx_s, gr_s] = layer({st.data(), ln.data(), 1}, Tq);
+        check(aux_b == aux_s && dx_b == dx_s && gr_b == gr_s,
+              "aux per sequence, for a batch of one line: the same as per batch, bit for bit (aux %.6f, its input and "
+              "router gradients)", (double)aux_b);
+        const auto [aux_b3, dx_b3, gr_b3] = layer({}, Mq);
+        const auto [aux_s3, dx_s3, gr_s3] = layer({st.data(), ln.data(), Bq}, Mq);
+        double each = 0;
+        for (int b = 0; b < Bq; b++) {
+            LayerActs a;
+            std::vector<real> o1((size_t)Tq * C);
+            moe_forward(o1.data(), a, &x[(size_t)b * Tq * C], m.p.h[0], &ok[b * Tq], Tq, nullptr, 0, {}, score_bias_of(m, 0));
+            each += a.aux / Bq;
+        }
+        check(aux_s3 != aux_b3 && std::fabs(aux_s3 - each) < 1e-6 && dx_s3 != dx_b3,
+              "for %d lines: the mean of each line's aux (%.6f = %.6f), not the batch's (%.6f)", Bq, (double)aux_s3,
+              each, (double)aux_b3);
+        // the model uses the scope the build names
+        model_forward(m, in.data(), tg.data(), B, T, 0.01f);
+        check(m.L[0].seq_scope, "the model measures the aux loss per sequence, as built");
     }
     return report("variants");
 }
