@@ -2918,9 +2918,9 @@ static bool picked(const int16_t* p, int e) {
     return false;
 }
 // Router saturation: the mean over probe tokens of |top-K now ∩ top-K at the
-// end| / K (top-p: over the number taken at the end). 1: the routing is already the final one; a router that chooses
-// at random scores K/E on average. Its rise against step shows when the
-// routing stops changing.
+// end| / K (top-p: over the number taken at the end). 1: the routing is
+// already the final one; a router that chooses at random scores K/E on
+// average. Its rise against step shows when the routing stops changing.
 static double saturation(const std::vector<int16_t>& now, const std::vector<int16_t>& end, int l) {
     const size_t n = std::min(now.size(), end.size()) / ((size_t)N_LAYER * K);
     double sum = 0;
