@@ -1803,11 +1803,15 @@ static void model_backward(Model& m) {
         layernorm_backward(w.dres.data(), g.ln2_w, g.ln2_b, w.dln.data(), a.x_mid.data(), p.ln2_w, a.ln2_mean.data(),
                            a.ln2_rstd.data(), M);
         // the attention half: x_mid = x + c_proj(attention(c_attn(ln_1(x))))
-        zero(w.datty, (size_t)M * C), zero(w.dqkv, (size_t)M * 3 * C), zero(w.dln, (size_t)M * C);
+        // (each buffer zeroed just before the pass that adds into it, while
+        // it is still in the cache when that pass reads it)
+        zero(w.datty, (size_t)M * C);
         if (m.dropped_out) apply_mask(w.dmask.data(), w.dres.data(), a.proj_mask.data(), MC);  // dbranch points at it
         linear_backward(w.datty.data(), g.attn_proj_w, g.attn_proj_b, dbranch, a.atty.data(), p.attn_proj_w, M, C, C);
+        zero(w.dqkv, (size_t)M * 3 * C);
         attention_backward(w.dqkv.data(), w.datty.data(), a.att.data(), a.qkv.data(), m.start.data(), m.len.data(),
                            m.att_off.data(), m.B, m.dropped_out ? a.att_mask.data() : nullptr);
+        zero(w.dln, (size_t)M * C);
         linear_backward(w.dln.data(), g.attn_w, g.attn_b, w.dqkv.data(), a.ln1.data(), p.attn_w, M, C, 3 * C);
         layernorm_backward(w.dres.data(), g.ln1_w, g.ln1_b, w.dln.data(), a.x.data(), p.ln1_w, a.ln1_mean.data(),
                            a.ln1_rstd.data(), M);
@@ -5268,13 +5272,55 @@ void fast::linear_forward(real* out, const real* inp, const real* w, const real*
 }
 
 #if !MOE_INFERENCE_ONLY
-// bias_backward, with each thread summing its own block of 16 columns (one
-// cache line of each row) over all rows, in row order: the same sums.
+// Sums over rows, as bias_backward and layernorm's dw and db make them.
+// The plain code shares out the columns, each thread adding up its columns
+// of every row in order; but then each thread reads the rows the other one
+// wrote in the pass before, and on a machine whose cores have their own
+// caches every such row is a transfer between them, and makes the next pass
+// that writes it pay for another (at the nanoGPT shape, two threads took
+// 2.5 times as long as one over these sums). So the rows are cut into fixed
+// blocks of RB, each thread sums the blocks of its own rows, and the sums
+// of the blocks are then added in block order. That is another order of
+// addition than the plain code's (held to it within a rounding bound:
+// test_fast), but it is fixed by M alone, so it does not depend on the
+// thread count.
+constexpr int RB = 32;
+// dst[c] += part[0][c] + part[1][c] + ... + part[nblk-1][c] (rows of ld),
+// c < n: the sums of the blocks, in block order.
+static void add_block_sums(real* dst, const real* part, int64_t ld, int nblk, int n) {
+    for (int c = 0; c < n; c++) {
+        real s = 0;
+        for (int b = 0; b < nblk; b++) s += part[b * ld + c];
+        dst[c] += s;
+    }
+}
+// The blocks' sums, between the two steps of one call: the calling thread's
+// own (the experts' passes run on several threads at once, each on its own
+// rows), which the threads of its parallel_for write into.
+static real* block_sums(size_t n) {
+    thread_local std::vector<real> sums;
+    if (sums.size() < n) sums.resize(n);
+    return sums.data();
+}
+
 void fast::bias_backward(real* db, const real* dout, int M, int OUT) {
-    parallel_for_if_big((int64_t)M * OUT, (OUT + 15) / 16, [=](int c0, int c1) {
-        for (int m = 0; m < M; m++)
-            for (int o = c0 * 16; o < std::min(OUT, c1 * 16); o++) db[o] += dout[(int64_t)m * OUT + o];
+    const int nblk = (M + RB - 1) / RB;
+    real* part = block_sums((size_t)nblk * OUT);
+    parallel_for_if_big((int64_t)M * OUT, nblk, [=](int b0, int b1) {
+        for (int b = b0; b < b1; b++) {
+            const int m1 = std::min(M, (b + 1) * RB);
+            for (int o0 = 0; o0 < OUT; o0 += 64) {  // 64 columns' sums at a time, in registers
+                const int w = std::min(64, OUT - o0);
+                real acc[64] = {};
+                for (int m = b * RB; m < m1; m++) {
+                    const real* d = dout + (int64_t)m * OUT + o0;
+                    for (int j = 0; j < w; j++) acc[j] += d[j];
+                }
+                std::memcpy(part + (int64_t)b * OUT + o0, acc, w * sizeof(real));
+            }
+        }
     });
+    add_block_sums(db, part, OUT, nblk, OUT);
 }
 #endif
 
@@ -5362,33 +5408,31 @@ void fast::layernorm_forward(real* out, real* mean, real* rstd, const real* inp,
 #if !MOE_INFERENCE_ONLY
 void fast::layernorm_backward(real* dinp, real* dw, real* db, const real* dout, const real* inp, const real* w,
                                const real* mean, const real* rstd, int M) {
-    parallel_for(M, [=](int m0, int m1) {
-        for (int m = m0; m < m1; m++) {
-            const real* x = inp + (int64_t)m * C;
-            const real* d = dout + (int64_t)m * C;
-            const real mu = mean[m], rs = rstd[m];
-            const real dn_mean = lane_sum(C, [d, w](int i) { return d[i] * w[i]; }) / C;
-            const real dn_n_mean = lane_sum(C, [=](int i) { return d[i] * w[i] * ((x[i] - mu) * rs); }) / C;
-            real* dx = dinp + (int64_t)m * C;
-            for (int i = 0; i < C; i++) {
-                real n = (x[i] - mu) * rs, dn = d[i] * w[i];
-                dx[i] += rs * (dn - dn_mean - n * dn_n_mean);
+    // blocks of RB rows, each with its rows' dx and its sums of dw and db
+    // (see bias_backward above)
+    const int nblk = (M + RB - 1) / RB;
+    real* part = block_sums((size_t)nblk * 2 * C);  // block b: dw's sums, then db's
+    parallel_for(nblk, [=](int b0, int b1) {
+        for (int b = b0; b < b1; b++) {
+            real pw[C] = {}, pb[C] = {};
+            for (int m = b * RB; m < std::min(M, (b + 1) * RB); m++) {
+                const real* x = inp + (int64_t)m * C;
+                const real* d = dout + (int64_t)m * C;
+                const real mu = mean[m], rs = rstd[m];
+                const real dn_mean = lane_sum(C, [d, w](int i) { return d[i] * w[i]; }) / C;
+                const real dn_n_mean = lane_sum(C, [=](int i) { return d[i] * w[i] * ((x[i] - mu) * rs); }) / C;
+                real* dx = dinp + (int64_t)m * C;
+                for (int i = 0; i < C; i++) {
+                    real n = (x[i] - mu) * rs, dn = d[i] * w[i];
+                    dx[i] += rs * (dn - dn_mean - n * dn_n_mean);
+                    pw[i] += d[i] * n, pb[i] += d[i];
+                }
             }
+            std::memcpy(part + (int64_t)b * 2 * C, pw, sizeof pw), std::memcpy(part + (int64_t)b * 2 * C + C, pb, sizeof pb);
         }
     });
-    // blocks of 16 channels: one cache line of each row
-    parallel_for_if_big((int64_t)M * C, (C + 15) / 16, [=](int c0, int c1) {
-        for (int m = 0; m < M; m++) {
-            const real* x = inp + (int64_t)m * C;
-            const real* d = dout + (int64_t)m * C;
-            real mu = mean[m], rs = rstd[m];
-            for (int i = c0 * 16; i < std::min(C, c1 * 16); i++) {
-                real n = (x[i] - mu) * rs;
-                dw[i] += d[i] * n;
-                db[i] += d[i];
-            }
-        }
-    });
+    add_block_sums(dw, part, 2 * C, nblk, C);
+    add_block_sums(db, part + C, 2 * C, nblk, C);
 }
 #endif
 
@@ -5495,12 +5539,20 @@ static inline void dots16(real* out, int ldo, const real* q, int64_t ldq, int ro
 // kt[j][s] = head h's key channel j of row s, for rows 0..T of a sequence
 // whose qkv rows start at base (channel offset koff: C for keys, 2C for
 // values); the row is padded with zeros to ld. Returns ld.
+// (The rows are read 8 at a time, whole, before they are scattered: the
+// pass before last wrote them, so they come from memory, and whole rows let
+// the CPU fetch 8 of them at once; one float at a time, 2-3.)
 static inline int transpose_head(real* kt, const real* base, int koff, int h, int T) {
     const int ld = (T + S16 - 1) / S16 * S16;
     for (int j = 0; j < HS; j++)
         for (int s = T; s < ld; s++) kt[j * ld + s] = 0;
-    for (int s = 0; s < T; s++)
-        for (int j = 0; j < HS; j++) kt[j * ld + s] = base[(int64_t)s * 3 * C + koff + h * HS + j];
+    for (int s0 = 0; s0 < T; s0 += 8) {
+        const int n = std::min(8, T - s0);
+        real rows[8][HS];
+        for (int r = 0; r < n; r++) std::memcpy(rows[r], base + (int64_t)(s0 + r) * 3 * C + koff + h * HS, sizeof rows[r]);
+        for (int j = 0; j < HS; j++)
+            for (int r = 0; r < n; r++) kt[j * ld + s0 + r] = rows[r][j];
+    }
     return ld;
 }
 // A head's channels of rows 0..T of a sequence (qkv rows from base, channel
@@ -5515,19 +5567,41 @@ static inline void copy_head(real* dst, const real* base, int64_t ld, int off, i
         for (int j = HS; j < HP; j++) d[j] = 0;
     }
 }
-// acc (HV vectors) += w[s] x_s over s = s0..s1 (rows of HP), s in order; then
-// dst[0..HS) += acc, or = acc when !add.
+// acc += w[s] x_s over s = s0..s1 (rows of HP); then dst[0..HS) += acc, or
+// = acc when !add. Each multiply-add waits for the one before it on the
+// same sum (4 cycles, where the CPU could start two a cycle), so the
+// positions go round SU sets of HV vector sums, SU HV of them in all (8,
+// or HV when a row is wider; SU a power of two, at most BLOCK_SIZE), and
+// the sets are added up at the end.
+constexpr int sets_of_sums() {
+    int u = HV >= 8 ? 1 : 8 / HV;
+    while (u > BLOCK_SIZE) u /= 2;
+    return u;
+}
+constexpr int SU = sets_of_sums();
 static inline void sum_rows(real* dst, bool add, const real* w, int64_t ws, const real* x, int s0, int s1) {
-    vreal acc[HV] = {};
-    for (int s = s0; s <= s1; s++) {
+    vreal acc[SU][HV] = {};
+    int s = s0;
+    for (; s + SU - 1 <= s1; s += SU)
+#pragma GCC unroll 16
+        for (int u = 0; u < SU; u++) {
+            const real ws_ = w[(s + u) * ws];
+            const real* xs = x + (int64_t)(s + u) * HP;
+#pragma GCC unroll 16
+            for (int v = 0; v < HV; v++) acc[u][v] += vload(xs + v * VL) * ws_;
+        }
+    for (int u = 0; s <= s1; s++, u++) {
         const real ws_ = w[s * ws];
         const real* xs = x + (int64_t)s * HP;
 #pragma GCC unroll 16
-        for (int v = 0; v < HV; v++) acc[v] += vload(xs + v * VL) * ws_;
+        for (int v = 0; v < HV; v++) acc[u][v] += vload(xs + v * VL) * ws_;
     }
+    for (int n = SU / 2; n > 0; n /= 2)  // pairwise, as lane_sum
+        for (int u = 0; u < n; u++)
+            for (int v = 0; v < HV; v++) acc[u][v] += acc[u + n][v];
     real out[HP];
 #pragma GCC unroll 16
-    for (int v = 0; v < HV; v++) vstore(out + v * VL, acc[v]);
+    for (int v = 0; v < HV; v++) vstore(out + v * VL, acc[0][v]);
     for (int j = 0; j < HS; j++) dst[j] = (add ? dst[j] : 0) + out[j];
 }
 void fast::attention_forward(real* y, real* att, const real* qkv, const int* start, const int* len,
