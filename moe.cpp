@@ -5272,19 +5272,21 @@ void fast::linear_forward(real* out, const real* inp, const real* w, const real*
 }
 
 #if !MOE_INFERENCE_ONLY
-// Sums over rows, as bias_backward and layernorm's dw and db make them.
-// The plain code shares out the columns, each thread adding up its columns
-// of every row in order; but then each thread reads the rows the other one
-// wrote in the pass before, and on a machine whose cores have their own
-// caches every such row is a transfer between them, and makes the next pass
-// that writes it pay for another (at the nanoGPT shape, two threads took
-// 2.5 times as long as one over these sums). So the rows are cut into fixed
-// blocks of RB, each thread sums the blocks of its own rows, and the sums
-// of the blocks are then added in block order. That is another order of
-// addition than the plain code's (held to it within a rounding bound:
-// test_fast), but it is fixed by M alone, so it does not depend on the
-// thread count.
-constexpr int RB = 32;
+// Sums over rows: bias_backward, and layernorm's dw and db. The plain code
+// shares out the columns, each thread adding up its columns of every row in
+// order. But then each thread reads the rows the other one wrote in the
+// pass before, and where each core has its own cache every such row is a
+// transfer between them (and the next pass that writes the row pays for
+// one more). At the nanoGPT shape these sums took twice as long on two
+// threads as on one. So the rows are cut into fixed blocks, each thread
+// sums the blocks of its own rows, and the blocks' sums are then added in
+// block order. That adds in another order than the plain code (held to it
+// within a rounding bound: test_fast), but an order fixed by M alone, so
+// the result does not depend on the thread count. A block is 32 rows, or
+// fewer for a small M (down to 4), so that there are 16 blocks: enough for
+// parallel_for to move its cuts (it wants 4 indices a thread) to where the
+// passes around it cut the rows.
+static int rows_per_block(int M) { return std::clamp(M / 16, 4, 32); }
 // dst[c] += part[0][c] + part[1][c] + ... + part[nblk-1][c] (rows of ld),
 // c < n: the sums of the blocks, in block order.
 static void add_block_sums(real* dst, const real* part, int64_t ld, int nblk, int n) {
@@ -5304,7 +5306,7 @@ static real* block_sums(size_t n) {
 }
 
 void fast::bias_backward(real* db, const real* dout, int M, int OUT) {
-    const int nblk = (M + RB - 1) / RB;
+    const int RB = rows_per_block(M), nblk = (M + RB - 1) / RB;
     real* part = block_sums((size_t)nblk * OUT);
     parallel_for_if_big((int64_t)M * OUT, nblk, [=](int b0, int b1) {
         for (int b = b0; b < b1; b++) {
@@ -5408,9 +5410,9 @@ void fast::layernorm_forward(real* out, real* mean, real* rstd, const real* inp,
 #if !MOE_INFERENCE_ONLY
 void fast::layernorm_backward(real* dinp, real* dw, real* db, const real* dout, const real* inp, const real* w,
                                const real* mean, const real* rstd, int M) {
-    // blocks of RB rows, each with its rows' dx and its sums of dw and db
-    // (see bias_backward above)
-    const int nblk = (M + RB - 1) / RB;
+    // blocks of rows, each with its rows' dx and its sums of dw and db (see
+    // bias_backward above)
+    const int RB = rows_per_block(M), nblk = (M + RB - 1) / RB;
     real* part = block_sums((size_t)nblk * 2 * C);  // block b: dw's sums, then db's
     parallel_for(nblk, [=](int b0, int b1) {
         for (int b = b0; b < b1; b++) {
@@ -5590,11 +5592,11 @@ static inline void sum_rows(real* dst, bool add, const real* w, int64_t ws, cons
 #pragma GCC unroll 16
             for (int v = 0; v < HV; v++) acc[u][v] += vload(xs + v * VL) * ws_;
         }
-    for (int u = 0; s <= s1; s++, u++) {
+    for (; s <= s1; s++) {  // the last few, into the first set
         const real ws_ = w[s * ws];
         const real* xs = x + (int64_t)s * HP;
 #pragma GCC unroll 16
-        for (int v = 0; v < HV; v++) acc[u][v] += vload(xs + v * VL) * ws_;
+        for (int v = 0; v < HV; v++) acc[0][v] += vload(xs + v * VL) * ws_;
     }
     for (int n = SU / 2; n > 0; n /= 2)  // pairwise, as lane_sum
         for (int u = 0; u < n; u++)
