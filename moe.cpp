@@ -5541,9 +5541,9 @@ static inline void dots16(real* out, int ldo, const real* q, int64_t ldq, int ro
 // kt[j][s] = head h's key channel j of row s, for rows 0..T of a sequence
 // whose qkv rows start at base (channel offset koff: C for keys, 2C for
 // values); the row is padded with zeros to ld. Returns ld.
-// (The rows are read 8 at a time, whole, before they are scattered: the
-// pass before last wrote them, so they come from memory, and whole rows let
-// the CPU fetch 8 of them at once; one float at a time, 2-3.)
+// (The rows are read 8 at a time, whole, before they are scattered: they
+// come from memory, as passes since have written other things, and loads
+// of whole rows keep more of them in flight than loads of single floats.)
 static inline int transpose_head(real* kt, const real* base, int koff, int h, int T) {
     const int ld = (T + S16 - 1) / S16 * S16;
     for (int j = 0; j < HS; j++)
