@@ -1803,8 +1803,7 @@ static void model_backward(Model& m) {
         layernorm_backward(w.dres.data(), g.ln2_w, g.ln2_b, w.dln.data(), a.x_mid.data(), p.ln2_w, a.ln2_mean.data(),
                            a.ln2_rstd.data(), M);
         // the attention half: x_mid = x + c_proj(attention(c_attn(ln_1(x))))
-        // (each buffer zeroed just before the pass that adds into it, while
-        // it is still in the cache when that pass reads it)
+        // (each buffer zeroed just before the pass that adds into it)
         zero(w.datty, (size_t)M * C);
         if (m.dropped_out) apply_mask(w.dmask.data(), w.dres.data(), a.proj_mask.data(), MC);  // dbranch points at it
         linear_backward(w.datty.data(), g.attn_proj_w, g.attn_proj_b, dbranch, a.atty.data(), p.attn_proj_w, M, C, C);
