@@ -59,7 +59,7 @@ so that a debugger steps through exactly the code one reads.
  13. The thread pool        parallel_for, and where it cuts a loop
  14. The tiled matmul       register tiles at the vector width, packed panels
  15. Vectorised math        exp and tanh on whole vectors, sums in 16 lanes
- 16. Fast attention         16 positions at a time, four query rows at once
+ 16. Fast attention         a head's products in the tile kernel; the cached step
  17. AdamW, fused           the update writes the panels; zeroing, NaN check
  18. The experts, scheduled a shared counter; the dense baseline's shortcuts
 
@@ -1333,29 +1333,37 @@ static void layernorm_backward(real* dinp, real* dw, real* db, const real* dout,
 // drop (null, or laid out as att) is the dropout mask of the weights while
 // training (section 7): y_t = sum_s att[t,s] drop[t,s] v_s; att keeps the
 // weights before the mask, which the softmax's backward needs.
+//
+// attention_forward_head is the work of one head h of one sequence of T
+// positions: qkv and y point at the sequence's first row, att and drop at
+// the head's [T, T] block.
+static void attention_forward_head(real* y, real* att, const real* qkv, int T, int h, const real* drop) {
+    const real scale = 1 / std::sqrt((real)HS);
+    for (int t = 0; t < T; t++) {
+        const real* q = qkv + (int64_t)t * 3 * C + h * HS;
+        real* a = att + (int64_t)t * T;  // the scores of row t, then its weights
+        for (int s = 0; s <= t; s++) a[s] = dot(q, qkv + (int64_t)s * 3 * C + C + h * HS, HS) * scale;
+        softmax_forward(a, a, 1, t + 1);
+        for (int s = t + 1; s < T; s++) a[s] = 0;  // the future: no weight
+        const real* d = drop ? drop + (int64_t)t * T : nullptr;  // this row's mask
+        real* yt = y + (int64_t)t * C + h * HS;
+        for (int j = 0; j < HS; j++) yt[j] = 0;
+        for (int s = 0; s <= t; s++) {
+            const real* v = qkv + (int64_t)s * 3 * C + 2 * C + h * HS;
+            const real w = d ? a[s] * d[s] : a[s];
+            for (int j = 0; j < HS; j++) yt[j] += w * v[j];
+        }
+    }
+}
 static void attention_forward(real* y, real* att, const real* qkv, const int* start, const int* len,
                               const int64_t* att_off, int B, const real* drop) {
     if constexpr (FAST) if (fast::on) return fast::attention_forward(y, att, qkv, start, len, att_off, B, drop);
-    const real scale = 1 / std::sqrt((real)HS);
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
         for (int i = i0; i < i1; i++) {
-            const int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
-            const real* base = qkv + (int64_t)start[b] * 3 * C;  // row t of the sequence is base + t*3C
-            for (int t = 0; t < T; t++) {
-                const real* q = base + (int64_t)t * 3 * C + h * HS;
-                real* a = att + att_off[b] + ((int64_t)h * T + t) * T;  // the scores of row t, then its weights
-                for (int s = 0; s <= t; s++) a[s] = dot(q, base + (int64_t)s * 3 * C + C + h * HS, HS) * scale;
-                softmax_forward(a, a, 1, t + 1);
-                for (int s = t + 1; s < T; s++) a[s] = 0;  // the future: no weight
-                const real* d = drop ? drop + (a - att) : nullptr;  // this row's mask
-                real* yt = y + ((int64_t)start[b] + t) * C + h * HS;
-                for (int j = 0; j < HS; j++) yt[j] = 0;
-                for (int s = 0; s <= t; s++) {
-                    const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
-                    const real w = d ? a[s] * d[s] : a[s];
-                    for (int j = 0; j < HS; j++) yt[j] += w * v[j];
-                }
-            }
+            const int b = i / N_HEAD, h = i % N_HEAD;
+            const int64_t blk = att_off[b] + (int64_t)h * len[b] * len[b];
+            attention_forward_head(y + (int64_t)start[b] * C, att + blk, qkv + (int64_t)start[b] * 3 * C, len[b], h,
+                                   drop ? drop + blk : nullptr);
         }
     });
 }
@@ -1368,37 +1376,41 @@ static void attention_forward(real* y, real* att, const real* qkv, const int* st
 // a_s d_s, and da_s = d_s (dy_t . v_s) before the softmax's backward.
 // Each (b, h) pair writes only its own rows and channels of dqkv, so the
 // pairs are shared out as in the forward pass.
+static void attention_backward_head(real* dqkv, const real* dy, const real* att, const real* qkv, int T, int h,
+                                    const real* drop) {
+    const real scale = 1 / std::sqrt((real)HS);
+    for (int t = 0; t < T; t++) {
+        const real* a = att + (int64_t)t * T;
+        const real* dyt = dy + (int64_t)t * C + h * HS;
+        const real* q = qkv + (int64_t)t * 3 * C + h * HS;
+        real* dq = dqkv + (int64_t)t * 3 * C + h * HS;
+        const real* d = drop ? drop + (int64_t)t * T : nullptr;
+        real da[BLOCK_SIZE], sum = 0;  // da_s, and sum_r a_r da_r
+        for (int s = 0; s <= t; s++) {
+            const real* v = qkv + (int64_t)s * 3 * C + 2 * C + h * HS;
+            real* dv = dqkv + (int64_t)s * 3 * C + 2 * C + h * HS;
+            const real w = d ? a[s] * d[s] : a[s];
+            da[s] = d ? dot(dyt, v, HS) * d[s] : dot(dyt, v, HS);
+            for (int j = 0; j < HS; j++) dv[j] += w * dyt[j];
+            sum += a[s] * da[s];
+        }
+        for (int s = 0; s <= t; s++) {
+            const real dz = a[s] * (da[s] - sum) * scale;
+            const real* k = qkv + (int64_t)s * 3 * C + C + h * HS;
+            real* dk = dqkv + (int64_t)s * 3 * C + C + h * HS;
+            for (int j = 0; j < HS; j++) dq[j] += dz * k[j], dk[j] += dz * q[j];
+        }
+    }
+}
 static void attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, const int* start,
                                const int* len, const int64_t* att_off, int B, const real* drop) {
     if constexpr (FAST) if (fast::on) return fast::attention_backward(dqkv, dy, att, qkv, start, len, att_off, B, drop);
-    const real scale = 1 / std::sqrt((real)HS);
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
         for (int i = i0; i < i1; i++) {
-            const int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
-            const real* base = qkv + (int64_t)start[b] * 3 * C;
-            real* dbase = dqkv + (int64_t)start[b] * 3 * C;
-            for (int t = 0; t < T; t++) {
-                const real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
-                const real* dyt = dy + ((int64_t)start[b] + t) * C + h * HS;
-                const real* q = base + (int64_t)t * 3 * C + h * HS;
-                real* dq = dbase + (int64_t)t * 3 * C + h * HS;
-                const real* d = drop ? drop + (a - att) : nullptr;
-                real da[BLOCK_SIZE], sum = 0;  // da_s, and sum_r a_r da_r
-                for (int s = 0; s <= t; s++) {
-                    const real* v = base + (int64_t)s * 3 * C + 2 * C + h * HS;
-                    real* dv = dbase + (int64_t)s * 3 * C + 2 * C + h * HS;
-                    const real w = d ? a[s] * d[s] : a[s];
-                    da[s] = d ? dot(dyt, v, HS) * d[s] : dot(dyt, v, HS);
-                    for (int j = 0; j < HS; j++) dv[j] += w * dyt[j];
-                    sum += a[s] * da[s];
-                }
-                for (int s = 0; s <= t; s++) {
-                    const real dz = a[s] * (da[s] - sum) * scale;
-                    const real* k = base + (int64_t)s * 3 * C + C + h * HS;
-                    real* dk = dbase + (int64_t)s * 3 * C + C + h * HS;
-                    for (int j = 0; j < HS; j++) dq[j] += dz * k[j], dk[j] += dz * q[j];
-                }
-            }
+            const int b = i / N_HEAD, h = i % N_HEAD;
+            const int64_t blk = att_off[b] + (int64_t)h * len[b] * len[b];
+            attention_backward_head(dqkv + (int64_t)start[b] * 3 * C, dy + (int64_t)start[b] * C, att + blk,
+                                    qkv + (int64_t)start[b] * 3 * C, len[b], h, drop ? drop + blk : nullptr);
         }
     });
 }
@@ -5479,222 +5491,217 @@ void fast::gelu_forward(real* out, real* th, const real* inp, int64_t n) {
 // outputs and gradients (the polynomial exp, and sums in another order);
 // test_model, the KV-cache steps against the full forward pass.
 
-// Softmax of one row of attention scores, in place. The max is subtracted
-// first so exp cannot overflow. The max and the sum run as eight interleaved
-// partial results, for the reason lane_sum gives (eight: rows are short).
-static void softmax_row(real* a, int n) {
-    real mx[8], sm[8] = {};
-    for (int j = 0; j < 8; j++) mx[j] = a[0];
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) mx[j] = a[i + j] > mx[j] ? a[i + j] : mx[j];
-    real maxv = a[0];
-    for (int j = 0; j < 8; j++) maxv = mx[j] > maxv ? mx[j] : maxv;
-    for (int r = i; r < n; r++) maxv = a[r] > maxv ? a[r] : maxv;
-    // exp(a - max), VL at a time, the last vector through a padded copy
-    auto ex = [maxv](real* v) { vstore(v, exp_v(vclamp(vload(v) - maxv, -87, 0))); };  // exp(-87) = 1.6e-38: 0 here
-    int e = 0;
-    for (; e + VL <= n; e += VL) ex(a + e);
-    if (e < n) {
-        real v[VL] = {};
-        std::memcpy(v, a + e, (n - e) * sizeof(real));
-        ex(v);
-        std::memcpy(a + e, v, (n - e) * sizeof(real));
+// Softmax of one row of attention scores times `scale`, in place, on whole
+// vectors: the last, partial one goes through a padded copy whose extra
+// lanes repeat a[0] (so that they leave the max alone) and are then dropped.
+// The max is subtracted first so exp cannot overflow.
+static void softmax_row(real* a, int n, real scale) {
+    const int nw = n / VL * VL, nt = n - nw;  // whole vectors; values left
+    vreal tail;
+    for (int j = 0; j < VL; j++) tail[j] = j < nt ? a[nw + j] : a[0];
+    vreal mx = tail * scale;
+    for (int i = 0; i < nw; i += VL) {
+        const vreal x = vload(a + i) * scale;
+        mx = x > mx ? x : mx;
     }
-    for (i = 0; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) sm[j] += a[i + j];
+    real maxv = mx[0];
+    for (int j = 1; j < VL; j++) maxv = mx[j] > maxv ? mx[j] : maxv;
+    // (-87: the least exp_v takes; e^-87 = 1.6e-38)
+    auto ex = [maxv, scale](vreal x) { return exp_v(vclamp(x * scale - maxv, -87, 0)); };
+    vreal sums = {};
+    for (int i = 0; i < nw; i += VL) {
+        const vreal e = ex(vload(a + i));
+        vstore(a + i, e), sums += e;
+    }
+    vreal et = ex(tail);
+    for (int j = nt; j < VL; j++) et[j] = 0;
+    sums += et;
     real sum = 0;
-    for (int j = 0; j < 8; j++) sum += sm[j];
-    for (int r = i; r < n; r++) sum += a[r];
-    for (int s = 0; s < n; s++) a[s] /= sum;
+    for (int j = 0; j < VL; j++) sum += sums[j];
+    for (int i = 0; i < nw; i += VL) vstore(a + i, vload(a + i) / sum);
+    et /= sum;
+    std::memcpy(a + nw, &et, nt * sizeof(real));
 }
 
-// The dot products q . k_s, for 16 positions s at a time: with the keys
-// copied transposed, kt[j][s] (a row of ld >= n positions, a multiple of 16,
-// padded with zeros), the inner loop runs over 16 consecutive s and
-// vectorises, and the 16 sums stay in a register while j runs. Each is
-// still the sum over j in order (a dot product's own loop over j would not
-// vectorise: that reorders the sum, which the compiler may not do to
-// floats). Four query rows go at once, q + r*ldq for r < rows <= 4: each
-// multiply-add must wait for the one before it on the same sums, and four
-// rows give the CPU four independent chains to overlap. Row r's products go
-// to out + r*ldo, positions s < n. The backward pass uses it for dy . v_s.
-constexpr int S16 = 16, QR = 4;
-constexpr int BLOCK_PAD = (BLOCK_SIZE + S16 - 1) / S16 * S16;  // BLOCK_SIZE rounded up to 16
-static inline void dots16(real* out, int ldo, const real* q, int64_t ldq, int rows, const real* kt, int ld, int n) {
-    // (missing rows repeat the last one; their sums are not stored)
-    const real *q0 = q, *q1 = q + std::min(1, rows - 1) * ldq, *q2 = q + std::min(2, rows - 1) * ldq,
-               *q3 = q + std::min(3, rows - 1) * ldq;
-    for (int s0 = 0; s0 < n; s0 += S16) {
-        real c0[S16] = {}, c1[S16] = {}, c2[S16] = {}, c3[S16] = {};
-        for (int j = 0; j < HS; j++) {
-            const real* k = kt + (int64_t)j * ld + s0;
-            for (int i = 0; i < S16; i++)
-                c0[i] += q0[j] * k[i], c1[i] += q1[j] * k[i], c2[i] += q2[j] * k[i], c3[i] += q3[j] * k[i];
-        }
-        const real* c[QR] = {c0, c1, c2, c3};
-        for (int r = 0; r < rows; r++)
-            for (int i = 0; i < S16 && s0 + i < n; i++) out[r * ldo + s0 + i] = c[r][i];
+// The training passes work on one head of one sequence at a time, as
+// matrices: with Q, K, V that head's [T, hs] rows of queries, keys and
+// values, and W the weights (the masked weights, with dropout),
+//   forward:   Z = Q K^T (the scores), then Y = W V;
+//   backward:  dA = dY V^T, then dQ = dZ K, dK = dZ^T Q and dV = W^T dY.
+// Each product runs through section 14's tile kernel, which keeps a TM x TN
+// tile of the result in registers while k runs: a row at a time, each sum
+// over positions is a short chain of dependent multiply-adds, and its
+// result goes to memory before the next row starts. A tile that causality
+// makes all zero is skipped: row tile i (rows i..i+TM-1) needs the scores
+// of positions below i + TM only, and as W and dZ are zero above the
+// diagonal, the sums over positions s in W V and dZ K stop at i + TM, and
+// those over t in dZ^T Q and W^T dY start at i.
+// The kernel reads whole tiles and panels, so each matrix is copied into a
+// buffer with TM-row tiles and TN-wide panels, zero where it lies past the
+// head's T positions or hs channels. A sequence shorter than a row tile (a
+// name of a few letters) would leave most of each tile as padding, and is
+// quicker through part one's loop, which is what it takes.
+constexpr int HSP = (HS + TN - 1) / TN * TN;  // hs rounded up to a panel
+static int round_up(int n, int m) { return (n + m - 1) / m * m; }
+struct HeadDims {
+    int T, TP, LS;  // positions; T rounded up to a row tile; the row length of the [TP, LS] matrices
+    explicit HeadDims(int t) : T(t), TP(round_up(t, TM)), LS(std::max(round_up(t, TM), round_up(t, TN))) {}
+};
+// A head's channels of rows 0..T (row t at src + t*ld), as rows of HSP.
+static void head_rows(real* dst, const real* src, int64_t ld, const HeadDims& d) {
+    for (int t = 0; t < d.TP; t++) {
+        real* r = dst + (int64_t)t * HSP;
+        if (t < d.T) std::memcpy(r, src + t * ld, HS * sizeof(real));
+        std::fill(r + (t < d.T ? HS : 0), r + HSP, (real)0);
     }
 }
-// kt[j][s] = head h's key channel j of row s, for rows 0..T of a sequence
-// whose qkv rows start at base (channel offset koff: C for keys, 2C for
-// values); the row is padded with zeros to ld. Returns ld.
-// (The rows are read 8 at a time, whole, before they are scattered: they
-// come from memory, as passes since have written other things, and loads
-// of whole rows keep more of them in flight than loads of single floats.)
-static inline int transpose_head(real* kt, const real* base, int koff, int h, int T) {
-    const int ld = (T + S16 - 1) / S16 * S16;
-    for (int j = 0; j < HS; j++)
-        for (int s = T; s < ld; s++) kt[j * ld + s] = 0;
-    for (int s0 = 0; s0 < T; s0 += 8) {
-        const int n = std::min(8, T - s0);
+// The same transposed, dst[j][s] = src[s][j], as rows of LS. (The rows are
+// read 8 at a time, whole, before they are scattered: they come from
+// memory, and loads of whole rows keep more of them in flight.)
+static void head_cols(real* dst, const real* src, int64_t ld, const HeadDims& d) {
+    std::memset(dst, 0, (size_t)HS * d.LS * sizeof(real));
+    for (int s0 = 0; s0 < d.T; s0 += 8) {
+        const int n = std::min(8, d.T - s0);
         real rows[8][HS];
-        for (int r = 0; r < n; r++) std::memcpy(rows[r], base + (int64_t)(s0 + r) * 3 * C + koff + h * HS, sizeof rows[r]);
+        for (int r = 0; r < n; r++) std::memcpy(rows[r], src + (s0 + r) * ld, sizeof rows[r]);
         for (int j = 0; j < HS; j++)
-            for (int r = 0; r < n; r++) kt[j * ld + s0 + r] = rows[r][j];
-    }
-    return ld;
-}
-// A head's channels of rows 0..T of a sequence (qkv rows from base, channel
-// offset off), copied to dst as rows of HP: whole vectors, zero-padded. The
-// sums over positions below then keep a row's HV vectors in registers and
-// read consecutive memory.
-constexpr int HV = (HS + VL - 1) / VL, HP = HV * VL;
-static inline void copy_head(real* dst, const real* base, int64_t ld, int off, int h, int T) {
-    for (int t = 0; t < T; t++) {
-        real* d = dst + (int64_t)t * HP;
-        std::memcpy(d, base + t * ld + off + h * HS, HS * sizeof(real));
-        for (int j = HS; j < HP; j++) d[j] = 0;
+            for (int r = 0; r < n; r++) dst[(int64_t)j * d.LS + s0 + r] = rows[r][j];
     }
 }
-// acc += w[s] x_s over s = s0..s1 (rows of HP); then dst[0..HS) += acc, or
-// = acc when !add. Each multiply-add waits for the one before it on the
-// same sum (4 cycles, where the CPU could start two a cycle), so the
-// positions go round SU sets of HV vector sums, SU HV of them in all (8,
-// or HV when a row is wider; SU a power of two, at most BLOCK_SIZE), and
-// the sets are added up at the end.
-constexpr int sets_of_sums() {
-    int u = HV >= 8 ? 1 : 8 / HV;
-    while (u > BLOCK_SIZE) u /= 2;
-    return u;
-}
-constexpr int SU = sets_of_sums();
-static inline void sum_rows(real* dst, bool add, const real* w, int64_t ws, const real* x, int s0, int s1) {
-    vreal acc[SU][HV] = {};
-    int s = s0;
-    for (; s + SU - 1 <= s1; s += SU)
-#pragma GCC unroll 16
-        for (int u = 0; u < SU; u++) {
-            const real ws_ = w[(s + u) * ws];
-            const real* xs = x + (int64_t)(s + u) * HP;
-#pragma GCC unroll 16
-            for (int v = 0; v < HV; v++) acc[u][v] += vload(xs + v * VL) * ws_;
-        }
-    for (; s <= s1; s++) {  // the last few, into the first set
-        const real ws_ = w[s * ws];
-        const real* xs = x + (int64_t)s * HP;
-#pragma GCC unroll 16
-        for (int v = 0; v < HV; v++) acc[0][v] += vload(xs + v * VL) * ws_;
+// out [M, N] (+)= A [M, Kd] B [Kd, N] (A[r*as + k*ak], B's rows ldb apart),
+// tile by tile; `shape` names the zeros it skips (above).
+enum class Causal { scores, lower, upper };  // out = Z or dA; A = W or dZ; A = W^T or dZ^T
+static void head_product(real* out, int ldo, const real* A, int64_t as, int64_t ak, const real* B, int ldb, int M,
+                         int N, int Kd, bool add, Causal shape) {
+    for (int i = 0; i < M; i += TM) {
+        const int n1 = shape == Causal::scores ? std::min(N, i + TM) : N;
+        const int k0 = shape == Causal::upper ? i : 0, k1 = shape == Causal::lower ? std::min(Kd, i + TM) : Kd;
+        for (int n0 = 0; n0 < n1; n0 += TN)
+            matmul_tile(out + (int64_t)i * ldo + n0, ldo, A + i * as + k0 * ak, as, ak, B + (int64_t)k0 * ldb + n0,
+                        ldb, k1 - k0, nullptr, add, std::min(TM, M - i), std::min(TN, n1 - n0));
     }
-    for (int n = SU / 2; n > 0; n /= 2)  // pairwise, as lane_sum
-        for (int u = 0; u < n; u++)
-            for (int v = 0; v < HV; v++) acc[u][v] += acc[u + n][v];
-    real out[HP];
-#pragma GCC unroll 16
-    for (int v = 0; v < HV; v++) vstore(out + v * VL, acc[0][v]);
-    for (int j = 0; j < HS; j++) dst[j] = (add ? dst[j] : 0) + out[j];
 }
+// A [TP, LS] matrix starts as zeros: a product writes its first T rows and
+// columns (or fewer: the tiles it skips), and the rest is read as padding.
+static void zero_matrix(real* m, const HeadDims& d) { std::memset(m, 0, (size_t)d.TP * d.LS * sizeof(real)); }
+constexpr int TP_MAX = (BLOCK_SIZE + TM - 1) / TM * TM;
+constexpr int LS_MAX = std::max(TP_MAX, (BLOCK_SIZE + TN - 1) / TN * TN);
+
 void fast::attention_forward(real* y, real* att, const real* qkv, const int* start, const int* len,
                              const int64_t* att_off, int B, const real* drop) {
     const real scale = 1 / std::sqrt((real)HS);
     for (int b = 0; b < B; b++) g_flops += 2 * (int64_t)N_HEAD * len[b] * (len[b] + 1) * HS;  // q.k and att.v
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
-        real kt[HS * BLOCK_PAD], vh[BLOCK_SIZE * HP], masked[BLOCK_PAD];
+        thread_local std::vector<real> buf;  // too big for the stack when BLOCK_SIZE is
+        buf.resize(2 * (size_t)TP_MAX * HSP + (size_t)HS * LS_MAX + (size_t)TP_MAX * LS_MAX);
+        real *q = buf.data(), *v = q + TP_MAX * HSP, *kt = v + TP_MAX * HSP, *z = kt + HS * LS_MAX;
         for (int i = i0; i < i1; i++) {
-            int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
-            const real* base = qkv + (int64_t)start[b] * 3 * C;
-            const int ld = transpose_head(kt, base, C, h, T);
-            copy_head(vh, base, 3 * C, 2 * C, h, T);
-            for (int t = 0; t < T; t++) {
-                real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
-                if (t % QR == 0)  // the scores of rows t..t+3, each up to the last of them (the rest is zeroed below)
-                    dots16(a, T, base + (int64_t)t * 3 * C + h * HS, 3 * C, std::min(QR, T - t), kt, ld,
-                           std::min(t + QR, T));
-                for (int s = 0; s <= t; s++) a[s] *= scale;
-                softmax_row(a, t + 1);
-                for (int s = t + 1; s < T; s++) a[s] = 0;
-                const real* w = a;  // the weights, or with dropout the masked weights
-                if (drop) {
-                    const real* d = drop + (a - att);
-                    for (int s = 0; s <= t; s++) masked[s] = a[s] * d[s];
-                    w = masked;
-                }
-                sum_rows(y + ((int64_t)start[b] + t) * C + h * HS, false, w, 1, vh, 0, t);
+            const int b = i / N_HEAD, h = i % N_HEAD;
+            if (len[b] < TM) {  // a short sequence (above)
+                const int64_t blk = att_off[b] + (int64_t)h * len[b] * len[b];
+                attention_forward_head(y + (int64_t)start[b] * C, att + blk, qkv + (int64_t)start[b] * 3 * C, len[b], h,
+                                       drop ? drop + blk : nullptr);
+                continue;
             }
+            const HeadDims d(len[b]);
+            const int T = d.T, LS = d.LS;
+            const real* base = qkv + (int64_t)start[b] * 3 * C + h * HS;
+            head_rows(q, base, 3 * C, d), head_rows(v, base + 2 * C, 3 * C, d), head_cols(kt, base + C, 3 * C, d);
+            zero_matrix(z, d);
+            head_product(z, LS, q, HSP, 1, kt, LS, T, T, HS, false, Causal::scores);
+            for (int t = 0; t < T; t++) {
+                real* zt = z + (int64_t)t * LS;  // the scores of row t, then its weights
+                real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
+                softmax_row(zt, t + 1, scale);
+                for (int s = t + 1; s < T; s++) zt[s] = 0;  // (the tile's scores of later positions)
+                std::memcpy(a, zt, T * sizeof(real));
+                if (drop)
+                    for (int s = 0; s <= t; s++) zt[s] *= drop[(a - att) + s];
+            }
+            head_product(y + (int64_t)start[b] * C + h * HS, C, z, LS, 1, v, HSP, T, HS, T, false, Causal::lower);
         }
     });
 }
 #if !MOE_INFERENCE_ONLY
-// The backward pass, as section 6 derives it, with da from dots16. Each sum
-// is made whole where it is needed and added to dqkv once: dq_t over s for
-// each row t, and then dk_s and dv_s over t for each position s, from the
-// row's dz and weights kept in dz[t][s] and wt[t][s].
+// The backward pass, as section 6 derives it, with dA as one product and
+// the softmax's backward a row at a time between the products.
 void fast::attention_backward(real* dqkv, const real* dy, const real* att, const real* qkv, const int* start,
                               const int* len, const int64_t* att_off, int B, const real* drop) {
     const real scale = 1 / std::sqrt((real)HS);
     for (int b = 0; b < B; b++) g_flops += 4 * (int64_t)N_HEAD * len[b] * (len[b] + 1) * HS;  // twice the forward
     parallel_for(B * N_HEAD, [=](int i0, int i1) {
-        thread_local std::vector<real> buf;  // T x T twice: too big for the stack when BLOCK_SIZE is
-        buf.resize(2 * (size_t)BLOCK_SIZE * BLOCK_SIZE + 3 * (size_t)BLOCK_SIZE * HP);
-        real *dz = buf.data(), *wt = dz + BLOCK_SIZE * BLOCK_SIZE, *qh = wt + BLOCK_SIZE * BLOCK_SIZE;
-        real *kh = qh + BLOCK_SIZE * HP, *gh = kh + BLOCK_SIZE * HP;  // this head's q, k and dy rows
-        real da4[QR * BLOCK_PAD], vt[HS * BLOCK_PAD];  // vt: this head's values transposed, as kt in the forward pass
+        thread_local std::vector<real> buf;
+        buf.resize(3 * (size_t)TP_MAX * HSP + (size_t)HS * LS_MAX + 2 * (size_t)TP_MAX * LS_MAX);
+        real *q = buf.data(), *k = q + TP_MAX * HSP, *g = k + TP_MAX * HSP, *vt = g + TP_MAX * HSP;  // g: dy's rows
+        real *z = vt + HS * LS_MAX, *w = z + TP_MAX * LS_MAX;  // dA, then dZ; the weights
         for (int i = i0; i < i1; i++) {
-            int b = i / N_HEAD, h = i % N_HEAD, T = len[b];
-            const real* base = qkv + (int64_t)start[b] * 3 * C;
-            real* dbase = dqkv + (int64_t)start[b] * 3 * C;
-            const real* dyb = dy + (int64_t)start[b] * C;
-            const int ld = transpose_head(vt, base, 2 * C, h, T);
-            copy_head(qh, base, 3 * C, 0, h, T), copy_head(kh, base, 3 * C, C, h, T), copy_head(gh, dyb, C, 0, h, T);
+            const int b = i / N_HEAD, h = i % N_HEAD;
+            if (len[b] < TM) {
+                const int64_t blk = att_off[b] + (int64_t)h * len[b] * len[b];
+                attention_backward_head(dqkv + (int64_t)start[b] * 3 * C, dy + (int64_t)start[b] * C, att + blk,
+                                        qkv + (int64_t)start[b] * 3 * C, len[b], h, drop ? drop + blk : nullptr);
+                continue;
+            }
+            const HeadDims d(len[b]);
+            const int T = d.T, LS = d.LS;
+            const real* base = qkv + (int64_t)start[b] * 3 * C + h * HS;
+            real* dbase = dqkv + (int64_t)start[b] * 3 * C + h * HS;
+            head_rows(q, base, 3 * C, d), head_rows(k, base + C, 3 * C, d);
+            head_rows(g, dy + (int64_t)start[b] * C + h * HS, C, d), head_cols(vt, base + 2 * C, 3 * C, d);
+            zero_matrix(z, d), zero_matrix(w, d);
+            head_product(z, LS, g, HSP, 1, vt, LS, T, T, HS, false, Causal::scores);  // dA
+            // Row t's weights are 0 past t (the forward pass stored them so),
+            // and so then are its dz and w, whatever the tile left in dA there:
+            // the loops run over the whole row.
             for (int t = 0; t < T; t++) {
                 const real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
-                if (t % QR == 0)  // da of rows t..t+3
-                    dots16(da4, BLOCK_PAD, dyb + (int64_t)t * C + h * HS, C, std::min(QR, T - t), vt, ld,
-                           std::min(t + QR, T));
-                const real* da = da4 + (t % QR) * BLOCK_PAD;
-                const real* d = drop ? drop + (a - att) : nullptr;
-                real* w = wt + (int64_t)t * T;  // the weights the values were summed with
-                real* z = dz + (int64_t)t * T;
-                real sum = 0;
-                for (int s = 0; s <= t; s++) {
-                    const real das = d ? da[s] * d[s] : da[s];
-                    w[s] = d ? a[s] * d[s] : a[s], z[s] = das, sum += a[s] * das;
-                }
-                for (int s = 0; s <= t; s++) z[s] = a[s] * (z[s] - sum) * scale;
-                sum_rows(dbase + (int64_t)t * 3 * C + h * HS, true, z, 1, kh, 0, t);  // dq_t
+                const real* dr = drop ? drop + (a - att) : nullptr;
+                real *zt = z + (int64_t)t * LS, *wt = w + (int64_t)t * LS;
+                if (dr)
+                    for (int s = 0; s < T; s++) zt[s] *= dr[s], wt[s] = a[s] * dr[s];
+                else
+                    std::memcpy(wt, a, T * sizeof(real));
+                const real sum = lane_sum(T, [a, zt](int s) { return a[s] * zt[s]; });
+                for (int s = 0; s < T; s++) zt[s] = a[s] * (zt[s] - sum) * scale;
             }
-            for (int s = 0; s < T; s++) {
-                sum_rows(dbase + (int64_t)s * 3 * C + C + h * HS, true, dz + s, T, qh, s, T - 1);      // dk_s
-                sum_rows(dbase + (int64_t)s * 3 * C + 2 * C + h * HS, true, wt + s, T, gh, s, T - 1);  // dv_s
-            }
+            head_product(dbase, 3 * C, z, LS, 1, k, HSP, T, HS, T, true, Causal::lower);          // dQ += dZ K
+            head_product(dbase + C, 3 * C, z, 1, LS, q, HSP, T, HS, T, true, Causal::upper);      // dK += dZ^T Q
+            head_product(dbase + 2 * C, 3 * C, w, 1, LS, g, HSP, T, HS, T, true, Causal::upper);  // dV += W^T dY
         }
     });
 }
 #endif
 
-// attention_step with the same 16-wide dot products, over the cached keys
-// kept transposed (kt, [C, BLOCK_PAD]: a new key is a column; whatever lies
-// past pos is finite, and is computed but not used).
+// attention_step's scores q . k_s over the cached keys, kept transposed
+// (kt[j][s], a row of ld >= n positions, a multiple of 16, padded with
+// zeros), 16 positions s at a time: the inner loop runs over 16 consecutive
+// s and vectorises, and the 16 sums stay in a register while j runs. Each
+// is still the sum over j in order (a dot product's own loop over j would
+// not vectorise: that reorders the sum, which the compiler may not do to
+// floats). The products of positions s < n go to out.
+constexpr int S16 = 16;
+constexpr int BLOCK_PAD = (BLOCK_SIZE + S16 - 1) / S16 * S16;  // BLOCK_SIZE rounded up to 16
+static inline void dots16(real* out, const real* q, const real* kt, int ld, int n) {
+    for (int s0 = 0; s0 < n; s0 += S16) {
+        real c[S16] = {};
+        for (int j = 0; j < HS; j++) {
+            const real* k = kt + (int64_t)j * ld + s0;
+            for (int i = 0; i < S16; i++) c[i] += q[j] * k[i];
+        }
+        for (int i = 0; i < S16 && s0 + i < n; i++) out[s0 + i] = c[i];
+    }
+}
+// attention_step: one query, so a row at a time, over the cached keys kept
+// transposed (kt, [C, BLOCK_PAD]: a new key is a column; whatever lies past
+// pos is finite, and is computed but not used).
 void fast::attention_step(real* y, real* att, const real* qkv, KVLayer& c, int pos) {
     c.kt.resize((size_t)C * BLOCK_PAD);
     for (int i = 0; i < C; i++) c.kt[(size_t)i * BLOCK_PAD + pos] = qkv[C + i];
     const real scale = 1 / std::sqrt((real)HS);
     for (int h = 0; h < N_HEAD; h++) {
         real* a = att + h * BLOCK_SIZE;
-        dots16(a, 0, qkv + h * HS, 0, 1, &c.kt[(size_t)h * HS * BLOCK_PAD], BLOCK_PAD, pos + 1);
-        for (int s = 0; s <= pos; s++) a[s] *= scale;
-        softmax_row(a, pos + 1);
+        dots16(a, qkv + h * HS, &c.kt[(size_t)h * HS * BLOCK_PAD], BLOCK_PAD, pos + 1);
+        softmax_row(a, pos + 1, scale);
     }
     // Then y = sum_s att[s] v_s for every head at once, in a local array
     // (the compiler must assume y might overlap the cache, and would add one

@@ -194,20 +194,25 @@ static void check_layers() {
         [&](const std::vector<real>& x) { std::vector<real> y(M * OUT); linear_forward(y.data(), x.data(), W.data(), bias.data(), M, IN, OUT); return y; },
         [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * IN); linear_backward(dx.data(), dW.data(), dbias.data(), d.data(), x.data(), W.data(), M, IN, OUT); return dx; }, 2);
 
-    // two packed sequences of different lengths, 4 + 2 = M rows
+    // packed sequences of different lengths, 4 + 2 = M rows; and with a
+    // longer context, one of BLOCK_SIZE positions, where the fast build's
+    // attention runs its tiles (section 16), not part one's loop
     std::vector<int> start = {0, 4}, len = {4, 2};
-    std::vector<int64_t> att_off = {0, N_HEAD * 4 * 4};
-    std::vector<real> att(N_HEAD * (4 * 4 + 2 * 2));
-    check_input("attention", randv(M * 3 * C, 1),
-        [&](const std::vector<real>& x) { std::vector<real> y(M * C); attention_forward(y.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), 2, nullptr); return y; },
-        [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * 3 * C); attention_backward(dx.data(), d.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), 2, nullptr); return dx; }, 3);
+    if (BLOCK_SIZE > M) start.push_back(M), len.push_back(BLOCK_SIZE);
+    const int NB = (int)len.size(), MA = start[NB - 1] + len[NB - 1];
+    std::vector<int64_t> att_off(NB);
+    for (int i = 1; i < NB; i++) att_off[i] = att_off[i - 1] + (int64_t)N_HEAD * len[i - 1] * len[i - 1];
+    std::vector<real> att(att_off[NB - 1] + (size_t)N_HEAD * len[NB - 1] * len[NB - 1]);
+    check_input("attention", randv(MA * 3 * C, 1),
+        [&](const std::vector<real>& x) { std::vector<real> y(MA * C); attention_forward(y.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), NB, nullptr); return y; },
+        [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(MA * 3 * C); attention_backward(dx.data(), d.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), NB, nullptr); return dx; }, 3);
     if (GRADCHECK_DROPOUT > 0) {  // attention with a fixed dropout mask on its weights
         std::vector<real> mask;
         Rng dr = make_rng(5, STREAM_DROPOUT);
         dropout_mask(mask, att.size(), (real)GRADCHECK_DROPOUT, dr);
-        check_input("attention, dropout", randv(M * 3 * C, 1),
-            [&](const std::vector<real>& x) { std::vector<real> y(M * C); attention_forward(y.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), 2, mask.data()); return y; },
-            [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(M * 3 * C); attention_backward(dx.data(), d.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), 2, mask.data()); return dx; }, 14);
+        check_input("attention, dropout", randv(MA * 3 * C, 1),
+            [&](const std::vector<real>& x) { std::vector<real> y(MA * C); attention_forward(y.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), NB, mask.data()); return y; },
+            [&](const std::vector<real>& x, const std::vector<real>& d) { std::vector<real> dx(MA * 3 * C); attention_backward(dx.data(), d.data(), att.data(), x.data(), start.data(), len.data(), att_off.data(), NB, mask.data()); return dx; }, 14);
     }
 
     std::vector<real> th(M * 4);

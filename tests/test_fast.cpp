@@ -111,8 +111,12 @@ static void test_layers() {
 }
 
 static void test_attention() {
-    const std::vector<int> start = {0, 9, 12}, len = {9, 3, std::min(BLOCK_SIZE, 20)};
-    const int B = 3, M = start[2] + len[2];
+    // lengths below a row tile of the kernel (part one's loop), about one, and several, up to the longest context
+    const std::vector<int> len = {9, 3, std::min(BLOCK_SIZE, 12), std::min(BLOCK_SIZE, 20), BLOCK_SIZE};
+    const int B = (int)len.size();
+    std::vector<int> start(B);
+    for (int b = 1; b < B; b++) start[b] = start[b - 1] + len[b - 1];
+    const int M = start[B - 1] + len[B - 1];
     std::vector<int64_t> att_off(B);
     int64_t n_att = 0;
     for (int b = 0; b < B; b++) att_off[b] = n_att, n_att += (int64_t)N_HEAD * len[b] * len[b];
