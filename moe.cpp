@@ -5144,9 +5144,13 @@ static void matmul_tiled(real* out, const real* A, int64_t as, int64_t ak, const
     // Row tiles [t0, t1) times panels [p0, p1) of out.
     auto work = [=](int t0, int t1, int p0, int p1) {
         // The packed copies live as long as the thread, so that after the
-        // first step no matmul allocates.
+        // first step no matmul allocates. They only grow: resize zeroes
+        // what it adds, which would be a memset on every call that follows
+        // a smaller one.
         thread_local std::vector<real> apack, bpack;
-        apack.resize((size_t)(pack_a ? t1 - t0 : 1) * Kd * TM), bpack.resize((size_t)Kd * TN);
+        const size_t na = (size_t)(pack_a ? t1 - t0 : 1) * Kd * TM, nb = (size_t)Kd * TN;
+        if (apack.size() < na) apack.resize(na);
+        if (bpack.size() < nb) bpack.resize(nb);
         auto pack_tile = [&](real* p, int i, int rows) {  // row tile i of A -> p[Kd][TM]
             const real* a = A + (int64_t)i * TM * as;
             if (as == 1 && rows == TM)  // the TM values of each k are consecutive
