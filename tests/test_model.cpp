@@ -88,9 +88,13 @@ static void test_kv_cache() {
     check(worst < 1e-4, "KV-cache steps give the full forward pass's logits at all %d positions: max diff %.2e", T, worst);
 }
 
+// A file of this process's own in the temp dir: CI runs test binaries side by side.
+static std::string temp_file(const std::string& name) {
+    return (std::filesystem::temp_directory_path() / (std::to_string(getpid()) + "_" + name)).string();
+}
+
 static void test_data() {
-    namespace fs = std::filesystem;
-    std::string path = (fs::temp_directory_path() / "moe_test_lines.txt").string();
+    std::string path = temp_file("moe_test_lines.txt");
     {
         std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "wb"), std::fclose);
         std::string s = "emma\r\n\nbob\nan\n";
@@ -156,9 +160,7 @@ static void test_overfit() {
 }
 
 static void test_roundtrip() {
-    namespace fs = std::filesystem;
-    std::string a = (fs::temp_directory_path() / "moe_test_a.safetensors").string();
-    std::string b = (fs::temp_directory_path() / "moe_test_b.safetensors").string();
+    std::string a = temp_file("moe_test_a.safetensors"), b = temp_file("moe_test_b.safetensors");
     Model m;
     random_model(m, 30, 8);
     std::string vocab;
@@ -174,7 +176,7 @@ static void test_roundtrip() {
     check(checkpoint_vocab(ck) == vocab && ck.meta == meta, "round trip: vocabulary and metadata survive");
     write_safetensors(b, model_tensors(back), meta);
     check(read_file(a) == read_file(b), "round trip: saving the loaded model gives the same bytes");
-    fs::remove(a), fs::remove(b);
+    std::filesystem::remove(a), std::filesystem::remove(b);
 }
 
 // \u escapes in a header's metadata, as Python's json.dumps writes them for
