@@ -123,10 +123,45 @@ static void bench_sample(const std::string& name, const std::string& data, int t
                 all.size() / (std::accumulate(all.begin(), all.end(), 0.0) / 1000));
 }
 
+// The machine the table was measured on: the CPU (Linux's /proc/cpuinfo),
+// the compiler, and the vector width and tile the matmul kernel was built
+// for (section 14 of moe.cpp), which follow from the -march it was given.
+static std::string cpuinfo(const std::string& key) {
+    std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen("/proc/cpuinfo", "r"), std::fclose);
+    char line[512];
+    while (f && std::fgets(line, sizeof line, f.get()) && line[0] != '\n') {  // the first CPU's lines
+        std::string l = line;
+        size_t colon = l.find(':');
+        if (colon == std::string::npos || l.compare(0, key.size(), key) != 0 || l.find_first_not_of(" \t", key.size()) != colon)
+            continue;
+        size_t v = l.find_first_not_of(' ', colon + 1);
+        return v == std::string::npos ? "" : l.substr(v, l.find_last_not_of("\n") + 1 - v);
+    }
+    return "?";
+}
+static void print_machine() {
+#if defined(__FMA__) || defined(__aarch64__)
+    const char* fma = ", fused multiply-adds";
+#else
+    const char* fma = "";
+#endif
+#if defined(__clang__)
+    const char* compiler = "";  // its __VERSION__ names it
+#else
+    const char* compiler = "g++ ";
+#endif
+    const char* isa = VBYTES == 64 ? "AVX-512" : VBYTES == 32 ? "AVX/AVX2" : "16-byte vectors (SSE2, NEON...)";
+    std::printf("%s (family %s, model %s), %u hardware threads; %s%s; matmul kernel: %s, %d floats a vector, "
+                "tiles of %d x %d%s\n\n",
+                cpuinfo("model name").c_str(), cpuinfo("cpu family").c_str(), cpuinfo("model").c_str(),
+                std::thread::hardware_concurrency(), compiler, __VERSION__, isa, VL, TM, TN, fma);
+}
+
 int main(int argc, char** argv) {
     std::string mode = argc > 1 ? argv[1] : "";
     try {
         if (mode == "header") {
+            print_machine();
             std::printf("| config     | shape                | threads | ms/step | tokens/s | GFLOP/s | peak MB | model MB | weights checksum |\n");
             std::printf("|---|---|---|---|---|---|---|---|---|\n");
         } else if (mode == "train" && argc == 7) {

@@ -5,6 +5,11 @@
 // bench table's columns. The bench rows' model GFLOP/s over this row's is
 // the share of the machine's matrix rate that a training step gets.
 //
+// The row names the kernel OpenBLAS chose for this CPU. A CPU newer than the
+// library gets an older kernel (OpenBLAS 0.3.21 runs its AVX2 "Haswell" one
+// on a Zen 5, at half the machine's rate); OPENBLAS_CORETYPE=SkylakeX, for
+// example, picks another.
+//
 // It is built only when CMake finds an OpenBLAS library (Debian: libopenblas0),
 // and it declares the two functions it calls itself, so no BLAS header or
 // development package is needed; nothing else in the project uses BLAS.
@@ -22,6 +27,7 @@ extern "C" {
 void cblas_sgemm(int order, int transa, int transb, int m, int n, int k, float alpha, const float* a, int lda,
                  const float* b, int ldb, float beta, float* c, int ldc);
 void openblas_set_num_threads(int n);
+char* openblas_get_corename(void);
 }
 
 int main(int argc, char** argv) {
@@ -45,8 +51,8 @@ int main(int argc, char** argv) {
         }
         std::sort(ms.begin(), ms.end());
         const double med = ms[ms.size() / 2];
-        std::printf("| sgemm      | OpenBLAS %dx%dx%-6d | %d | %8.2f |           | %7.1f |         |         |                  |\n", n,
-                    n, n, threads, med, 2.0 * n * n * n / (med / 1000) / 1e9);
+        std::printf("| sgemm      | OpenBLAS %d^3 %-9s | %d | %8.2f |           | %7.1f |         |         |                  |\n", n,
+                    openblas_get_corename(), threads, med, 2.0 * n * n * n / (med / 1000) / 1e9);
     }
     return 0;
 }
