@@ -11,7 +11,7 @@
 // example, picks another.
 //
 // It is built only when CMake finds an OpenBLAS library (Debian: libopenblas0),
-// and it declares the two functions it calls itself, so no BLAS header or
+// and it declares the three functions it calls itself, so no BLAS header or
 // development package is needed; nothing else in the project uses BLAS.
 //
 //   sgemm [N]
