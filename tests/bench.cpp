@@ -126,16 +126,19 @@ static void bench_sample(const std::string& name, const std::string& data, int t
 // The machine the table was measured on: the CPU (Linux's /proc/cpuinfo),
 // the compiler, and the vector width and tile the matmul kernel was built
 // for (section 14 of moe.cpp), which follow from the -march it was given.
-static std::string cpuinfo(const std::string& key) {
+static std::string cpuinfo(const std::string& key) {  // key's value for the first CPU, or "?"
     std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen("/proc/cpuinfo", "r"), std::fclose);
     char line[512];
-    while (f && std::fgets(line, sizeof line, f.get()) && line[0] != '\n') {  // the first CPU's lines
-        std::string l = line;
-        size_t colon = l.find(':');
-        if (colon == std::string::npos || l.compare(0, key.size(), key) != 0 || l.find_first_not_of(" \t", key.size()) != colon)
-            continue;
-        size_t v = l.find_first_not_of(' ', colon + 1);
-        return v == std::string::npos ? "" : l.substr(v, l.find_last_not_of("\n") + 1 - v);
+    while (f && std::fgets(line, sizeof line, f.get()) && line[0] != '\n') {  // a blank line ends the first CPU
+        std::string l = line;  // e.g. "model name\t: AMD EPYC\n"
+        const size_t colon = l.find(':');
+        if (colon == std::string::npos) continue;
+        std::string k = l.substr(0, colon);
+        k.erase(k.find_last_not_of(" \t") + 1);
+        if (k != key) continue;
+        l.erase(l.find_last_not_of('\n') + 1);
+        const size_t v = l.find_first_not_of(' ', colon + 1);
+        return v == std::string::npos ? "" : l.substr(v);
     }
     return "?";
 }
