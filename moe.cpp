@@ -82,7 +82,6 @@ N positions that carry a target, S routing slots.
 #include <cstring>
 #include <filesystem>
 #include <functional>
-#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -5384,35 +5383,6 @@ static inline vreal vclamp(vreal x, real lo, real hi) {
     return x > vhi ? vhi : x;
 }
 
-// The lanes of a vector added up (and their max), for the sums of a row:
-// the VL lanes fold into one group of 4 (or VL, if fewer), a vector add per
-// group, and then those few are added one by one. (Lane by lane, the 16
-// lanes of AVX-512 are 16 dependent additions.)
-constexpr int VG = VL < 4 ? VL : 4;
-typedef real vgroup __attribute__((vector_size(VG * sizeof(real))));
-static inline vgroup vgroup_of(vreal v, int g) {  // lanes g*VG .. g*VG + VG-1
-    vgroup p;
-    std::memcpy(&p, (const char*)&v + g * sizeof p, sizeof p);
-    return p;
-}
-static inline real hsum(vreal v) {
-    vgroup s = vgroup_of(v, 0);
-    for (int g = 1; g < VL / VG; g++) s += vgroup_of(v, g);
-    real r = s[0];
-    for (int j = 1; j < VG; j++) r += s[j];
-    return r;
-}
-static inline real hmax(vreal v) {
-    vgroup m = vgroup_of(v, 0);
-    for (int g = 1; g < VL / VG; g++) {
-        const vgroup p = vgroup_of(v, g);
-        m = p > m ? p : m;
-    }
-    real r = m[0];
-    for (int j = 1; j < VG; j++) r = m[j] > r ? m[j] : r;
-    return r;
-}
-
 // A sum of n terms f(0) + ... + f(n-1), as 16 interleaved partial sums
 // (term i goes to sum i % 16) that are added up at the end. One running
 // total makes each addition wait for the one before (the compiler may not
@@ -5527,32 +5497,36 @@ void fast::gelu_forward(real* out, real* th, const real* inp, int64_t n) {
 // outputs and gradients (the polynomial exp, and sums in another order);
 // test_model, the KV-cache steps against the full forward pass.
 
-// Softmax of a[0..n) times `scale`, in place, and zeros in a[n..len). The
-// row is read and written in whole vectors, round_up(max(n, len), VL)
-// values, which a must have room for: lanes at n or past it are masked out
-// of the max and the sum by comparing each lane's index with n, so no row
-// needs a tail of single values. The max is subtracted first so exp cannot
-// overflow; the weights are then the exps times 1/sum.
-static void softmax_row(real* a, int n, int len, real scale) {
-    vreal lane;  // 0, 1, ..., VL-1
-    for (int j = 0; j < VL; j++) lane[j] = (real)j;
-    const int nv = (n + VL - 1) / VL;
-    const vreal lowest = vreal{} - std::numeric_limits<real>::max();
-    vreal mx = lowest;
-    for (int v = 0; v < nv; v++) {
-        const vreal x = vload(a + v * VL) * scale;
-        mx = (lane + (real)(v * VL) < (real)n) & (x > mx) ? x : mx;
+// Softmax of one row of attention scores times `scale`, in place, on whole
+// vectors: the last, partial one goes through a padded copy whose extra
+// lanes repeat a[0] (so that they leave the max alone) and are then dropped.
+// The max is subtracted first so exp cannot overflow.
+static void softmax_row(real* a, int n, real scale) {
+    const int nw = n / VL * VL, nt = n - nw;  // whole vectors; values left
+    vreal tail;
+    for (int j = 0; j < VL; j++) tail[j] = j < nt ? a[nw + j] : a[0];
+    vreal mx = tail * scale;
+    for (int i = 0; i < nw; i += VL) {
+        const vreal x = vload(a + i) * scale;
+        mx = x > mx ? x : mx;
     }
-    const real maxv = hmax(mx);
+    real maxv = mx[0];
+    for (int j = 1; j < VL; j++) maxv = mx[j] > maxv ? mx[j] : maxv;
+    // (-87: the least exp_v takes; e^-87 = 1.6e-38)
+    auto ex = [maxv, scale](vreal x) { return exp_v(vclamp(x * scale - maxv, -87, 0)); };
     vreal sums = {};
-    for (int v = 0; v < nv; v++) {  // (-87: the least exp_v takes; e^-87 = 1.6e-38)
-        const vreal e = exp_v(vclamp(vload(a + v * VL) * scale - maxv, -87, 0));
-        const vreal w = lane + (real)(v * VL) < (real)n ? e : vreal{};
-        vstore(a + v * VL, w), sums += w;
+    for (int i = 0; i < nw; i += VL) {
+        const vreal e = ex(vload(a + i));
+        vstore(a + i, e), sums += e;
     }
-    const real inv = 1 / hsum(sums);
-    for (int v = 0; v < nv; v++) vstore(a + v * VL, vload(a + v * VL) * inv);
-    for (int v = nv; v * VL < len; v++) vstore(a + v * VL, vreal{});
+    vreal et = ex(tail);
+    for (int j = nt; j < VL; j++) et[j] = 0;
+    sums += et;
+    real sum = 0;
+    for (int j = 0; j < VL; j++) sum += sums[j];
+    for (int i = 0; i < nw; i += VL) vstore(a + i, vload(a + i) / sum);
+    et /= sum;
+    std::memcpy(a + nw, &et, nt * sizeof(real));
 }
 
 // The training passes work on one head of one sequence at a time, as
@@ -5644,7 +5618,8 @@ void fast::attention_forward(real* y, real* att, const real* qkv, const int* sta
             for (int t = 0; t < T; t++) {
                 real* zt = z + (int64_t)t * LS;  // the scores of row t, then its weights
                 real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
-                softmax_row(zt, t + 1, T, scale);  // (zeros over the tile's scores of later positions)
+                softmax_row(zt, t + 1, scale);
+                for (int s = t + 1; s < T; s++) zt[s] = 0;  // (the tile's scores of later positions)
                 std::memcpy(a, zt, T * sizeof(real));
                 if (drop)
                     for (int s = 0; s <= t; s++) zt[s] *= drop[(a - att) + s];
@@ -5685,7 +5660,9 @@ void fast::attention_backward(real* dqkv, const real* dy, const real* att, const
             // and so then are its dz and w, whatever the tile left in dA there.
             // A row runs in whole vectors: p holds the row's weights with
             // zeros past T (w's row, or without dropout a copy of its own),
-            // and the vectors past position t hold zeros only.
+            // and the vectors past position t hold zeros only. The sum runs
+            // to t rounded up to lane_sum's 16 lanes: the terms it leaves out
+            // are zeros, so it is the sum over the whole row, to the bit.
             real arow[LS_MAX] = {};
             for (int t = 0; t < T; t++) {
                 const real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
@@ -5695,9 +5672,7 @@ void fast::attention_backward(real* dqkv, const real* dy, const real* att, const
                 if (dr)
                     for (int s = 0; s < T; s++) zt[s] *= dr[s], wt[s] = a[s] * dr[s];
                 const int nv = t / VL + 1;  // the vectors that hold positions 0..t
-                vreal acc = {};
-                for (int v = 0; v < nv; v++) acc += vload(p + v * VL) * vload(zt + v * VL);
-                const real sum = hsum(acc);
+                const real sum = lane_sum(std::min(T, (t / 16 + 1) * 16), [p, zt](int s) { return p[s] * zt[s]; });
                 for (int v = 0; v < nv; v++) vstore(zt + v * VL, vload(p + v * VL) * (vload(zt + v * VL) - sum) * scale);
                 for (int v = nv; v * VL < T; v++) vstore(zt + v * VL, vreal{});
             }
@@ -5736,10 +5711,9 @@ void fast::attention_step(real* y, real* att, const real* qkv, KVLayer& c, int p
     for (int i = 0; i < C; i++) c.kt[(size_t)i * BLOCK_PAD + pos] = qkv[C + i];
     const real scale = 1 / std::sqrt((real)HS);
     for (int h = 0; h < N_HEAD; h++) {
-        real row[BLOCK_PAD];  // whole vectors, for softmax_row
-        dots16(row, qkv + h * HS, &c.kt[(size_t)h * HS * BLOCK_PAD], BLOCK_PAD, pos + 1);
-        softmax_row(row, pos + 1, pos + 1, scale);
-        std::memcpy(att + h * BLOCK_SIZE, row, (pos + 1) * sizeof(real));
+        real* a = att + h * BLOCK_SIZE;
+        dots16(a, qkv + h * HS, &c.kt[(size_t)h * HS * BLOCK_PAD], BLOCK_PAD, pos + 1);
+        softmax_row(a, pos + 1, scale);
     }
     // Then y = sum_s att[s] v_s for every head at once, in a local array
     // (the compiler must assume y might overlap the cache, and would add one
