@@ -5657,24 +5657,18 @@ void fast::attention_backward(real* dqkv, const real* dy, const real* att, const
             zero_matrix(z, d), zero_matrix(w, d);
             head_product(z, LS, g, HSP, 1, vt, LS, T, T, HS, false, Causal::scores);  // dA
             // Row t's weights are 0 past t (the forward pass stored them so),
-            // and so then are its dz and w, whatever the tile left in dA there.
-            // A row runs in whole vectors: p holds the row's weights with
-            // zeros past T (w's row, or without dropout a copy of its own),
-            // and the vectors past position t hold zeros only. The sum runs
-            // to t rounded up to lane_sum's 16 lanes: the terms it leaves out
-            // are zeros, so it is the sum over the whole row, to the bit.
-            real arow[LS_MAX] = {};
+            // and so then are its dz and w, whatever the tile left in dA there:
+            // the loops run over the whole row.
             for (int t = 0; t < T; t++) {
                 const real* a = att + att_off[b] + ((int64_t)h * T + t) * T;
                 const real* dr = drop ? drop + (a - att) : nullptr;
-                real *zt = z + (int64_t)t * LS, *wt = w + (int64_t)t * LS, *p = dr ? arow : wt;
-                std::memcpy(p, a, T * sizeof(real));
+                real *zt = z + (int64_t)t * LS, *wt = w + (int64_t)t * LS;
                 if (dr)
                     for (int s = 0; s < T; s++) zt[s] *= dr[s], wt[s] = a[s] * dr[s];
-                const int nv = t / VL + 1;  // the vectors that hold positions 0..t
-                const real sum = lane_sum(std::min(T, (t / 16 + 1) * 16), [p, zt](int s) { return p[s] * zt[s]; });
-                for (int v = 0; v < nv; v++) vstore(zt + v * VL, vload(p + v * VL) * (vload(zt + v * VL) - sum) * scale);
-                for (int v = nv; v * VL < T; v++) vstore(zt + v * VL, vreal{});
+                else
+                    std::memcpy(wt, a, T * sizeof(real));
+                const real sum = lane_sum(T, [a, zt](int s) { return a[s] * zt[s]; });
+                for (int s = 0; s < T; s++) zt[s] = a[s] * (zt[s] - sum) * scale;
             }
             head_product(dbase, 3 * C, z, LS, 1, k, HSP, T, HS, T, true, Causal::lower);          // dQ += dZ K
             head_product(dbase + C, 3 * C, z, 1, LS, q, HSP, T, HS, T, true, Causal::upper);      // dK += dZ^T Q
