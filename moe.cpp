@@ -5545,8 +5545,9 @@ static void softmax_row(real* a, int n, real scale) {
 // The kernel reads whole tiles and panels, so each matrix is copied into a
 // buffer with TM-row tiles and TN-wide panels, zero where it lies past the
 // head's T positions or hs channels. A sequence shorter than a row tile (a
-// name of a few letters) would leave most of each tile as padding, and is
-// quicker through part one's loop, which is what it takes.
+// name of a few letters) would leave most of each tile as padding: it takes
+// part one's loop instead, with its dot products done a vector of
+// positions at a time (below).
 constexpr int HSP = (HS + TN - 1) / TN * TN;  // hs rounded up to a panel
 static int round_up(int n, int m) { return (n + m - 1) / m * m; }
 struct HeadDims {
@@ -5593,6 +5594,96 @@ static void zero_matrix(real* m, const HeadDims& d) { std::memset(m, 0, (size_t)
 constexpr int TP_MAX = (BLOCK_SIZE + TM - 1) / TM * TM;
 constexpr int LS_MAX = std::max(TP_MAX, (BLOCK_SIZE + TN - 1) / TN * TN);
 
+// --- A short sequence, T < TM positions. Part one's loop makes each score
+// with a dot product of hs terms, which sums them in lane_sum's 16 lanes
+// (section 15) and then adds the lanes in pairs: a few multiplies, then a
+// chain of shuffles and adds in one vector, for one number. Here every
+// position s of the row is a lane instead: out[s] = x . r_s for the rows
+// r_s kept transposed (rt[j][s], SP positions a row), and each step of
+// lane_sum is one vector operation over all the positions at once, the
+// same step, so each out[s] is the same float that dot gives.
+constexpr int SP = (TM - 1 + VL - 1) / VL * VL;  // the most positions of a short sequence, in whole vectors
+// out has room for whole vectors: SP values.
+static void dots_lanes(real* out, const real* x, const real* rt, int n) {
+    constexpr int HF = HS / 16 * 16;  // the terms lane_sum takes 16 at a time; the rest follow one to a lane
+    for (int s0 = 0; s0 < n; s0 += VL) {
+        vreal acc[16];  // lane_sum's 16 sums, each now a vector over positions
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; j++) acc[j] = vreal{};
+        for (int i = 0; i < HF; i += 16)
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; j++) acc[j] += x[i + j] * vload(rt + (i + j) * SP + s0);
+#pragma GCC unroll 16
+        for (int j = 0; j < HS - HF; j++) acc[j] += x[HF + j] * vload(rt + (HF + j) * SP + s0);
+#pragma GCC unroll 16
+        for (int w = 8; w > 0; w /= 2)
+#pragma GCC unroll 16
+            for (int j = 0; j < w; j++) acc[j] += acc[j + w];
+        vstore(out + s0, acc[0]);
+    }
+}
+// A head's channels of rows 0..T (row s at src + s*ld), transposed into
+// rt[HS][SP], zero past T.
+static void short_cols(real* rt, const real* src, int64_t ld, int T) {
+    std::fill(rt, rt + HS * SP, (real)0);
+    for (int s = 0; s < T; s++)
+        for (int j = 0; j < HS; j++) rt[j * SP + s] = src[s * ld + j];
+}
+// attention_forward_head (section 6) for T < TM, its scores by dots_lanes.
+static void attention_forward_short(real* y, real* att, const real* qkv, int T, int h, const real* drop) {
+    const real scale = 1 / std::sqrt((real)HS);
+    real kt[HS * SP];
+    short_cols(kt, qkv + C + h * HS, 3 * C, T);
+    for (int t = 0; t < T; t++) {
+        real* a = att + (int64_t)t * T;
+        real z[SP];
+        dots_lanes(z, qkv + (int64_t)t * 3 * C + h * HS, kt, t + 1);
+        for (int s = 0; s <= t; s++) a[s] = z[s] * scale;
+        softmax_forward(a, a, 1, t + 1);
+        for (int s = t + 1; s < T; s++) a[s] = 0;
+        const real* d = drop ? drop + (int64_t)t * T : nullptr;
+        real* yt = y + (int64_t)t * C + h * HS;
+        for (int j = 0; j < HS; j++) yt[j] = 0;
+        for (int s = 0; s <= t; s++) {
+            const real* v = qkv + (int64_t)s * 3 * C + 2 * C + h * HS;
+            const real w = d ? a[s] * d[s] : a[s];
+            for (int j = 0; j < HS; j++) yt[j] += w * v[j];
+        }
+    }
+}
+#if !MOE_INFERENCE_ONLY
+// attention_backward_head for T < TM, its dy_t . v_s by dots_lanes (they
+// come first here; nothing else in the row reads or changes them).
+static void attention_backward_short(real* dqkv, const real* dy, const real* att, const real* qkv, int T, int h,
+                                     const real* drop) {
+    const real scale = 1 / std::sqrt((real)HS);
+    real vt[HS * SP];
+    short_cols(vt, qkv + 2 * C + h * HS, 3 * C, T);
+    for (int t = 0; t < T; t++) {
+        const real* a = att + (int64_t)t * T;
+        const real* dyt = dy + (int64_t)t * C + h * HS;
+        const real* q = qkv + (int64_t)t * 3 * C + h * HS;
+        real* dq = dqkv + (int64_t)t * 3 * C + h * HS;
+        const real* d = drop ? drop + (int64_t)t * T : nullptr;
+        real da[SP], sum = 0;
+        dots_lanes(da, dyt, vt, t + 1);
+        for (int s = 0; s <= t; s++) {
+            real* dv = dqkv + (int64_t)s * 3 * C + 2 * C + h * HS;
+            const real w = d ? a[s] * d[s] : a[s];
+            if (d) da[s] *= d[s];
+            for (int j = 0; j < HS; j++) dv[j] += w * dyt[j];
+            sum += a[s] * da[s];
+        }
+        for (int s = 0; s <= t; s++) {
+            const real dz = a[s] * (da[s] - sum) * scale;
+            const real* k = qkv + (int64_t)s * 3 * C + C + h * HS;
+            real* dk = dqkv + (int64_t)s * 3 * C + C + h * HS;
+            for (int j = 0; j < HS; j++) dq[j] += dz * k[j], dk[j] += dz * q[j];
+        }
+    }
+}
+#endif
+
 void fast::attention_forward(real* y, real* att, const real* qkv, const int* start, const int* len,
                              const int64_t* att_off, int B, const real* drop) {
     const real scale = 1 / std::sqrt((real)HS);
@@ -5605,8 +5696,8 @@ void fast::attention_forward(real* y, real* att, const real* qkv, const int* sta
             const int b = i / N_HEAD, h = i % N_HEAD;
             if (len[b] < TM) {  // a short sequence (above)
                 const int64_t blk = att_off[b] + (int64_t)h * len[b] * len[b];
-                attention_forward_head(y + (int64_t)start[b] * C, att + blk, qkv + (int64_t)start[b] * 3 * C, len[b], h,
-                                       drop ? drop + blk : nullptr);
+                attention_forward_short(y + (int64_t)start[b] * C, att + blk, qkv + (int64_t)start[b] * 3 * C, len[b], h,
+                                        drop ? drop + blk : nullptr);
                 continue;
             }
             const HeadDims d(len[b]);
@@ -5644,8 +5735,8 @@ void fast::attention_backward(real* dqkv, const real* dy, const real* att, const
             const int b = i / N_HEAD, h = i % N_HEAD;
             if (len[b] < TM) {
                 const int64_t blk = att_off[b] + (int64_t)h * len[b] * len[b];
-                attention_backward_head(dqkv + (int64_t)start[b] * 3 * C, dy + (int64_t)start[b] * C, att + blk,
-                                        qkv + (int64_t)start[b] * 3 * C, len[b], h, drop ? drop + blk : nullptr);
+                attention_backward_short(dqkv + (int64_t)start[b] * 3 * C, dy + (int64_t)start[b] * C, att + blk,
+                                         qkv + (int64_t)start[b] * 3 * C, len[b], h, drop ? drop + blk : nullptr);
                 continue;
             }
             const HeadDims d(len[b]);

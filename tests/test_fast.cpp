@@ -4,7 +4,8 @@
 // two state them:
 //   bit for bit   matmul, linear_forward (panels made for the call, or the
 //                 forward pass's copy), AdamW, zero, all_finite, the dense
-//                 baseline's shortcuts
+//                 baseline's shortcuts; attention of short sequences against
+//                 part one's loop over the fast dot
 //   within bound  the vectorised exp/tanh, the sums in 16 lanes and the
 //                 sums by blocks of rows: layernorm, bias_backward, dot,
 //                 GELU, attention (forward, backward, one cached step); then
@@ -136,6 +137,39 @@ static void test_attention() {
     const double fw = std::max(rel(y[0], y[1]), rel(att[0], att[1])), bw = rel(dq[0], dq[1]);
     check(fw < 1e-5 && bw < 1e-5, "attention%s: forward within %.1e, backward within %.1e of the plain one (bound 1e-5)",
           with_drop ? " with a dropout mask" : "", fw, bw);
+    }
+    // Sequences shorter than a row tile: their dot products a vector of
+    // positions at a time, against part one's head loop with the fast dot
+    // (the same floats in the same order: the same bits)
+    {
+        const std::vector<int> sl = {1, 2, std::min(BLOCK_SIZE, 5), std::min(BLOCK_SIZE, TM - 1)};
+        const int SB = (int)sl.size();
+        std::vector<int> st(SB);
+        std::vector<int64_t> off(SB);
+        int64_t na = 0;
+        for (int b = 1; b < SB; b++) st[b] = st[b - 1] + sl[b - 1];
+        for (int b = 0; b < SB; b++) off[b] = na, na += (int64_t)N_HEAD * sl[b] * sl[b];
+        const int SM = st[SB - 1] + sl[SB - 1];
+        bool same = true;
+        for (int with_drop = 0; with_drop < 2; with_drop++) {
+            const real* drop = with_drop ? mask.data() : nullptr;  // (mask has room: n_att > na)
+            std::vector<real> y2[2], a2[2], d2[2];
+            for (int k = 0; k < 2; k++) y2[k].resize((size_t)SM * C), a2[k].resize(na), d2[k].assign((size_t)SM * 3 * C, 0);
+            attention_forward(y2[0].data(), a2[0].data(), qkv.data(), st.data(), sl.data(), off.data(), SB, drop);
+            attention_backward(d2[0].data(), dy.data(), a2[0].data(), qkv.data(), st.data(), sl.data(), off.data(), SB, drop);
+            for (int b = 0; b < SB; b++)
+                for (int h = 0; h < N_HEAD; h++) {
+                    const int64_t blk = off[b] + (int64_t)h * sl[b] * sl[b];
+                    attention_forward_head(y2[1].data() + (int64_t)st[b] * C, a2[1].data() + blk,
+                                           qkv.data() + (int64_t)st[b] * 3 * C, sl[b], h, drop ? drop + blk : nullptr);
+                    attention_backward_head(d2[1].data() + (int64_t)st[b] * 3 * C, dy.data() + (int64_t)st[b] * C,
+                                            a2[1].data() + blk, qkv.data() + (int64_t)st[b] * 3 * C, sl[b], h,
+                                            drop ? drop + blk : nullptr);
+                }
+            same = same && y2[0] == y2[1] && a2[0] == a2[1] && d2[0] == d2[1];
+        }
+        check(same, "attention of sequences of 1 to %d positions (below a row tile): the same bits as part one's loop "
+              "with the fast dot, forward and backward, with and without dropout", TM - 1);
     }
     // one cached step at a time, against the plain step
     KVLayer c[2];
