@@ -5226,13 +5226,48 @@ static void matmul_panels(real* out, const real* A, int64_t as, int64_t ak, Pane
 
 // Write the panels of rows r0..r1 of a weight src [rows, cols] (r0 a
 // multiple of 32: whole panels, each written front to back) into dst, which
-// holds the panels of the whole weight.
+// holds the panels of the whole weight. It is a transpose, and one value at
+// a time (a load and a store each) it took a third of AdamW's time at
+// names' shapes. So a whole panel goes in blocks of 4 x 4: four rows' 4
+// columns are loaded as 16-byte vectors (SSE, NEON) and shuffled into the
+// four columns' 4 rows. Within the cache that is 1.7 times as fast; in
+// AdamW, whose stores go to panels the step has pushed out of the cache, it
+// takes AdamW's share of a names step from about 11.5% to 10.5%. The edges
+// (a narrow last panel, columns past a multiple of 4), and compilers without
+// __builtin_shufflevector (g++ before 12), copy value by value. A copy
+// changes no value: test_fast holds the panels to the weights.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector) && !MOE_DOUBLE
+#define MOE_SHUFFLE 1
+#endif
+#endif
+#ifdef MOE_SHUFFLE
+typedef float v4 __attribute__((vector_size(16)));
+// d[c * ld + j] = s[j * ls + c] for c, j < 4: lanes 0,1 of rows 0 and 1
+// interleaved (and of rows 2 and 3, then lanes 2,3), then the pairs joined.
+static inline void transpose4(real* d, int64_t ld, const real* s, int64_t ls) {
+    v4 r0, r1, r2, r3;
+    std::memcpy(&r0, s, 16), std::memcpy(&r1, s + ls, 16), std::memcpy(&r2, s + 2 * ls, 16), std::memcpy(&r3, s + 3 * ls, 16);
+    const v4 a = __builtin_shufflevector(r0, r1, 0, 4, 1, 5), b = __builtin_shufflevector(r0, r1, 2, 6, 3, 7);
+    const v4 c = __builtin_shufflevector(r2, r3, 0, 4, 1, 5), e = __builtin_shufflevector(r2, r3, 2, 6, 3, 7);
+    const v4 o0 = __builtin_shufflevector(a, c, 0, 1, 4, 5), o1 = __builtin_shufflevector(a, c, 2, 3, 6, 7);
+    const v4 o2 = __builtin_shufflevector(b, e, 0, 1, 4, 5), o3 = __builtin_shufflevector(b, e, 2, 3, 6, 7);
+    std::memcpy(d, &o0, 16), std::memcpy(d + ld, &o1, 16), std::memcpy(d + 2 * ld, &o2, 16), std::memcpy(d + 3 * ld, &o3, 16);
+}
+#endif
 static void write_forward_panels(real* dst, const real* src, int rows, int cols, int r0, int r1) {
     for (int p0 = r0; p0 < r1; p0 += TN) {
         const int w = std::min(TN, rows - p0);
         real* d = dst + (size_t)p0 * cols;
-        for (int c = 0; c < cols; c++)
-            for (int j = 0; j < w; j++) d[(size_t)c * w + j] = src[(size_t)(p0 + j) * cols + c];
+        const real* s = src + (size_t)p0 * cols;
+        int c0 = 0;
+#ifdef MOE_SHUFFLE
+        if (w == TN)
+            for (; c0 + 4 <= cols; c0 += 4)
+                for (int j = 0; j < TN; j += 4) transpose4(d + (size_t)c0 * TN + j, TN, s + (size_t)j * cols + c0, cols);
+#endif
+        for (int c = c0; c < cols; c++)
+            for (int j = 0; j < w; j++) d[(size_t)c * w + j] = s[(size_t)j * cols + c];
     }
 }
 

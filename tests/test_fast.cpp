@@ -201,6 +201,22 @@ static void test_state_kernels() {
     check(m[0].params == m[1].params && m[0].adam_m == m[1].adam_m && m[0].adam_v == m[1].adam_v &&
               m[0].grads == m[1].grads,
           "AdamW: weights, moments and zeroed gradients equal the plain update's bit for bit");
+    // The fast update also wrote the forward pass's panels (section 17): each
+    // Linear weight w [rows, cols], 32 rows at a time, as w^T [cols][32].
+    int64_t wrong = 0, values = 0;
+    for (const auto& t : m[1].tensors) {
+        if (!is_linear_weight(t)) continue;
+        const int rows = t.shape[0], cols = t.shape[1];
+        const real *w = m[1].params.data() + t.offset, *p = g_copy.panels.data() + t.offset;
+        for (int p0 = 0; p0 < rows; p0 += TN) {
+            const int width = std::min(TN, rows - p0);
+            for (int c = 0; c < cols; c++)
+                for (int j = 0; j < width; j++, values++)
+                    wrong += p[(size_t)p0 * cols + (size_t)c * width + j] != w[(size_t)(p0 + j) * cols + c];
+        }
+    }
+    check(values > 0 && wrong == 0, "AdamW's panels: %lld of %lld values are the updated weights, transposed",
+          (long long)(values - wrong), (long long)values);
     std::vector<real> z[2] = {randv(100000), randv(100000)};
     for (int f = 0; f < 2; f++) with(f, [&] { zero(z[f].data(), z[f].size()); });
     check(z[0] == z[1] && z[0] == std::vector<real>(100000, 0), "zero: both give zeros");
