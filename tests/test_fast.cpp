@@ -41,7 +41,11 @@ static void with(bool on, const Fn& f) {
 
 static void test_matmul() {
     const int shapes[][3] = {{1, 64, 256}, {5, 4, 64}, {8, 32, 64}, {13, 27, 7}, {37, 100, 33},
-                             {113, 256, 64}, {64, 1024, 40}, {226, 64, 192}, {9, 33, 1}};
+                             {113, 256, 64}, {64, 1024, 40}, {226, 64, 192}, {9, 33, 1},
+                             // a weight gradient's long sum, cut into blocks of k
+                             // (more than 2 KC, for every vector width), with a
+                             // short last block, tile and panel
+                             {37, 45, 1100}, {100, 20, 700}};
     int64_t bad = 0, cases = 0;
     for (const auto& sh : shapes) {
         const int M = sh[0], N = sh[1], Kd = sh[2];
@@ -66,7 +70,7 @@ static void test_matmul() {
         linear_forward(got.data(), A.data(), B.data(), bias.data(), M, Kd, N);
         bad += got != want, cases++;
     }
-    check(bad == 0, "matmul and linear_forward equal the plain ones bit for bit in %lld of %lld cases (9 shapes, "
+    check(bad == 0, "matmul and linear_forward equal the plain ones bit for bit in %lld of %lld cases (11 shapes, "
                     "2 layouts of A, set/bias/add, 1 and 2 threads)", (long long)(cases - bad), (long long)cases);
     const int M = 70, OUT = 200;
     const std::vector<real> d = randv((size_t)M * OUT);
