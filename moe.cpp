@@ -5152,10 +5152,10 @@ static inline void vstore(real* p, vreal v) { std::memcpy(p, &v, sizeof v); }
 // of most x86 cores: the panel's block stays in L1 while every row tile
 // uses it, and A's blocks, packed just before they are used, stay in L2.
 // The tiles carry their partial sums from block to block (matmul_tile's
-// from and to). On one thread of an Ice Lake that made the weight
-// gradients' products at the nanoGPT shape 11-14% faster, and the step
-// 4-6%. (The forward products, whose Kd is C or F, were slower in blocks:
-// they are left whole.)
+// from and to). On an Ice Lake that made the weight gradients' products
+// at the nanoGPT shape 11-14% faster on one thread, and that step 4-6% (1-6%
+// on two threads). (The forward products, whose Kd is C or F, were slower
+// in blocks: they are left whole.)
 constexpr int KC = 4096 / TN;
 static std::atomic<int64_t> g_flops{0};  // multiply-adds x 2, counted from the shapes, for the benchmark
 
