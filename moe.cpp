@@ -4855,7 +4855,18 @@ bool on = true;
 // A small pool of worker threads, started once. parallel_for(n, f) cuts
 // [0, n) into one contiguous chunk per thread and calls f(begin, end) on each;
 // the calling thread takes the first chunk.
+//
+// A chunk is claimed before it runs, by its own worker or, if that worker
+// has not started it when the caller is done with chunk 0, by the caller.
+// A worker may not be running when a job is posted: another program wants
+// its core, or the virtual machine's host has paused it. Without the claims
+// the caller would wait, once per parallel call and a few hundred calls a
+// step, until the worker is scheduled again; with one busy program beside a
+// 2-thread run, a names step took 7 times as long on average. With them the
+// caller does the late worker's chunk itself. Which thread runs a chunk
+// changes nothing in the result (see run_range).
 struct ThreadPool {
+    static constexpr int MAX_THREADS = 256;  // --threads' limit
     std::vector<std::thread> workers;
     std::mutex mu;
     std::condition_variable wake;
@@ -4863,11 +4874,21 @@ struct ThreadPool {
     std::atomic<int> n_jobs{0}, pending{0};
     std::atomic<uint64_t> generation{0};  // bumped once per parallel_for
     std::atomic<bool> quit{false};
+    // taken[i]: the last generation whose chunk i was claimed. Generations
+    // only grow, so a claim succeeds once per job, and a worker that read a
+    // job that has since finished (its chunk taken, so taken[i] >= its
+    // generation) cannot claim it.
+    std::atomic<uint64_t> taken[MAX_THREADS] = {};
+    bool hold = false;  // test_pool: workers claim nothing, the caller runs every chunk
 
+    bool claim(int i, uint64_t gen) {
+        uint64_t prev = taken[i].load(std::memory_order_relaxed);
+        return prev < gen && taken[i].compare_exchange_strong(prev, gen, std::memory_order_acq_rel);
+    }
     // Thread 0 is the caller; threads 1..n-1 are workers that live as long
     // as the program.
     void start(int n_threads) {
-        for (int i = 1; i < n_threads; i++) workers.emplace_back([this, i] { loop(i); });
+        for (int i = (int)workers.size() + 1; i < n_threads; i++) workers.emplace_back([this, i] { loop(i); });
     }
     // A training step makes a few hundred parallel calls, microseconds apart,
     // with stretches of serial work between them. Waking a sleeping thread
@@ -4891,31 +4912,37 @@ struct ThreadPool {
             if (quit) return;
             // Read the job and its size together with the generation they
             // belong to, under the lock run() publishes them with: a worker
-            // that sat out one job (me >= n) may wake only after the next one
-            // is posted, and must not mix one job's size with another's.
+            // that sat out one job (me >= n), or was too late for it, may
+            // wake only after the next one is posted, and must not mix one
+            // job's size with another's.
             const std::function<void(int)>* f;
             int n;
+            bool held;
             {
                 std::lock_guard<std::mutex> lock(mu);
-                seen = generation.load(), f = job, n = n_jobs.load();
+                seen = generation.load(), f = job, n = n_jobs.load(), held = hold;
             }
-            if (me < n) {
+            if (me < n && !held && claim(me, seen)) {
                 (*f)(me);
                 pending.fetch_sub(1, std::memory_order_acq_rel);
             }
         }
     }
     // Publish the job, bump the generation (which is what the workers wait
-    // for), run chunk 0 here, then wait until every worker has reported.
+    // for), run chunk 0 here, claim the chunks no worker has started, then
+    // wait until the workers' chunks are done.
     void run(int n, const std::function<void(int)>& f) {  // f(0) .. f(n-1), n <= threads
+        uint64_t gen;
         {
             std::lock_guard<std::mutex> lock(mu);  // no worker misses the wake-up or sees half a job
             job = &f;
             n_jobs.store(n), pending.store(n - 1);
-            generation.fetch_add(1, std::memory_order_acq_rel);
+            gen = generation.fetch_add(1, std::memory_order_acq_rel) + 1;
         }
         wake.notify_all();
         f(0);
+        for (int i = 1; i < n; i++)
+            if (claim(i, gen)) f(i), pending.fetch_sub(1, std::memory_order_acq_rel);
         for (int spins = 0; pending.load(std::memory_order_acquire) != 0; spins++)
             if (spins > 1000) std::this_thread::yield();
     }

@@ -9,6 +9,10 @@
 //    call to call, and every index still runs exactly once. The costly
 //    indices sleep, so that the imbalance does not depend on how busy the
 //    machine is.
+// 3. A worker that does not come: with the workers held (they claim no
+//    chunk), every job still finishes, each chunk run exactly once, all of
+//    them by the calling thread. Were the caller to wait for its workers
+//    instead, this test would hang (and CTest's timeout fail it).
 #include "common.h"
 
 static void test_sit_out() {
@@ -62,8 +66,40 @@ static void test_cuts_follow_work() {
     g_threads = 8;
 }
 
+static void test_late_workers() {
+    g_threads = 8;
+    {
+        std::lock_guard<std::mutex> lock(g_pool.mu);
+        g_pool.hold = true;
+    }
+    const std::thread::id me = std::this_thread::get_id();
+    long wrong = 0;
+    std::atomic<long> elsewhere{0};
+    std::vector<std::atomic<int>> count(8);
+    for (long it = 0; it < 2000; it++) {
+        const int n = it % 3 == 0 ? 8 : it % 3 == 1 ? 2 : 5;
+        for (auto& c : count) c = 0;
+        std::atomic<int>* cp = count.data();
+        std::atomic<long>* ep = &elsewhere;
+        parallel_for(n, [=](int a, int b) {
+            for (int i = a; i < b; i++) cp[i]++;
+            if (std::this_thread::get_id() != me) (*ep)++;
+        });
+        for (int i = 0; i < 8; i++) wrong += count[i].load() != (i < n ? 1 : 0);
+        wrong += g_pool.pending.load() != 0;
+    }
+    {
+        std::lock_guard<std::mutex> lock(g_pool.mu);
+        g_pool.hold = false;
+    }
+    check(wrong == 0 && elsewhere == 0,
+          "2000 jobs with the workers held: every chunk ran exactly once (%ld wrong), on the calling thread (%ld elsewhere)",
+          wrong, elsewhere.load());
+}
+
 int main() {
     test_sit_out();
+    test_late_workers();
     test_cuts_follow_work();
     return report("test_pool");
 }
