@@ -4859,12 +4859,11 @@ bool on = true;
 // A chunk is claimed before it runs, by its own worker or, if that worker
 // has not started it when the caller is done with chunk 0, by the caller.
 // A worker may not be running when a job is posted: another program wants
-// its core, or the virtual machine's host has paused it. Without the claims
-// the caller would wait, once per parallel call and a few hundred calls a
-// step, until the worker is scheduled again; with one busy program beside a
-// 2-thread run, a names step took 7 times as long on average. With them the
-// caller does the late worker's chunk itself. Which thread runs a chunk
-// changes nothing in the result (see run_range).
+// its core, or the virtual machine's host has paused it. Were the caller to
+// wait for it, every one of a step's few hundred parallel calls could wait
+// for the scheduler, and two threads beside a busy program would run slower
+// than one. So the caller does the late worker's chunk itself. Which thread
+// runs a chunk changes nothing in the result (see run_range).
 struct ThreadPool {
     static constexpr int MAX_THREADS = 256;  // --threads' limit
     std::vector<std::thread> workers;

@@ -5,12 +5,14 @@
 //              peak memory beside what the model needs, and a checksum of the
 //              weights after those steps (equal for every thread count);
 //   scaling:   one thread against two, measured side by side in one run;
+//   busy:      the same beside busy threads that leave one core free;
 //   sampling:  the time to make token 10 and token 250 of a sample with the
 //              KV cache (median over 5 samples), and tokens/s.
 //
 //   bench header
 //   bench train NAME DATA lines|text BATCH THREADS
 //   bench scaling NAME DATA lines|text BATCH
+//   bench busy NAME DATA lines|text BATCH
 //   bench sample NAME DATA THREADS
 #include "common.h"
 
@@ -101,6 +103,39 @@ static void bench_scaling(const std::string& name, const std::string& data, bool
                 name.c_str(), shape().c_str(), one, two, one / two);
 }
 
+// Two threads beside a busy program: as scaling, while threads of this
+// program spin on all the cores but one (one on a 2-core machine), as other
+// programs would, so that the model's two threads share one core's worth of
+// time and more. The mean is printed beside the median: a step that waits
+// for a thread the system has paused is a long one, and a pool whose calls
+// wait for their workers makes many of them.
+static void bench_busy(const std::string& name, const std::string& data, bool text, int B) {
+    set_threads(2);
+    Run r;
+    start_run(r, data, text, B);
+    const unsigned hc = std::thread::hardware_concurrency(), n_busy = hc > 1 ? hc - 1 : 1;
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> busy;
+    for (unsigned i = 0; i < n_busy; i++)
+        busy.emplace_back([&stop] {
+            while (!stop.load(std::memory_order_relaxed)) {
+            }
+        });
+    std::vector<double> ms[2];
+    for (int step = 1; step <= 50; step++) {
+        g_threads = 1 + step % 2;
+        double t = train_step(r, step);
+        if (step > 10) ms[g_threads - 1].push_back(t);
+    }
+    stop = true;
+    for (auto& t : busy) t.join();
+    auto mean = [](const std::vector<double>& v) { return std::accumulate(v.begin(), v.end(), 0.0) / v.size(); };
+    std::printf("| %-10s | %-20s | 1 and 2 beside %u busy | 1 thread %.2f ms, mean %.2f | 2 threads %.2f ms, mean %.2f | "
+                "speed-up %.2f, of the means %.2f |\n",
+                name.c_str(), shape().c_str(), n_busy, median(ms[0]), mean(ms[0]), median(ms[1]), mean(ms[1]),
+                median(ms[0]) / median(ms[1]), mean(ms[0]) / mean(ms[1]));
+}
+
 static void bench_sample(const std::string& name, const std::string& data, int threads) {
     set_threads(threads);
     Dataset d = load_dataset(data, true, 1, "");
@@ -171,10 +206,12 @@ int main(int argc, char** argv) {
             bench_train(argv[2], argv[3], std::string(argv[4]) == "text", std::atoi(argv[5]), std::atoi(argv[6]));
         } else if (mode == "scaling" && argc == 6) {
             bench_scaling(argv[2], argv[3], std::string(argv[4]) == "text", std::atoi(argv[5]));
+        } else if (mode == "busy" && argc == 6) {
+            bench_busy(argv[2], argv[3], std::string(argv[4]) == "text", std::atoi(argv[5]));
         } else if (mode == "sample" && argc == 5) {
             bench_sample(argv[2], argv[3], std::atoi(argv[4]));
         } else {
-            std::fprintf(stderr, "usage: bench header | train NAME DATA lines|text BATCH THREADS | scaling NAME DATA lines|text BATCH | sample NAME DATA THREADS\n");
+            std::fprintf(stderr, "usage: bench header | train NAME DATA lines|text BATCH THREADS | scaling|busy NAME DATA lines|text BATCH | sample NAME DATA THREADS\n");
             return 2;
         }
     } catch (const std::exception& e) {
