@@ -56,7 +56,8 @@ so that a debugger steps through exactly the code one reads.
  12. Command line and main  training, sampling, evaluation, knockout
 
   Part two: making it fast
- 13. The thread pool        parallel_for, and where it cuts a loop
+ 13. The thread pool        parallel_for, where it cuts a loop, and who
+                            runs a chunk whose worker is late
  14. The tiled matmul       register tiles at the vector width, packed panels
  15. Vectorised math        exp and tanh on whole vectors, sums in 16 lanes
  16. Fast attention         a head's products in the tile kernel; the cached step
@@ -4849,6 +4850,7 @@ bool on = true;
 // Replaces: the plain parallel_for of section 2, f(0, n). Held to it by its
 // contract (every index computed alike in any range): test_pool runs jobs of
 // every width on 8 threads and checks that each index runs exactly once,
+// also when the workers never come and the caller runs every chunk;
 // test_model and cli_threads that 1, 2 and 3 threads give bit-identical
 // gradients and checkpoints.
 
