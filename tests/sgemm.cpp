@@ -130,7 +130,8 @@ int main(int argc, char** argv) {
         int s[7] = {0, 0, 0, 0, 0, 1, 1};  // L C T B V E K
         for (int i = 0; i < argc - 2; i++) s[i] = std::atoi(argv[2 + i]);
         const bool ok = std::all_of(s, s + 7, [](int v) { return v >= 1 && v <= 65536; });
-        if (ok && s[6] <= s[5] && s[5] <= 256 && (int64_t)s[1] * s[2] * s[3] <= (1 << 22)) {
+        const int64_t tokens = (int64_t)s[2] * s[3];  // each expert needs at least one of the M K choices
+        if (ok && s[6] <= s[5] && s[5] <= 256 && s[1] * tokens <= (1 << 22) && tokens * s[6] >= s[5]) {
             step_rows(s[0], s[1], s[2], s[3], s[4], s[5], s[6]);
             return 0;
         }
@@ -147,6 +148,6 @@ int main(int argc, char** argv) {
     }
     std::fprintf(stderr,
                  "usage: sgemm [N]               (16 <= N <= 8192, default 1024)\n"
-                 "       sgemm step L C T B V [E K]  (each 1 to 65536, C*T*B <= 2^22, K <= E <= 256)\n");
+                 "       sgemm step L C T B V [E K]  (each 1 to 65536, C*T*B <= 2^22, K <= E <= 256, E <= T*B*K)\n");
     return 2;
 }
